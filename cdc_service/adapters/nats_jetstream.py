@@ -1,0 +1,338 @@
+"""NATS JetStream: connection, stream and consumer provisioning, pipelined publishing, intake.
+
+Everything here runs on the loop thread; nats-py is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.nuid import NUID
+
+from cdc_service.config import IngestSettings, NatsSettings, Settings, mask_url
+from cdc_service.ports import PubAck, PublishRejected
+
+log = logging.getLogger("cdc_service.nats")
+
+STREAM_NAME_IN_USE = 10058
+
+
+class ProvisioningError(RuntimeError):
+    """A stream or consumer cannot be created or brought in line with the settings; the message says how to fix it."""
+
+
+def connect_options(settings: NatsSettings) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect``: reconnect forever, detect dead links in seconds, auth and TLS."""
+    options: dict[str, Any] = {
+        "servers": list(settings.url),
+        "name": settings.name,
+        "connect_timeout": settings.connect_timeout,
+        "reconnect_time_wait": settings.reconnect_wait,
+        "max_reconnect_attempts": -1,
+        "ping_interval": settings.ping_interval,
+        "max_outstanding_pings": settings.max_outstanding_pings,
+        # Room for acks and publishes while reconnecting; past it publish raises and the batch is retried.
+        "pending_size": settings.pending_size_mb * 1024 * 1024,
+        "allow_reconnect": True,
+    }
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password
+    if settings.token:
+        options["token"] = settings.token
+    if settings.creds_file:
+        options["user_credentials"] = settings.creds_file
+    if settings.nkey_seed_file:
+        options["nkeys_seed"] = settings.nkey_seed_file
+    if settings.tls_ca_file or settings.tls_cert_file:
+        context = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+        if settings.tls_cert_file:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
+        options["tls"] = context
+    return options
+
+
+async def connect(
+    settings: NatsSettings,
+    *,
+    on_disconnected: Callable[[], Awaitable[None]],
+    on_reconnected: Callable[[], Awaitable[None]],
+    on_closed: Callable[[], Awaitable[None]],
+) -> Client:
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats error", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+
+    try:
+        return await nats.connect(
+            **connect_options(settings),
+            error_cb=error_cb,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            closed_cb=on_closed,
+        )
+    except Exception as exc:
+        servers = ", ".join(mask_url(u) for u in settings.url)
+        raise ConnectionError(f"cannot connect to NATS at {servers}: {type(exc).__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Provisioning
+
+
+async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], replicas: int, **managed: Any) -> None:
+    """Create the stream, or bring its managed fields (subjects, replicas, ``managed``) in line with the settings.
+
+    Fields the settings do not manage (limits, storage, ...) keep whatever an operator set on the stream.
+    """
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        config = StreamConfig(name=name, subjects=subjects, num_replicas=replicas, storage=StorageType.FILE, **managed)
+        try:
+            await js.add_stream(config)
+            log.info("stream created", extra={"stream": name, "subjects": subjects})
+            return
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:  # another replica won the race: fall through to the update
+                raise ProvisioningError(f"cannot create stream {name}: {exc.description}") from None
+            info = await js.stream_info(name)
+    current = info.config
+    wanted = {"subjects": subjects, "num_replicas": replicas, **managed}
+    drift = {k: v for k, v in wanted.items() if getattr(current, k) != v}
+    if not drift:
+        return
+    for key, value in drift.items():
+        setattr(current, key, value)
+    try:
+        await js.update_stream(current)
+    except BadRequestError as exc:
+        raise ProvisioningError(f"cannot update stream {name} ({', '.join(drift)}): {exc.description}") from None
+    log.info("stream updated", extra={"stream": name, "changed": sorted(drift)})
+
+
+def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
+    """The durable consumer the settings describe. Push: a queue group on a fixed deliver subject."""
+    subjects = list(ingest.subjects)
+    config = ConsumerConfig(
+        durable_name=ingest.durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ingest.ack_wait,
+        max_deliver=ingest.max_deliver,
+        max_ack_pending=ingest.max_ack_pending,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
+    )
+    if ingest.mode == "push":
+        # A fixed deliver subject: when each replica invents its own inbox, concurrent start-ups move the consumer
+        # to one inbox and the other replica silently receives nothing. No flow control or idle heartbeats: the
+        # server sends those to one random queue member.
+        config.deliver_subject = ingest.deliver_subject
+        config.deliver_group = ingest.queue_group
+    else:
+        config.max_waiting = 512
+    return config
+
+
+async def ensure_consumer(js: JetStreamContext, ingest: IngestSettings) -> ConsumerConfig:
+    """Create or update the durable; ``add_consumer`` is create-or-update for editable fields."""
+    config = consumer_config(ingest)
+    try:
+        await js.add_consumer(ingest.stream, config)
+    except BadRequestError as exc:
+        hint = ""
+        if ingest.mode == "pull":
+            hint = " A push consumer cannot become pull: set ingest.durable to a new name for pull mode."
+        raise ProvisioningError(
+            f"cannot create or update consumer {ingest.durable} on {ingest.stream}: {exc.description}.{hint}"
+        ) from None
+    return config
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> ConsumerConfig:
+    """Streams (input, output, dead-letter) and the durable consumer, created or updated."""
+    await ensure_stream(js, settings.ingest.stream, list(settings.ingest.subjects), settings.ingest.stream_replicas)
+    await ensure_stream(
+        js,
+        settings.publish.stream,
+        list(settings.publish.subjects),
+        settings.publish.stream_replicas,
+        duplicate_window=settings.publish.duplicate_window,
+    )
+    if settings.dlq.enabled:
+        await ensure_stream(
+            js,
+            settings.dlq.stream,
+            [f"{settings.dlq.subject_prefix}.>"],
+            settings.publish.stream_replicas,
+            max_age=settings.dlq.max_age_days * 86400,
+            discard=DiscardPolicy.OLD,
+        )
+    return await ensure_consumer(js, settings.ingest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Publishing
+
+
+class NoStreamResponse(PublishRejected):
+    """No stream captured the subject, or JetStream is unavailable (status 503)."""
+
+
+class PipelinedPublisher:
+    """``Publisher`` that writes publishes back to back and matches PubAcks through one wildcard inbox.
+
+    This is ``js.publish_async`` without its two pitfalls: every server error, including a 503 status, resolves the
+    future, and there is no hidden semaphore. Callers bound every wait with a timeout.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = f"_CDC_PUBACK.{NUID().next().decode()}."
+        self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._tokens = itertools.count(1)
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    @property
+    def pending(self) -> int:
+        return len(self._futures)
+
+    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        token = str(next(self._tokens))
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=dict(headers))
+        except Exception as exc:  # closed, draining, buffer full while reconnecting: the caller retries
+            self._futures.pop(token, None)
+            future.set_exception(PublishRejected(f"{type(exc).__name__}: {exc}"))
+        return future
+
+    def sweep(self) -> None:
+        for token in [t for t, f in self._futures.items() if f.done()]:
+            del self._futures[token]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(NoStreamResponse("no stream answered the publish (503)"))
+            return
+        try:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            future.set_exception(PublishRejected(f"unreadable PubAck {msg.data[:100]!r}"))
+            return
+        error = reply.get("error")
+        if error:
+            future.set_exception(
+                PublishRejected(f"{error.get('description', 'rejected')} (code {error.get('err_code', '?')})")
+            )
+        else:
+            future.set_result(PubAck(reply.get("stream", ""), int(reply.get("seq", 0)), bool(reply.get("duplicate"))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Intake
+
+
+class PushIntake:
+    """Bind to the durable push consumer as a member of its queue group."""
+
+    def __init__(self, js: JetStreamContext, settings: IngestSettings, config: ConsumerConfig) -> None:
+        self._js = js
+        self._settings = settings
+        self._config = config
+        self._sub: Any = None
+
+    async def start(self, on_message: Callable[[Msg], Awaitable[None]]) -> None:
+        # manual_ack: without it nats-py acks as soon as the callback returns, before the work is done.
+        self._sub = await self._js.subscribe_bind(
+            stream=self._settings.stream,
+            consumer=self._settings.durable,
+            config=self._config,
+            cb=on_message,
+            manual_ack=True,
+            pending_msgs_limit=max(65536, self._settings.max_ack_pending * 2),
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self._sub is not None
+
+    async def stop(self) -> None:
+        """Stop receiving; messages the server already sent are handed to the callback first."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.drain()
+            except Exception as exc:  # connection already gone: the server redelivers after AckWait
+                log.warning("could not drain the subscription", extra={"error": str(exc)[:200]})
+
+
+class PullIntake:
+    """Fetch batches from a shared pull durable."""
+
+    def __init__(self, js: JetStreamContext, settings: IngestSettings) -> None:
+        self._js = js
+        self._settings = settings
+        self._psub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+
+    async def start(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+        self._psub = await self._js.pull_subscribe_bind(self._settings.durable, stream=self._settings.stream)
+        self._running = True
+        self._task = asyncio.create_task(self._loop(on_batch), name="cdc-pull")
+
+    @property
+    def active(self) -> bool:
+        return self._running
+
+    async def _loop(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+        timeout = self._settings.fetch_timeout_ms / 1000.0
+        while self._running:
+            try:
+                msgs = await self._psub.fetch(self._settings.batch_size, timeout=timeout)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnected, consumer gone: back off briefly and ask again
+                log.warning("fetch failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                await on_batch(msgs)
+
+    async def stop(self) -> None:
+        """Stop fetching. The fetch under way finishes (it is short) so no fetched message is dropped."""
+        self._running = False
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, self._settings.fetch_timeout_ms / 1000.0 + 2.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            self._task = None
+        if self._psub is not None:
+            try:
+                await self._psub.unsubscribe()
+            except Exception:
+                pass

@@ -1,0 +1,182 @@
+"""From one Sequin CDC message to its outcome and, when routed, the enriched event. Pure: no I/O.
+
+``EventBuilder.plan`` is the whole per-message decision except deduplication: it never raises, and returns
+``Skip``, ``Publish`` or ``DeadLetter``. The body is parsed with a pysimdjson ``Parser`` passed in by the caller,
+because a parser is not thread-safe and each worker thread owns one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from cdc_service.core.outcomes import DeadLetter, Outcome, PoisonError, Publish, Reason, Skip
+from cdc_service.core.routes import COMPANY, Route
+from cdc_service.core.subjects import SubjectInfo, SubjectLayout, token_problem
+
+ACTIONS = frozenset({"insert", "update", "delete", "read"})
+_ID_FIELDS_FIRST = ("agent_id", "message_id", "chat_id")
+_MAX_ID_BYTES = 256
+
+
+def _missing(what: str) -> PoisonError:
+    return PoisonError(Reason.MISSING_FIELD, f"{what} is missing or null")
+
+
+def _id_text(value: Any, what: str) -> str:
+    """An id as text: strings as they are, JSON integers as their decimal text. Anything else is poison."""
+    if value is None:
+        raise _missing(what)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise PoisonError(Reason.INVALID_SHAPE, f"{what} must be a string or an integer, got {_type_name(value)}")
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if hasattr(value, "keys"):
+        return "an object"
+    return "an array" if hasattr(value, "__len__") else type(value).__name__
+
+
+def _non_negative_int(value: Any, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise PoisonError(Reason.INVALID_SHAPE, f"{what} must be a non-negative integer, got {_type_name(value)}")
+
+
+def _object(doc: Any, key: str) -> Any:
+    value = doc.get(key)
+    if value is None:
+        raise _missing(key)
+    if not hasattr(value, "mini") or not hasattr(value, "keys"):
+        raise PoisonError(Reason.INVALID_SHAPE, f"{key} must be a JSON object, got {_type_name(value)}")
+    return value
+
+
+def commit_time(value: Any) -> float | None:
+    """Unix seconds of an ISO 8601 ``commit_timestamp``, or ``None`` when it is absent or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+class EventBuilder:
+    """Decides the outcome of one inbound message from its subject and body."""
+
+    __slots__ = ("_layout", "_max_payload_bytes", "_routes")
+
+    def __init__(self, layout: SubjectLayout, routes: Mapping[str, Route], max_payload_bytes: int) -> None:
+        self._layout = layout
+        self._routes = dict(routes)
+        self._max_payload_bytes = max_payload_bytes
+
+    def table_of(self, subject: str) -> str:
+        """The table a subject names, or ``""`` when it does not fit the layout (for metric labels)."""
+        info = self._layout.parse(subject)
+        return info.table if isinstance(info, SubjectInfo) else ""
+
+    def plan(self, subject: str, data: bytes, parser: Any) -> Outcome:
+        """Return the outcome for one message; never raises for any subject or body."""
+        info = self._layout.parse(subject)
+        if not isinstance(info, SubjectInfo):
+            return DeadLetter("", Reason.INVALID_SUBJECT, info)
+        route = self._routes.get(info.table)
+        if route is None:
+            # F-2: unrouted tables are acknowledged without looking at the body.
+            return Skip(info.table)
+        try:
+            return self._build(info, route, data, parser)
+        except PoisonError as exc:
+            return DeadLetter(info.table, exc.reason, exc.detail)
+
+    def _build(self, info: SubjectInfo, route: Route, data: bytes, parser: Any) -> Publish:
+        if len(data) > self._max_payload_bytes:
+            raise PoisonError(
+                Reason.PAYLOAD_TOO_LARGE, f"body is {len(data)} bytes, limit is {self._max_payload_bytes}"
+            )
+        try:
+            doc = parser.parse(data)
+        except (ValueError, RuntimeError, TypeError) as exc:  # pysimdjson's errors for bad JSON, UTF-8, depth
+            raise PoisonError(Reason.INVALID_JSON, f"body is not valid JSON: {exc}"[:300]) from None
+        if not hasattr(doc, "keys"):
+            raise PoisonError(Reason.INVALID_SHAPE, f"body must be a JSON object, got {_type_name(doc)}")
+        record = _object(doc, "record")
+        metadata = _object(doc, "metadata")
+
+        action = doc.get("action")
+        if action is None:
+            raise _missing("action")
+        if not isinstance(action, str) or action not in ACTIONS:
+            shown = action if isinstance(action, str) else _type_name(action)
+            raise PoisonError(Reason.INVALID_SHAPE, f"action {shown!r:.60} is not one of {', '.join(sorted(ACTIONS))}")
+
+        table_name = metadata.get("table_name")
+        if table_name is not None and table_name != info.table:
+            raise PoisonError(
+                Reason.TABLE_MISMATCH, f"metadata.table_name {str(table_name)!r:.80} differs from subject table"
+            )
+
+        lsn_value = metadata.get("commit_lsn")
+        if lsn_value is None:
+            if action != "read":
+                raise _missing("metadata.commit_lsn")
+            lsn = "0"  # backfill rows carry no LSN
+        else:
+            lsn = str(_non_negative_int(lsn_value, "metadata.commit_lsn"))
+        idx_value = metadata.get("commit_idx")
+        if idx_value is not None:
+            # Two changes to one row in one transaction share commit_lsn; the index keeps their ids apart.
+            lsn = f"{lsn}.{_non_negative_int(idx_value, 'metadata.commit_idx')}"
+
+        record_company = record.get("company_id")
+        if self._layout.has_company:
+            company = info.company or ""
+            if record_company is not None and _id_text(record_company, "record.company_id") != company:
+                raise PoisonError(Reason.TENANT_MISMATCH, "record.company_id differs from the subject's company")
+        else:
+            company = _id_text(record_company, "record.company_id")
+        problem = token_problem(company)
+        if problem:
+            raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"company {problem}")
+
+        values = {COMPANY: company}
+        for name in route.row_fields:
+            text = _id_text(record.get(name), f"record.{name}")
+            if name in route.placeholders:
+                problem = token_problem(text)
+                if problem:
+                    raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"record.{name} {problem}")
+            elif not text or len(text.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES or not text.isprintable():
+                # The pk travels in the Nats-Msg-Id header and the Redis key: no control characters, bounded.
+                raise PoisonError(Reason.INVALID_SHAPE, f"record.{name} is empty, too long or not printable")
+            values[name] = text
+
+        event_id = f"{lsn}:{info.table}:{values[route.pk]}"
+        head: dict[str, str] = {"event_id": event_id, "company_id": company}
+        for name in _ID_FIELDS_FIRST:
+            if name in values:
+                head[name] = values[name]
+        for name in route.row_fields:
+            head.setdefault(name, values[name])
+        head["action"] = action
+        event_time = metadata.get("commit_timestamp")
+        if isinstance(event_time, str):
+            head["event_time"] = event_time
+        # row_data is the source record re-emitted by simdjson's minifier: same keys and values, no re-encoding
+        # through Python objects.
+        payload = b"".join((orjson.dumps(head)[:-1], b',"row_data":', record.mini, b"}"))
+        return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))

@@ -1,0 +1,478 @@
+"""Loop-thread side of the pipeline: micro-batching, ordered publishing, markers, acks, holding, draining.
+
+The path of one batch::
+
+    intake ──► buffer (≤ batch_size or batch_wait_ms) ──► pool: parse, route, build, Redis lookup ──► outcomes
+      ──► publisher task (FIFO, so receipt order is wire order): ack skips and duplicates, send publishes
+      ──► finisher task: wait for PubAcks (retry and hold on failure) ──► pool: Redis markers ──► ack / term
+
+Only this thread touches NATS objects. The ack of a published event comes after its PubAck (at-least-once) and the
+publish carries ``Nats-Msg-Id: <event_id>`` so a repeat inside JetStream's window is dropped (exactly-once effect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity.stop import stop_base
+
+from cdc_service.config import Settings
+from cdc_service.core.outcomes import (
+    DeadLetter,
+    Duplicate,
+    Outcome,
+    Publish,
+    Reason,
+    Retry,
+    Skip,
+    TransientError,
+    decide_failure,
+)
+from cdc_service.logs import bound
+from cdc_service.metrics import Metrics
+from cdc_service.ports import DedupStore, InboundMessage, PubAck, Publisher, delivery_count
+
+log = logging.getLogger("cdc_service.engine")
+
+
+@dataclass(eq=False)
+class _Batch:
+    messages: list[InboundMessage]
+    received: float
+    outcomes: asyncio.Future[list[Outcome]]
+    open: set[int] = field(default_factory=set)  # indexes not yet acked, nak'ed or terminated
+
+
+@dataclass(eq=False)
+class _Send:
+    """One publish of a batch: an event to the output stream, or an original message to the dead-letter stream."""
+
+    index: int
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    outcome: Publish | DeadLetter
+    future: asyncio.Future[PubAck] | None = None
+    error: str = ""
+    duplicate: bool = False  # JetStream already held this Nats-Msg-Id
+
+
+class _StillFailing(Exception):
+    pass
+
+
+class stop_when(stop_base):  # noqa: N801 (named like tenacity's own stop conditions)
+    """Stop retrying as soon as ``condition()`` is true (e.g. the service is shutting down)."""
+
+    def __init__(self, condition: Callable[[], bool]) -> None:
+        self._condition = condition
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._condition()
+
+
+def _header_text(text: str, limit: int = 300) -> str:
+    """Header values cannot carry line breaks or control characters."""
+    return "".join(c if c.isprintable() else " " for c in text)[:limit]
+
+
+class Engine:
+    """Runs on the loop thread. ``on_message`` (push) or ``on_batch`` (pull) feed it; ``drain`` empties it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        prepare: Callable[[Sequence[InboundMessage]], list[Outcome]],
+        dedup: DedupStore,
+        publisher: Publisher,
+        executor: Executor,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._prepare = prepare
+        self._dedup = dedup
+        self._publisher = publisher
+        self._executor = executor
+        self._metrics = metrics
+        self._batch_size = settings.ingest.batch_size
+        self._batch_wait = settings.ingest.batch_wait_ms / 1000.0
+        self._max_deliver = settings.ingest.max_deliver
+        self._event_headers = {"Nats-Expected-Stream": settings.publish.stream}
+        self._buffer: list[InboundMessage] = []
+        self._buffer_started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._queue: deque[_Batch] = deque()
+        self._queued = asyncio.Event()
+        self._open_batches: set[_Batch] = set()
+        self._finishers: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._output_ok = asyncio.Event()
+        self._output_ok.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._stopping = False
+        self._pool_waiting = 0
+        self.inflight = 0
+        self.last_settled = time.monotonic()
+        self.totals: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._publish_in_order(), name="cdc-publisher"),
+            asyncio.create_task(self._keep_alive(), name="cdc-keepalive"),
+        ]
+
+    def stalled(self, now: float | None = None) -> bool:
+        """True when work is pending and nothing was acked or terminated for ``health.stall_timeout``."""
+        now = time.monotonic() if now is None else now
+        return self.inflight > 0 and now - self.last_settled > self._settings.health.stall_timeout
+
+    async def drain(self, deadline: float) -> None:
+        """Finish everything received (intake must already be stopped) until ``deadline`` (monotonic).
+
+        What is still retrying at the deadline is nak'ed without delay so another replica takes it at once.
+        """
+        self._flush()
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("drain deadline reached, handing back unfinished work", extra={"inflight": self.inflight})
+        self._stopping = True
+        self._output_ok.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), 2.0)
+        except TimeoutError:
+            pass
+        for batch in list(self._open_batches):
+            for index in list(batch.open):
+                await self._settle(batch, index, "nak", "", "retried")
+        for task in [*self._tasks, *self._finishers]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._finishers, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------------------------ intake
+
+    async def on_message(self, msg: Any) -> None:
+        """Push-subscription callback: buffer the message; the batch goes out when full or after batch_wait_ms."""
+        buffer = self._buffer
+        buffer.append(msg)
+        if len(buffer) >= self._batch_size:
+            self._flush()
+        elif len(buffer) == 1:
+            self._buffer_started = time.monotonic()
+            self._timer = asyncio.get_running_loop().call_later(self._batch_wait, self._flush)
+
+    async def on_batch(self, messages: list[Any]) -> None:
+        """Pull-loop callback: one fetched batch. Waits while too much is in flight (the pull back-pressure)."""
+        self._dispatch(messages, time.monotonic())
+        if self.inflight >= self._settings.ingest.max_ack_pending:
+            self._room.clear()
+            await self._room.wait()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buffer:
+            messages, self._buffer = self._buffer, []
+            self._dispatch(messages, self._buffer_started or time.monotonic())
+            self._buffer_started = 0.0
+
+    def _dispatch(self, messages: list[InboundMessage], received: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._pool_waiting += 1
+        self._metrics.pool_queue.set(self._pool_waiting)
+        future = loop.run_in_executor(self._executor, self._prepare_counted, messages)
+        batch = _Batch(messages, received, future, set(range(len(messages))))
+        self._open_batches.add(batch)
+        self._queue.append(batch)
+        self._queued.set()
+        self.inflight += len(messages)
+        self._idle.clear()
+        self._metrics.inflight.set(self.inflight)
+        self._metrics.batch_size.observe(len(messages))
+
+    def _prepare_counted(self, messages: Sequence[InboundMessage]) -> list[Outcome]:
+        self._pool_waiting -= 1  # a racy counter is fine for a gauge
+        return self._prepare(messages)
+
+    # ------------------------------------------------------------------------------------------------ publishing
+
+    async def _publish_in_order(self) -> None:
+        """Take batches in receipt order and send their publishes; the waiting happens in per-batch finishers."""
+        while True:
+            if not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            batch = self._queue[0]
+            try:
+                outcomes = await batch.outcomes
+            except Exception as exc:  # the worker itself failed: a bug; retry the whole batch later
+                self._metrics.handler_errors.labels(type(exc).__name__).inc()
+                log.exception("batch preparation failed", extra={"batch": len(batch.messages)})
+                outcomes = [
+                    decide_failure(exc, table="", num_delivered=delivery_count(m.reply), max_deliver=self._max_deliver)
+                    for m in batch.messages
+                ]
+            # While the output is failing, later batches wait here so they do not overtake the held one.
+            await self._output_ok.wait()
+            self._queue.popleft()
+            sends: list[_Send] = []
+            for index, outcome in enumerate(outcomes):
+                if isinstance(outcome, Skip):
+                    await self._settle(batch, index, "ack", outcome.table, "skipped")
+                elif isinstance(outcome, Duplicate):
+                    await self._settle(batch, index, "ack", outcome.table, "duplicate")
+                elif isinstance(outcome, Publish):
+                    sends.append(
+                        _Send(index, outcome.subject, outcome.payload, self._event_headers_for(outcome), outcome)
+                    )
+                elif isinstance(outcome, DeadLetter):
+                    send = self._dead_letter_send(batch, index, outcome)
+                    if send is None:
+                        await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+                    else:
+                        sends.append(send)
+                else:
+                    await self._give_up(batch, index, outcome)
+            for send in sends:
+                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+            if sends:
+                task = asyncio.create_task(self._finish(batch, sends))
+                self._finishers.add(task)
+                task.add_done_callback(self._finishers.discard)
+
+    def _event_headers_for(self, event: Publish) -> dict[str, str]:
+        headers = dict(self._event_headers)
+        headers["Nats-Msg-Id"] = event.event_id
+        return headers
+
+    def _dead_letter_send(self, batch: _Batch, index: int, outcome: DeadLetter) -> _Send | None:
+        dlq = self._settings.dlq
+        msg = batch.messages[index]
+        metadata = msg.metadata
+        seq = metadata.sequence.stream
+        stream = metadata.stream
+        with bound(subject=msg.subject, table=outcome.table, stream_seq=seq, reason=outcome.reason.value):
+            log.warning("dead-lettering message", extra={"detail": outcome.detail, "delivered": metadata.num_delivered})
+        if not dlq.enabled:
+            return None
+        headers = {
+            "Nats-Msg-Id": f"dlq:{stream}:{seq}",
+            "Nats-Expected-Stream": dlq.stream,
+            "Cdc-Error-Reason": outcome.reason.value,
+            "Cdc-Error-Detail": _header_text(outcome.detail),
+            "Cdc-Source-Subject": msg.subject,
+            "Cdc-Source-Stream": stream,
+            "Cdc-Source-Seq": str(seq),
+            "Cdc-Delivered": str(metadata.num_delivered),
+        }
+        return _Send(index, f"{dlq.subject_prefix}.{msg.subject}", msg.data, headers, outcome)
+
+    async def _finish(self, batch: _Batch, sends: list[_Send]) -> None:
+        try:
+            failed = await self._await_acks(sends)
+            if failed:
+                failed = await self._hold(failed)
+            for send in failed:
+                await self._give_up_send(batch, send)
+            published = [s for s in sends if s.future is not None and not s.error]
+            await self._mark([s.outcome.event_id for s in published if isinstance(s.outcome, Publish)])
+            wall = time.time()
+            for send in published:
+                outcome = send.outcome
+                if isinstance(outcome, Publish):
+                    if outcome.commit_time is not None:
+                        self._metrics.lag.observe(max(0.0, wall - outcome.commit_time))
+                    result = "duplicate" if send.duplicate else "published"
+                    await self._settle(batch, send.index, "ack", outcome.table, result)
+                else:
+                    await self._settle(batch, send.index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in our own bookkeeping: hand the work back rather than lose track of it
+            self._metrics.handler_errors.labels(type(exc).__name__).inc()
+            log.exception("finishing a batch failed; nak'ing what is left")
+            for index in list(batch.open):
+                await self._settle(batch, index, "nak", "", "retried", delay=5.0)
+
+    async def _await_acks(self, sends: list[_Send]) -> list[_Send]:
+        """Wait (bounded) for every PubAck; return the sends that failed or got no answer."""
+        futures = [s.future for s in sends if s.future is not None]
+        if futures:
+            await asyncio.wait(futures, timeout=self._settings.publish.timeout)
+        failed: list[_Send] = []
+        for send in sends:
+            future = send.future
+            if future is None or not future.done():
+                if future is not None:
+                    future.cancel()
+                send.error = "no PubAck within publish.timeout"
+            elif future.exception() is not None:
+                send.error = str(future.exception())
+            else:
+                send.error = ""
+                send.duplicate = future.result().duplicate
+                continue
+            failed.append(send)
+        if failed:
+            self._metrics.publish_errors.inc(len(failed))
+        return failed
+
+    async def _hold(self, failed: list[_Send]) -> list[_Send]:
+        """Retry failed publishes with backoff while keeping their messages alive (``in_progress``).
+
+        Retries reuse each event's ``Nats-Msg-Id``, so a publish whose PubAck was merely lost is not stored twice.
+        Returns what still fails after ``publish.max_hold`` or at shutdown.
+        """
+        publish = self._settings.publish
+        self._output_ok.clear()
+        log.warning(
+            "publish failed, holding and retrying",
+            extra={"count": len(failed), "error": failed[0].error[:300], "max_hold": publish.max_hold},
+        )
+        remaining = failed
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(publish.max_hold) | stop_when(lambda: self._stopping),
+                wait=wait_exponential_jitter(initial=publish.retry_initial, max=publish.retry_max),
+                retry=retry_if_exception_type(_StillFailing),
+                reraise=True,
+            ):
+                with attempt:
+                    for send in remaining:
+                        send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                    remaining = await self._await_acks(remaining)
+                    if remaining:
+                        raise _StillFailing()
+        except _StillFailing:
+            pass
+        if not remaining:
+            log.info("publishing works again", extra={"count": len(failed)})
+        self._output_ok.set()
+        return remaining
+
+    async def _give_up_send(self, batch: _Batch, send: _Send) -> None:
+        msg = batch.messages[send.index]
+        outcome = decide_failure(
+            TransientError(send.error),
+            table=send.outcome.table,
+            num_delivered=delivery_count(msg.reply),
+            max_deliver=self._max_deliver,
+        )
+        if isinstance(send.outcome, DeadLetter) and isinstance(outcome, DeadLetter):
+            # The dead-letter stream itself is failing: there is nowhere safer than the source stream.
+            outcome = Retry(send.outcome.table, 5.0, send.error)
+        await self._give_up(batch, send.index, outcome)
+
+    async def _give_up(self, batch: _Batch, index: int, outcome: Outcome) -> None:
+        """Settle a message whose handling failed: nak with a delay, or dead-letter it on its final attempt."""
+        if isinstance(outcome, Retry):
+            msg = batch.messages[index]
+            count = delivery_count(msg.reply)
+            if 0 < self._max_deliver <= count:
+                outcome = DeadLetter(
+                    outcome.table, Reason.MAX_DELIVERIES, f"failed on delivery {count}: {outcome.detail}"
+                )
+            else:
+                delay = 0.0 if self._stopping else outcome.delay
+                await self._settle(batch, index, "nak", outcome.table, "retried", delay=delay)
+                return
+        if isinstance(outcome, DeadLetter):
+            send = self._dead_letter_send(batch, index, outcome)
+            if send is not None:
+                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                if await self._await_acks([send]):
+                    await self._settle(batch, index, "nak", outcome.table, "retried", delay=5.0)
+                    return
+            await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+
+    async def _mark(self, event_ids: list[str]) -> None:
+        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway."""
+        if not event_ids:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            ok = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._dedup.mark, event_ids), self._settings.dedup.mark_timeout
+            )
+        except TimeoutError:
+            ok = False
+        if not ok:
+            self._metrics.dedup_mark_errors.inc(len(event_ids))
+
+    # ------------------------------------------------------------------------------------------------ settling
+
+    async def _settle(
+        self,
+        batch: _Batch,
+        index: int,
+        action: str,
+        table: str,
+        result: str,
+        *,
+        delay: float = 0.0,
+        reason: Reason | None = None,
+    ) -> None:
+        """Ack, nak or terminate one message exactly once and count it under ``result``."""
+        if index not in batch.open:
+            return
+        batch.open.discard(index)
+        msg = batch.messages[index]
+        try:
+            if action == "ack":
+                await msg.ack()
+            elif action == "term":
+                await msg.term()
+            else:
+                await msg.nak(delay=delay or None)
+        except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
+            log.debug("could not %s message", action, extra={"error": str(exc)[:200], "subject": msg.subject})
+        now = time.monotonic()
+        if action != "nak":
+            self.last_settled = now
+            self._metrics.last_ack.set(time.time())
+        self.totals[result] += 1
+        self._metrics.events.labels(table, result).inc()
+        if result in ("published", "duplicate", "skipped"):
+            self._metrics.processing.labels(table).observe(now - batch.received)
+        if reason is not None:
+            self._metrics.dead_letters.labels(reason.value).inc()
+        self.inflight -= 1
+        self._metrics.inflight.set(self.inflight)
+        if not batch.open:
+            self._open_batches.discard(batch)
+        if self.inflight <= 0:
+            self.inflight = 0
+            self._idle.set()
+        if self.inflight < self._settings.ingest.max_ack_pending:
+            self._room.set()
+
+    async def _keep_alive(self) -> None:
+        """Extend AckWait (``in_progress``) for messages held longer than a third of it, so holding does not burn
+        delivery attempts; and forget abandoned publish futures."""
+        period = max(0.05, min(5.0, self._settings.ingest.ack_wait / 3.0))
+        while True:
+            await asyncio.sleep(period)
+            self._publisher.sweep()
+            cutoff = time.monotonic() - period
+            for batch in list(self._open_batches):
+                if batch.received < cutoff:
+                    for index in list(batch.open):
+                        try:
+                            await batch.messages[index].in_progress()
+                        except Exception:
+                            pass

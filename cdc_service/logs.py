@@ -1,0 +1,57 @@
+"""JSON logs on stdout (python-json-logger), with per-event context from a ``contextvars`` filter."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+SERVICE = "cdc_service"
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("cdc_log_context", default=_EMPTY)
+
+
+@contextmanager
+def bound(**fields: Any) -> Iterator[None]:
+    """Attach ``fields`` (event_id, table, company, subject, stream_seq, ...) to every record logged inside."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = SERVICE
+        name = record.name
+        record.component = name.rsplit(".", 1)[-1] if name.startswith(SERVICE + ".") else name
+        for key, value in _context.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def configure(level: str, stream: Any = None) -> None:
+    """Route every logger to one JSON-lines handler. Call once, from the main thread, before anything logs."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    )
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # nats-py logs every reconnect attempt at ERROR through its own error_cb path; ours reports them once.
+    logging.getLogger("nats").setLevel(logging.CRITICAL)

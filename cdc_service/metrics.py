@@ -1,0 +1,102 @@
+"""Prometheus collectors, all on one injected registry. No per-subject or per-id labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+RESULTS = ("published", "duplicate", "skipped", "dead_lettered", "retried")
+
+
+class Metrics:
+    """Every collector the service exports. Tests build one on a fresh ``CollectorRegistry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter(
+            "cdc_consumer_events_total",
+            "Inbound messages by table and result (published, duplicate, skipped, dead_lettered, retried).",
+            ["table", "result"],
+            registry=registry,
+        )
+        self.processing = Histogram(
+            "cdc_consumer_processing_seconds",
+            "Time from receipt of a message's batch to its ack, by table.",
+            ["table"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.lag = Histogram(
+            "cdc_consumer_lag_seconds",
+            "Now minus the source commit_timestamp, observed when the event is published.",
+            buckets=_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.publish_errors = Counter(
+            "cdc_consumer_publish_errors_total",
+            "Publish attempts that failed (timeout or rejection); each is retried with the same Nats-Msg-Id.",
+            registry=registry,
+        )
+        self.dedup_lookups = Counter(
+            "cdc_consumer_dedup_lookups_total",
+            "Redis dedup lookups per event: hit (duplicate), miss, or error (Redis unavailable, failed open).",
+            ["result"],
+            registry=registry,
+        )
+        self.dedup_mark_errors = Counter(
+            "cdc_consumer_dedup_mark_errors_total",
+            "Marker writes that failed or timed out after a successful publish (acked anyway).",
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "cdc_consumer_redis_errors_total",
+            "Redis calls that failed, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "cdc_consumer_redis_up",
+            "1 while Redis answers, 0 while dedup runs on JetStream's window only.",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "cdc_consumer_dead_letters_total",
+            "Messages sent to the dead-letter stream, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.redeliveries = Counter(
+            "cdc_consumer_redeliveries_total", "Messages received with a delivery count above 1.", registry=registry
+        )
+        self.batch_size = Histogram(
+            "cdc_consumer_batch_size",
+            "Messages per micro-batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "cdc_consumer_inflight_messages",
+            "Messages received and not yet acked, nak'ed or terminated.",
+            registry=registry,
+        )
+        self.pool_size = Gauge("cdc_consumer_pool_size", "Worker threads in the pool.", registry=registry)
+        self.pool_queue = Gauge(
+            "cdc_consumer_pool_queue_depth",
+            "Batches submitted to the worker pool and not yet started.",
+            registry=registry,
+        )
+        self.last_ack = Gauge(
+            "cdc_consumer_last_ack_timestamp_seconds", "Unix time of the most recent ack.", registry=registry
+        )
+        self.nats_connected = Gauge("cdc_consumer_nats_connected", "1 while connected to NATS.", registry=registry)
+        self.nats_reconnects = Counter("cdc_consumer_nats_reconnects_total", "NATS reconnections.", registry=registry)
+        self.handler_errors = Counter(
+            "cdc_consumer_handler_errors_total",
+            "Unexpected exceptions while handling messages (a bug): the messages are nak'ed with a delay.",
+            ["exception_type"],
+            registry=registry,
+        )
+        for result in ("hit", "miss", "error"):
+            self.dedup_lookups.labels(result)

@@ -1,0 +1,89 @@
+"""The small interfaces the pipeline depends on. Real adapters live in ``adapters/``, fakes in ``testing.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class PubAck:
+    """JetStream's answer to a publish. ``duplicate`` means the stream already held this ``Nats-Msg-Id``."""
+
+    stream: str
+    seq: int
+    duplicate: bool = False
+
+
+class PublishRejected(Exception):
+    """The server answered a publish with an error (no stream, wrong stream, limits, ...)."""
+
+
+class DedupStore(Protocol):
+    """Long-range duplicate memory (Redis). Both calls fail open: they never raise."""
+
+    def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
+        """Which ids were already published; ``None`` when the store cannot be asked (count as misses)."""
+
+    def mark(self, event_ids: Sequence[str]) -> bool:
+        """Remember ids whose publish was acknowledged; ``False`` when that did not happen."""
+
+    @property
+    def available(self) -> bool:
+        """False while the store is known to be unreachable."""
+
+
+class Publisher(Protocol):
+    """Pipelined JetStream publishing. Only the loop thread calls it."""
+
+    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        """Send one message; the returned future resolves with its ``PubAck`` or a ``PublishRejected``.
+
+        Submission order is wire order. The future may never resolve (lost reply): callers bound the wait.
+        """
+
+    def sweep(self) -> None:
+        """Forget futures the caller gave up on."""
+
+
+def delivery_count(reply: str) -> int:
+    """The delivery attempt (1 = first) from a JetStream ack subject, cheaper than nats-py's ``msg.metadata``.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (v1) or the v2 form with a domain and
+    account hash in front.
+    """
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[4])
+        if len(tokens) >= 11:
+            return int(tokens[6])
+    except ValueError:
+        pass
+    return 1
+
+
+class InboundMessage(Protocol):
+    """The part of a nats-py ``Msg`` the pipeline uses. Acks are coroutines: call them on the loop thread only."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def reply(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def metadata(self) -> Any: ...
+
+    async def ack(self) -> None: ...
+
+    async def nak(self, delay: float | None = None) -> None: ...
+
+    async def term(self) -> None: ...
+
+    async def in_progress(self) -> None: ...

@@ -1,0 +1,273 @@
+"""Wiring and lifecycle: the main thread owns signals and shutdown, one background thread owns the event loop
+(and with it every NATS object), a thread pool does the per-batch work, another thread serves HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
+
+from cdc_service.adapters.nats_jetstream import (
+    PipelinedPublisher,
+    ProvisioningError,
+    PullIntake,
+    PushIntake,
+    connect,
+    provision,
+)
+from cdc_service.adapters.redis_dedup import RedisDedupStore
+from cdc_service.config import Settings, mask_url
+from cdc_service.core.events import EventBuilder
+from cdc_service.engine import Engine
+from cdc_service.http import HealthServer
+from cdc_service.metrics import Metrics
+from cdc_service.worker import BatchPreparer
+
+log = logging.getLogger("cdc_service.service")
+T = TypeVar("T")
+
+_LOOP_STALE_AFTER = 10.0
+_REDIS_PROBE_PERIOD = 2.0
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # optional: the service is correct on the stdlib loop, only slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class Service:
+    """One replica. ``run()`` blocks in the main thread until SIGTERM/SIGINT or a fatal error; returns the exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.pool_size = settings.workers.resolved_pool_size(os.cpu_count())
+        self.metrics.pool_size.set(self.pool_size)
+        self._stop = threading.Event()
+        self._exit_code = 0
+        self._stopping = False
+        self._ready = False
+        self._loop_tick = time.monotonic()
+        self._loop = _new_loop()
+        self._loop_thread = threading.Thread(target=self._run_loop, name="cdc-loop", daemon=True)
+        self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix="cdc-worker")
+        self.dedup = RedisDedupStore(
+            settings.redis,
+            settings.dedup,
+            pool_size=self.pool_size,
+            on_error=lambda op: self.metrics.redis_errors.labels(op).inc(),
+        )
+        self._nc: Client | None = None
+        self._intake: PushIntake | PullIntake | None = None
+        self.engine: Engine | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.http = HealthServer(settings.http.host, settings.http.port, self.registry, self.liveness, self.readiness)
+
+    # ---------------------------------------------------------------------------------------------- main thread
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        self.http.start()
+        self._loop_thread.start()
+        log.info(
+            "starting",
+            extra={
+                "nats": [mask_url(u) for u in self.settings.nats.url],
+                "redis": mask_url(self.settings.redis.url),
+                "mode": self.settings.ingest.mode,
+                "pool_size": self.pool_size,
+                "batch_size": self.settings.ingest.batch_size,
+                "http_port": self.http.port,
+            },
+        )
+        try:
+            self._call(self._start(), timeout=self.settings.nats.connect_timeout * 2 + 60)
+        except (ConnectionError, ProvisioningError) as exc:
+            log.critical("cannot start: %s", exc)
+            self._exit_code = 1
+            self._stop.set()
+        except Exception:
+            log.critical("cannot start", exc_info=True)
+            self._exit_code = 1
+            self._stop.set()
+        else:
+            log.info(
+                "consuming", extra={"stream": self.settings.ingest.stream, "consumer": self.settings.ingest.durable}
+            )
+        while not self._stop.wait(0.5):
+            pass
+        self._shutdown()
+        return self._exit_code
+
+    def _install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: Any) -> None:
+            if self._stop.is_set() and signum == signal.SIGINT:
+                os._exit(130)  # a second Ctrl-C: the operator does not want to wait for the drain
+            log.info("signal received, draining", extra={"signal": signal.Signals(signum).name})
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def _shutdown(self) -> None:
+        grace = self.settings.shutdown.grace_seconds
+        deadline = time.monotonic() + grace
+        self._stopping = True
+        self._ready = False
+        try:
+            self._call(self._stop_async(deadline - min(2.0, grace / 4)), timeout=grace)
+        except Exception:
+            log.exception("shutdown did not complete cleanly")
+            self._exit_code = self._exit_code or 1
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=5)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.http.stop()
+        self.dedup.close()
+        log.info("stopped", extra={"exit_code": self._exit_code, **self._totals()})
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    # ---------------------------------------------------------------------------------------------- probes
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        if now - self._loop_tick > _LOOP_STALE_AFTER:
+            return False, {"reason": f"event loop has not run for {now - self._loop_tick:.0f}s"}
+        engine = self.engine
+        if engine is not None and engine.stalled(now):
+            return False, {
+                "reason": f"{engine.inflight} messages pending and nothing acked for {now - engine.last_settled:.0f}s"
+            }
+        return True, {}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        redis_state = "ok" if self.dedup.available else "degraded"
+        detail: dict[str, Any] = {"redis": redis_state}
+        nc = self._nc
+        if self._stopping:
+            return False, {**detail, "reason": "shutting down"}
+        if nc is None or not self._ready:
+            return False, {**detail, "reason": "starting"}
+        if not nc.is_connected:
+            return False, {**detail, "reason": "not connected to NATS"}
+        if self._intake is None or not self._intake.active:
+            return False, {**detail, "reason": "not bound to the consumer"}
+        detail["nats"] = "connected"
+        if redis_state == "degraded":
+            detail["redis_detail"] = "unreachable; deduplicating with JetStream's window only"
+        return True, detail
+
+    # ---------------------------------------------------------------------------------------------- loop thread
+
+    async def _start(self) -> None:
+        settings = self.settings
+        self._nc = await connect(
+            settings.nats,
+            on_disconnected=self._on_disconnected,
+            on_reconnected=self._on_reconnected,
+            on_closed=self._on_closed,
+        )
+        self.metrics.nats_connected.set(1)
+        js = self._nc.jetstream(timeout=10)
+        consumer = await provision(js, settings)
+        publisher = PipelinedPublisher(self._nc)
+        await publisher.start()
+        builder = EventBuilder(settings.layout, settings.routes, settings.ingest.max_payload_bytes)
+        prepare = BatchPreparer(builder, self.dedup, self.metrics, max_deliver=settings.ingest.max_deliver)
+        self.engine = Engine(settings, prepare, self.dedup, publisher, self._executor, self.metrics)
+        await self.engine.start()
+        if settings.ingest.mode == "pull":
+            pull = PullIntake(js, settings.ingest)
+            await pull.start(self.engine.on_batch)
+            self._intake = pull
+        else:
+            push = PushIntake(js, settings.ingest, consumer)
+            await push.start(self.engine.on_message)
+            self._intake = push
+        self._background = [
+            asyncio.create_task(self._tick(), name="cdc-tick"),
+            asyncio.create_task(self._summarise(), name="cdc-summary"),
+        ]
+        self._ready = True
+
+    async def _stop_async(self, deadline: float) -> None:
+        # Order matters: stop intake, finish in-flight work (publish, mark, ack), then flush and close. Draining the
+        # connection first would also drain the PubAck inbox and fail the work still in flight.
+        if self._intake is not None:
+            await self._intake.stop()
+        if self.engine is not None:
+            await self.engine.drain(deadline)
+        for task in self._background:
+            task.cancel()
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.flush(timeout=2)
+            except Exception:
+                pass
+            await nc.close()
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_probe = 0.0
+        while True:
+            now = time.monotonic()
+            self._loop_tick = now
+            if now - last_probe >= _REDIS_PROBE_PERIOD:
+                last_probe = now
+                up = await loop.run_in_executor(self._executor, self.dedup.probe)
+                self.metrics.redis_up.set(1 if up else 0)
+            await asyncio.sleep(1.0)
+
+    async def _summarise(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.log.summary_interval)
+            log.info("summary", extra=self._totals())
+
+    def _totals(self) -> dict[str, Any]:
+        engine = self.engine
+        if engine is None:
+            return {}
+        return {
+            **dict(engine.totals),
+            "inflight": engine.inflight,
+            "redis": "ok" if self.dedup.available else "degraded",
+        }
+
+    async def _on_disconnected(self) -> None:
+        self.metrics.nats_connected.set(0)
+        if not self._stopping:
+            log.warning("disconnected from NATS, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.metrics.nats_connected.set(1)
+        self.metrics.nats_reconnects.inc()
+        log.info("reconnected to NATS")
+
+    async def _on_closed(self) -> None:
+        self.metrics.nats_connected.set(0)
+        if not self._stopping:
+            # Reconnects never stop, so a closed connection means something final (e.g. auth revoked): exit
+            # non-zero and let the orchestrator restart the pod rather than run without a connection.
+            log.critical("NATS connection closed for good; exiting")
+            self._exit_code = 1
+            self._stop.set()

@@ -1,0 +1,84 @@
+"""Worker-thread side of a micro-batch: parse, route, build, one Redis lookup. Returns outcomes, touches no NATS."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import simdjson
+
+from cdc_service.core.events import EventBuilder
+from cdc_service.core.outcomes import Duplicate, Outcome, Publish, decide_failure
+from cdc_service.logs import bound
+from cdc_service.metrics import Metrics
+from cdc_service.ports import DedupStore, InboundMessage, delivery_count
+
+log = logging.getLogger("cdc_service.worker")
+
+
+class BatchPreparer:
+    """Callable run in the pool: ``outcomes = preparer(messages)``, one outcome per message, in order.
+
+    Never raises for bad input. Reading ``subject``, ``data`` and ``reply`` of a nats-py message from a worker is
+    safe; acking it is not, and is left to the loop thread.
+    """
+
+    def __init__(self, builder: EventBuilder, dedup: DedupStore, metrics: Metrics, *, max_deliver: int) -> None:
+        self._builder = builder
+        self._dedup = dedup
+        self._metrics = metrics
+        self._max_deliver = max_deliver
+        self._local = threading.local()
+
+    def _parser(self) -> simdjson.Parser:
+        # A pysimdjson Parser is not thread-safe and its documents die at the next parse: one per worker thread.
+        parser: simdjson.Parser | None = getattr(self._local, "parser", None)
+        if parser is None:
+            parser = self._local.parser = simdjson.Parser()
+        return parser
+
+    def __call__(self, messages: Sequence[InboundMessage]) -> list[Outcome]:
+        parser = self._parser()
+        plan = self._builder.plan
+        outcomes: list[Outcome] = []
+        redelivered = 0
+        for msg in messages:
+            try:
+                outcomes.append(plan(msg.subject, msg.data, parser))
+            except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
+                table = self._builder.table_of(msg.subject)
+                count = delivery_count(msg.reply)
+                self._metrics.handler_errors.labels(type(exc).__name__).inc()
+                with bound(subject=msg.subject, table=table, delivered=count):
+                    log.exception("unexpected error while building an event")
+                outcomes.append(decide_failure(exc, table=table, num_delivered=count, max_deliver=self._max_deliver))
+            if delivery_count(msg.reply) > 1:
+                redelivered += 1
+        if redelivered:
+            self._metrics.redeliveries.inc(redelivered)
+        return self._drop_known_duplicates(outcomes)
+
+    def _drop_known_duplicates(self, outcomes: list[Outcome]) -> list[Outcome]:
+        positions = [i for i, o in enumerate(outcomes) if isinstance(o, Publish)]
+        if not positions:
+            return outcomes
+        ids = [outcomes[i].event_id for i in positions]  # type: ignore[union-attr]
+        seen = self._dedup.seen(ids)
+        lookups = self._metrics.dedup_lookups
+        if seen is None:
+            # Fail open: JetStream's Nats-Msg-Id window still drops a repeat inside it.
+            lookups.labels("error").inc(len(ids))
+            return outcomes
+        hits = 0
+        for i, was_seen in zip(positions, seen, strict=True):
+            if was_seen:
+                event = outcomes[i]
+                assert isinstance(event, Publish)
+                outcomes[i] = Duplicate(event.table, event.event_id)
+                hits += 1
+        if hits:
+            lookups.labels("hit").inc(hits)
+        if len(ids) - hits:
+            lookups.labels("miss").inc(len(ids) - hits)
+        return outcomes
