@@ -78,7 +78,9 @@ def main() -> int:
         args = [binary("nats-server"), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(store)]
         started.append(start("nats-server", args, "127.0.0.1", nats_port))
     else:
-        print(f"run_local: NATS at {mask_url(settings.nats.url[0])} does not answer; the service will retry", flush=True)
+        print(
+            f"run_local: NATS at {mask_url(settings.nats.url[0])} does not answer; the service will retry", flush=True
+        )
 
     redis_url = urlsplit(settings.redis.url)
     redis_host, redis_port = redis_url.hostname or "127.0.0.1", redis_url.port or 6379
