@@ -205,6 +205,7 @@ class Service:
             self._intake = push
         self._background = [
             asyncio.create_task(self._tick(), name="cdc-tick"),
+            asyncio.create_task(self._probe_redis(), name="cdc-redis-probe"),
             asyncio.create_task(self._summarise(), name="cdc-summary"),
         ]
         self._ready = True
@@ -227,16 +228,17 @@ class Service:
             await nc.close()
 
     async def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_probe = 0.0
+        """Proves to the liveness probe that the loop runs; nothing here may block or wait on other work."""
         while True:
-            now = time.monotonic()
-            self._loop_tick = now
-            if now - last_probe >= _REDIS_PROBE_PERIOD:
-                last_probe = now
-                up = await loop.run_in_executor(self._executor, self.dedup.probe)
-                self.metrics.redis_up.set(1 if up else 0)
+            self._loop_tick = time.monotonic()
             await asyncio.sleep(1.0)
+
+    async def _probe_redis(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            up = await loop.run_in_executor(self._executor, self.dedup.probe)
+            self.metrics.redis_up.set(1 if up else 0)
+            await asyncio.sleep(_REDIS_PROBE_PERIOD)
 
     async def _summarise(self) -> None:
         while True:

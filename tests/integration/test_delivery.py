@@ -240,3 +240,19 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(js, start_service)
     published = await count(js, OUTPUT)
     assert published + info.num_pending == 3000
     assert any(line.get("message") == "stopped" for line in svc.logs())
+
+
+async def test_pull_mode_publishes_in_order_and_dedups(js, start_service) -> None:
+    await ensure_input(js)
+    svc = start_service(**{"ingest.mode": "pull", "ingest.durable": "cdc_pull", "ingest.batch_size": 32})
+    for i in range(300):
+        await feed(js, "cdc.acme.messages", body(lsn=1 + i, message_id=f"m{i}"))
+    await feed(js, "cdc.acme.messages", body(lsn=1, message_id="m0"))  # a repeat
+    assert await wait_count(js, OUTPUT, 300) == 300
+    info = await consumer_settled(js, "cdc_pull")
+    assert info.num_ack_pending == 0
+    assert info.config.deliver_subject is None
+    lsns = [int(p["event_id"].split(":")[0]) for p in payloads(await read_all(js, OUTPUT))]
+    assert lsns == list(range(1, 301))
+    assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "duplicate"}) == 1
+    assert svc.stop() == 0
