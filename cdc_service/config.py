@@ -188,12 +188,15 @@ class Settings:
 
 
 def mask_url(url: str) -> str:
-    """``scheme://user:***@host`` for a URL carrying a password; other URLs unchanged."""
+    """``scheme://user:***@host`` for a URL carrying a password, ``nats://***@host`` for a NATS token URL; other
+    URLs unchanged."""
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url
     userinfo, _, hostport = parts.netloc.rpartition("@")
     if ":" not in userinfo:
+        if parts.scheme in ("nats", "tls", "ws", "wss"):  # nats-py sends a user-only URL's user as the auth token
+            return urlunsplit((parts.scheme, f"***@{hostport}", parts.path, parts.query, parts.fragment))
         return url
     user = userinfo.split(":", 1)[0]
     return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
@@ -215,7 +218,7 @@ def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> str:
         port = parts.port
     except ValueError as exc:
         raise ConfigError(f"{key}: cannot parse URL {mask_url(url)!r}: {exc}") from None
-    if parts.scheme not in schemes or not parts.hostname:
+    if parts.scheme not in schemes or not (parts.hostname or (parts.scheme == "unix" and parts.path)):
         raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL with a host, got {mask_url(url)!r}")
     if port == 0:
         raise ConfigError(f"{key}: port 0 in {mask_url(url)!r}")
@@ -394,7 +397,8 @@ def _routes(raw: Any) -> dict[str, Route]:
         try:
             routes[table] = compile_route(table, pk, subject)
         except RouteError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            # Name the key that holds the bad value: the table name itself, or its subject template.
+            raise ConfigError(f"{key if token_problem(table) else key + '.subject'}: {exc}") from None
     return routes
 
 

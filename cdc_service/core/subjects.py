@@ -16,7 +16,7 @@ MAX_TOKEN_BYTES = 256
 # A value placed in a subject must stay exactly one token and must not become a wildcard: anything that could
 # change which subscribers receive it (".", "*", ">"), or that NATS forbids (whitespace, control characters), is
 # rejected rather than cleaned, so one tenant can never be steered into another tenant's subjects.
-_UNSAFE = re.compile(r"[.*>\s\x00-\x1f\x7f]")
+_UNSAFE = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
 _PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
 
 

@@ -1,0 +1,637 @@
+"""Worker and engine together, with the in-memory fakes, a real thread pool and the real asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from cdc_service.config import DlqSettings, IngestSettings, PublishSettings, Settings
+from cdc_service.core.events import EventBuilder
+from cdc_service.core.outcomes import Outcome
+from cdc_service.engine import Engine
+from cdc_service.metrics import Metrics
+from cdc_service.ports import PubAck
+from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
+from cdc_service.worker import BatchPreparer
+from tests.sequin import body, encode
+
+FAST_PUBLISH = PublishSettings(max_hold=0.3, retry_initial=0.01, retry_max=0.05, timeout=0.2)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-worker")
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@dataclass
+class Harness:
+    settings: Settings
+    publisher: Any
+    dedup: Any
+    executor: ThreadPoolExecutor
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    wrap: Any = None  # optional callable(preparer) -> preparer
+    engine: Engine | None = None
+
+    def build(self) -> Engine:
+        metrics = Metrics(self.registry)
+        s = self.settings
+        builder = EventBuilder(s.layout, s.routes, s.ingest.max_payload_bytes)
+        prepare: Any = BatchPreparer(builder, self.dedup, metrics, max_deliver=s.ingest.max_deliver)
+        if self.wrap is not None:
+            prepare = self.wrap(prepare)
+        self.engine = Engine(s, prepare, self.dedup, self.publisher, self.executor, metrics)
+        return self.engine
+
+    async def run(self, messages: Sequence[FakeMessage], *, deadline: float = 5.0, on_start: Any = None) -> Engine:
+        engine = self.build()
+        await engine.start()
+        if on_start is not None:
+            on_start()
+        for msg in messages:
+            await engine.on_message(msg)
+        await engine.drain(time.monotonic() + deadline)
+        return engine
+
+    def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float:
+        value = self.registry.get_sample_value(name, dict(labels or {}))
+        return 0.0 if value is None else value
+
+    def events(self, table: str, result: str) -> float:
+        return self.sample("cdc_consumer_events_total", {"table": table, "result": result})
+
+    @property
+    def published_ids(self) -> list[str]:
+        return [p.headers["Nats-Msg-Id"] for p in self.publisher.published if p.subject.startswith("wa.")]
+
+
+def harness(
+    executor: ThreadPoolExecutor,
+    *,
+    settings: Settings | None = None,
+    publisher: Any = None,
+    dedup: Any = None,
+    **kwargs: Any,
+) -> Harness:
+    return Harness(
+        settings or Settings(),
+        publisher if publisher is not None else FakePublisher(),
+        dedup if dedup is not None else FakeDedupStore(),
+        executor,
+        **kwargs,
+    )
+
+
+def message(
+    table: str = "messages", *, seq: int = 1, delivered: int = 1, company: str = "acme", **fields: Any
+) -> FakeMessage:
+    return FakeMessage(f"cdc.{company}.{table}", encode(body(table, **fields)), seq=seq, delivered=delivered)
+
+
+def chat_messages(count: int, *, chat: str = "chat-1", start: int = 0, seq0: int = 1) -> list[FakeMessage]:
+    return [
+        message(seq=seq0 + i, lsn=1000 + start + i, message_id=f"msg-{start + i}", chat_id=chat) for i in range(count)
+    ]
+
+
+def settled_once(msg: FakeMessage) -> bool:
+    return msg.acked + msg.termed + len(msg.naked) == 1
+
+
+class FailingFor(FakePublisher):
+    """Fails every publish whose subject starts with ``prefix``; others behave like FakePublisher."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        self.failing = subject.startswith(self.prefix)
+        return await super().publish(subject, payload, headers)
+
+
+class Recovering(FakePublisher):
+    """Fails until ``recover_after`` seconds after its first failed publish, flipped from ``loop.call_later``."""
+
+    def __init__(self, recover_after: float) -> None:
+        super().__init__(failing=True)
+        self.recover_after = recover_after
+        self.failures = 0
+        self._scheduled = False
+
+    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        if self.failing:
+            self.failures += 1
+            if not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_later(self.recover_after, setattr, self, "failing", False)
+        return await super().publish(subject, payload, headers)
+
+
+# ------------------------------------------------------------------------------------------------ happy path
+
+
+async def test_every_message_settled_exactly_once(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, dedup=FakeDedupStore(marked={"7:agents:agent-1"}))
+    msgs = [
+        message("messages", seq=1),
+        message("chats", seq=2),
+        message("agents", seq=3, lsn=7),  # already marked in Redis
+        message("contacts", seq=4),  # unrouted
+        FakeMessage("cdc.acme.messages", b"not json", seq=5),  # poison
+        message("agents", seq=6, lsn=8),
+    ]
+    engine = await h.run(msgs)
+    assert all(settled_once(m) for m in msgs), [(m.acked, m.termed, m.naked) for m in msgs]
+    assert [m.acked for m in msgs] == [1, 1, 1, 1, 0, 1]
+    assert msgs[4].termed == 1
+    assert engine.inflight == 0
+    assert dict(engine.totals) == {"published": 3, "duplicate": 1, "skipped": 1, "dead_lettered": 1}
+    assert h.published_ids == ["1000:messages:msg-1", "1000:chats:chat-1", "8:agents:agent-1"]
+    assert h.sample("cdc_consumer_inflight_messages") == 0
+
+
+async def test_published_events_and_headers(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor)
+    msgs = [message("messages", seq=1), message("chats", seq=2), message("agents", seq=3)]
+    await h.run(msgs)
+    out = h.publisher.published
+    assert [p.subject for p in out] == [
+        "wa.acme.agent-1.messages.chat-1",
+        "wa.acme.agent-1.chats",
+        "wa.acme.agent-1.agents",
+    ]
+    for published, msg in zip(out, msgs, strict=True):
+        payload = orjson.loads(published.payload)
+        assert published.headers == {"Nats-Msg-Id": payload["event_id"], "Nats-Expected-Stream": "wa_stream"}
+        assert payload["row_data"] == orjson.loads(msg.data)["record"]
+        assert msg.acked == 1
+
+
+async def test_expected_stream_follows_settings(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, settings=Settings(publish=PublishSettings(stream="other_out")))
+    await h.run([message()])
+    assert h.publisher.published[0].headers["Nats-Expected-Stream"] == "other_out"
+
+
+async def test_order_of_one_chat_across_batches(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, settings=Settings(ingest=IngestSettings(batch_size=4)))
+    msgs = chat_messages(30)
+    await h.run(msgs)
+    ids = [orjson.loads(p.payload)["message_id"] for p in h.publisher.published]
+    assert ids == [f"msg-{i}" for i in range(30)]
+    assert all(m.acked == 1 for m in msgs)
+    assert h.sample("cdc_consumer_batch_size_count") == 8  # 7 full batches of 4 and one of 2
+
+
+async def test_order_survives_batches_prepared_out_of_order(executor: ThreadPoolExecutor) -> None:
+    """The first batch is held in its worker until the last batch is prepared: publishing must still follow receipt."""
+    msgs = chat_messages(12)
+    last_done = threading.Event()
+    gate = {"waited": False}
+
+    def wrap(prepare: Any) -> Any:
+        def gated(batch: Sequence[Any]) -> list[Outcome]:
+            if batch[0] is msgs[0]:
+                gate["waited"] = last_done.wait(5.0)
+            outcomes: list[Outcome] = prepare(batch)
+            if batch[-1] is msgs[-1]:
+                last_done.set()
+            return outcomes
+
+        return gated
+
+    h = harness(executor, settings=Settings(ingest=IngestSettings(batch_size=4)), wrap=wrap)
+    await h.run(msgs)
+    assert gate["waited"] is True
+    assert [orjson.loads(p.payload)["message_id"] for p in h.publisher.published] == [f"msg-{i}" for i in range(12)]
+
+
+async def test_interleaved_chats_keep_receipt_order(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, settings=Settings(ingest=IngestSettings(batch_size=3)))
+    msgs = [
+        message(seq=i + 1, lsn=2000 + i, message_id=f"m{i}", chat_id=f"chat-{i % 3}", agent_id=f"agent-{i % 2}")
+        for i in range(20)
+    ]
+    await h.run(msgs)
+    assert h.published_ids == [f"{2000 + i}:messages:m{i}" for i in range(20)]
+    assert [p.subject for p in h.publisher.published] == [
+        f"wa.acme.agent-{i % 2}.messages.chat-{i % 3}" for i in range(20)
+    ]
+
+
+async def test_pull_batches(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, settings=Settings(ingest=IngestSettings(mode="pull")))
+    engine = h.build()
+    await engine.start()
+    first, second = chat_messages(5), chat_messages(5, start=5, seq0=6)
+    await engine.on_batch(list(first))
+    await engine.on_batch(list(second))
+    await engine.drain(time.monotonic() + 5)
+    assert len(h.publisher.published) == 10
+    assert all(m.acked == 1 for m in first + second)
+    assert h.sample("cdc_consumer_batch_size_count") == 2
+
+
+# ------------------------------------------------------------------------------------------------ duplicates
+
+
+async def test_redis_marked_event_is_acked_as_duplicate(executor: ThreadPoolExecutor) -> None:
+    dedup = FakeDedupStore(marked={"1000:messages:msg-1"})
+    h = harness(executor, dedup=dedup)
+    marked, fresh = message(seq=1), message(seq=2, lsn=1001, message_id="msg-2")
+    engine = await h.run([marked, fresh])
+    assert (marked.acked, marked.termed, marked.naked) == (1, 0, [])
+    assert h.published_ids == ["1001:messages:msg-2"]
+    assert engine.totals["duplicate"] == 1
+    assert h.events("messages", "duplicate") == 1
+    assert h.events("messages", "published") == 1
+    assert h.sample("cdc_consumer_dedup_lookups_total", {"result": "hit"}) == 1
+    assert h.sample("cdc_consumer_dedup_lookups_total", {"result": "miss"}) == 1
+
+
+@pytest.mark.parametrize("batch_size", [256, 1])
+async def test_same_event_twice_is_published_once(executor: ThreadPoolExecutor, batch_size: int) -> None:
+    h = harness(executor, settings=Settings(ingest=IngestSettings(batch_size=batch_size)))
+    first, again = message(seq=1), message(seq=2)  # a redelivery under a new stream sequence
+    engine = await h.run([first, again])
+    assert h.published_ids == ["1000:messages:msg-1"]
+    assert (first.acked, again.acked) == (1, 1)
+    assert (first.termed, again.termed, first.naked, again.naked) == (0, 0, [], [])
+    assert dict(engine.totals) == {"published": 1, "duplicate": 1}
+    assert h.events("messages", "published") == 1
+    assert h.events("messages", "duplicate") == 1
+
+
+async def test_commit_idx_keeps_two_changes_of_one_row(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor)
+    a, b = message(seq=1, idx=0), message(seq=2, idx=1, action="update")
+    await h.run([a, b])
+    assert h.published_ids == ["1000.0:messages:msg-1", "1000.1:messages:msg-1"]
+
+
+async def test_redis_down_fails_open(executor: ThreadPoolExecutor) -> None:
+    dedup = FakeDedupStore(down=True)
+    h = harness(executor, dedup=dedup, settings=Settings(ingest=IngestSettings(batch_size=4)))
+    msgs = chat_messages(10)
+    engine = await h.run(msgs)
+    assert h.published_ids == [f"{1000 + i}:messages:msg-{i}" for i in range(10)]
+    assert all(m.acked == 1 for m in msgs)
+    assert engine.totals["published"] == 10
+    assert h.sample("cdc_consumer_dedup_lookups_total", {"result": "error"}) == 10
+    assert h.sample("cdc_consumer_dedup_lookups_total", {"result": "miss"}) == 0
+    assert h.sample("cdc_consumer_dedup_mark_errors_total") == 10
+    assert dedup.marked == set()
+
+
+async def test_markers_only_for_published_events(executor: ThreadPoolExecutor) -> None:
+    dedup = FakeDedupStore()
+    h = harness(executor, dedup=dedup)
+    msgs = [
+        message("messages", seq=1),
+        message("contacts", seq=2),
+        FakeMessage("cdc.acme.chats", b"{", seq=3),
+        message("chats", seq=4, agent_id="bad agent"),
+        message("agents", seq=5),
+    ]
+    await h.run(msgs)
+    assert dedup.marked == {"1000:messages:msg-1", "1000:agents:agent-1"}
+    assert dedup.marked == set(h.published_ids)
+    assert h.sample("cdc_consumer_dedup_mark_errors_total") == 0
+
+
+async def test_no_markers_when_publishing_fails(executor: ThreadPoolExecutor) -> None:
+    dedup = FakeDedupStore()
+    h = harness(executor, dedup=dedup, publisher=FakePublisher(failing=True), settings=Settings(publish=FAST_PUBLISH))
+    await h.run(chat_messages(3))
+    assert dedup.marked == set()
+    assert dedup.marks == 0
+
+
+# ------------------------------------------------------------------------------------------------ dead letters
+
+
+@pytest.mark.parametrize(
+    ("subject", "data", "reason"),
+    [
+        ("cdc.acme.messages", b"garbage", "invalid_json"),
+        ("cdc.acme.messages", encode(body(agent_id="a.b")), "invalid_subject_token"),
+        ("cdc.acme.chats", encode(body("chats", company_id="other")), "tenant_mismatch"),
+        ("cdc.acme.agents", encode({"record": {"agent_id": "a"}, "action": "insert"}), "missing_field"),
+        ("cdc.acme.x.messages", b"{}", "invalid_subject"),
+    ],
+)
+async def test_poison_goes_to_dlq_and_is_terminated(
+    executor: ThreadPoolExecutor, subject: str, data: bytes, reason: str
+) -> None:
+    h = harness(executor)
+    poison = FakeMessage(subject, data, seq=41, delivered=2)
+    engine = await h.run([poison])
+    assert (poison.termed, poison.acked, poison.naked) == (1, 0, [])
+    [dead] = h.publisher.published
+    assert dead.subject == f"dlq.{subject}"
+    assert dead.payload == data  # the original bytes
+    assert dead.headers["Cdc-Error-Reason"] == reason
+    assert dead.headers["Nats-Msg-Id"] == "dlq:cdc_events_stream:41"
+    assert dead.headers["Nats-Expected-Stream"] == "cdc_dlq_stream"
+    assert dead.headers["Cdc-Source-Subject"] == subject
+    assert dead.headers["Cdc-Source-Stream"] == "cdc_events_stream"
+    assert dead.headers["Cdc-Source-Seq"] == "41"
+    assert dead.headers["Cdc-Delivered"] == "2"
+    detail = dead.headers["Cdc-Error-Detail"]
+    assert detail and detail.isprintable() and len(detail) <= 300
+    assert engine.totals == {"dead_lettered": 1}
+    assert h.sample("cdc_consumer_dead_letters_total", {"reason": reason}) == 1
+
+
+async def test_poison_detail_header_is_printable(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor)
+    poison = FakeMessage("cdc.acme.messages", encode(body(action="in\nsert\x00")), seq=3)
+    await h.run([poison])
+    [dead] = h.publisher.published
+    assert dead.headers["Cdc-Error-Reason"] == "invalid_shape"
+    assert dead.headers["Cdc-Error-Detail"].isprintable()
+
+
+async def test_redelivered_poison_is_dead_lettered_once(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor)
+    first, again = (
+        FakeMessage("cdc.acme.messages", b"x", seq=9),
+        FakeMessage("cdc.acme.messages", b"x", seq=9, delivered=2),
+    )
+    await h.run([first, again])
+    assert len(h.publisher.published) == 1
+    assert (first.termed, again.termed) == (1, 1)
+
+
+async def test_dlq_disabled_terminates_without_publishing(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, settings=Settings(dlq=DlqSettings(enabled=False)))
+    poison, good = FakeMessage("cdc.acme.messages", b"[", seq=1), message(seq=2)
+    engine = await h.run([poison, good])
+    assert (poison.termed, poison.acked, poison.naked) == (1, 0, [])
+    assert h.published_ids == ["1000:messages:msg-1"]
+    assert [p.subject for p in h.publisher.published] == ["wa.acme.agent-1.messages.chat-1"]
+    assert engine.totals == {"dead_lettered": 1, "published": 1}
+    assert h.sample("cdc_consumer_dead_letters_total", {"reason": "invalid_json"}) == 1
+
+
+async def test_dlq_prefix_follows_settings(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, settings=Settings(dlq=DlqSettings(subject_prefix="dead.letters", stream="dl")))
+    await h.run([FakeMessage("cdc.acme.chats", b"", seq=1)])
+    [dead] = h.publisher.published
+    assert dead.subject == "dead.letters.cdc.acme.chats"
+    assert dead.headers["Nats-Expected-Stream"] == "dl"
+
+
+# ------------------------------------------------------------------------------------------------ failing output
+
+
+async def test_failing_publisher_naks_and_publishes_nothing(executor: ThreadPoolExecutor) -> None:
+    publisher = FakePublisher(failing=True)
+    h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    msgs = [*chat_messages(3), message("chats", seq=10)]
+    engine = await h.run(msgs)
+    assert publisher.published == []
+    assert publisher.attempts > len(msgs)  # retried while holding
+    for m in msgs:
+        assert (m.acked, m.termed) == (0, 0)
+        assert m.naked == [1.0]  # retry_delay of the first delivery
+    assert engine.totals == {"retried": 4}
+    assert h.events("messages", "retried") == 3
+    assert h.events("chats", "retried") == 1
+    assert h.sample("cdc_consumer_publish_errors_total") >= 4
+
+
+async def test_failing_publisher_later_delivery_waits_longer(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, publisher=FakePublisher(failing=True), settings=Settings(publish=FAST_PUBLISH))
+    msg = message(delivered=2)
+    await h.run([msg])
+    assert msg.naked == [2.0]
+
+
+async def test_final_attempt_publish_failure_is_dead_lettered(executor: ThreadPoolExecutor) -> None:
+    publisher = FailingFor("wa.")
+    h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    final, earlier = message(seq=7, delivered=3), message("chats", seq=8, delivered=1)
+    engine = await h.run([final, earlier])
+    assert (final.termed, final.acked, final.naked) == (1, 0, [])
+    assert (earlier.termed, earlier.acked, earlier.naked) == (0, 0, [1.0])
+    [dead] = publisher.published
+    assert dead.subject == "dlq.cdc.acme.messages"
+    assert dead.payload == final.data
+    assert dead.headers["Cdc-Error-Reason"] == "max_deliveries"
+    assert dead.headers["Cdc-Delivered"] == "3"
+    assert dead.headers["Nats-Msg-Id"] == "dlq:cdc_events_stream:7"
+    assert engine.totals == {"dead_lettered": 1, "retried": 1}
+    assert h.sample("cdc_consumer_dead_letters_total", {"reason": "max_deliveries"}) == 1
+
+
+async def test_unlimited_deliveries_never_dead_letter(executor: ThreadPoolExecutor) -> None:
+    publisher = FailingFor("wa.")
+    settings = Settings(publish=FAST_PUBLISH, ingest=IngestSettings(max_deliver=-1))
+    h = harness(executor, publisher=publisher, settings=settings)
+    msg = message(delivered=50)
+    await h.run([msg])
+    assert publisher.published == []
+    assert (msg.termed, msg.acked, msg.naked) == (0, 0, [30.0])
+
+
+async def test_failing_dlq_naks_poison(executor: ThreadPoolExecutor) -> None:
+    publisher = FailingFor("dlq.")
+    h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    poison, good = FakeMessage("cdc.acme.messages", b"nope", seq=1, delivered=3), message(seq=2)
+    await h.run([poison, good])
+    assert poison.termed == 0 and poison.acked == 0
+    assert len(poison.naked) == 1
+    assert h.published_ids == ["1000:messages:msg-1"]
+    assert good.acked == 1
+
+
+async def test_publisher_recovers_and_publishes_each_event_once(executor: ThreadPoolExecutor) -> None:
+    publisher = Recovering(recover_after=0.1)
+    settings = Settings(
+        ingest=IngestSettings(batch_size=4),
+        publish=PublishSettings(max_hold=5.0, retry_initial=0.01, retry_max=0.05, timeout=0.2),
+    )
+    h = harness(executor, publisher=publisher, settings=settings)
+    msgs = [*chat_messages(10), message("agents", seq=50)]
+    engine = await h.run(msgs)
+    assert publisher.failures >= 1
+    assert publisher.failing is False
+    assert sorted(h.published_ids) == sorted(
+        [f"{1000 + i}:messages:msg-{i}" for i in range(10)] + ["1000:agents:agent-1"]
+    )
+    assert len(set(h.published_ids)) == len(h.published_ids) == 11
+    assert all(m.acked == 1 and m.naked == [] and m.termed == 0 for m in msgs)
+    assert engine.totals == {"published": 11}
+    assert h.events("messages", "published") == 10
+    assert h.events("agents", "published") == 1
+    assert h.sample("cdc_consumer_publish_errors_total") >= 1
+    assert h.dedup.marked == set(h.published_ids)
+
+
+async def test_lost_puback_retry_counts_as_duplicate(executor: ThreadPoolExecutor) -> None:
+    """A publish stored by the server whose PubAck was lost is retried with the same Msg-Id: stored once."""
+
+    class LosesFirstAck(FakePublisher):
+        lost = False
+
+        async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+            future = await super().publish(subject, payload, headers)
+            if not self.lost:
+                self.lost = True
+                return asyncio.get_running_loop().create_future()  # never resolves
+            return future
+
+    publisher = LosesFirstAck()
+    h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    msg = message()
+    engine = await h.run([msg])
+    assert h.published_ids == ["1000:messages:msg-1"]
+    assert msg.acked == 1
+    assert engine.totals == {"duplicate": 1}
+
+
+async def test_held_messages_are_kept_alive(executor: ThreadPoolExecutor) -> None:
+    settings = Settings(
+        ingest=IngestSettings(ack_wait=0.15),  # keep-alive every 0.05 s
+        publish=PublishSettings(max_hold=0.4, retry_initial=0.01, retry_max=0.05, timeout=0.2),
+    )
+    h = harness(executor, publisher=FakePublisher(failing=True), settings=settings)
+    msg = message()
+    await h.run([msg])
+    assert msg.in_progress_count >= 1
+    assert msg.naked == [1.0]
+
+
+async def test_drain_deadline_hands_back_held_work_at_once(executor: ThreadPoolExecutor) -> None:
+    settings = Settings(publish=PublishSettings(max_hold=60.0, retry_initial=0.01, retry_max=0.05, timeout=0.2))
+    h = harness(executor, publisher=FakePublisher(failing=True), settings=settings)
+    msgs = chat_messages(3)
+    started = time.monotonic()
+    engine = await h.run(msgs, deadline=0.3)
+    assert time.monotonic() - started < 3.0
+    assert all(m.naked == [None] and m.acked == 0 for m in msgs)  # no delay: another replica takes it now
+    assert engine.inflight == 0
+
+
+# ------------------------------------------------------------------------------------------------ bugs in our code
+
+
+async def test_a_failing_batch_is_retried_and_the_loop_keeps_going(executor: ThreadPoolExecutor) -> None:
+    class BrokenOnce(FakeDedupStore):
+        broken = True
+
+        def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
+            if self.broken:
+                self.broken = False
+                raise RuntimeError("boom")
+            return super().seen(event_ids)
+
+    h = harness(executor, dedup=BrokenOnce(), settings=Settings(ingest=IngestSettings(batch_size=2)))
+    msgs = chat_messages(4)
+    engine = await h.run(msgs)
+    assert [m.naked for m in msgs[:2]] == [[1.0], [1.0]]
+    assert [m.acked for m in msgs] == [0, 0, 1, 1]
+    assert h.published_ids == ["1002:messages:msg-2", "1003:messages:msg-3"]
+    assert engine.totals == {"retried": 2, "published": 2}
+    assert h.sample("cdc_consumer_handler_errors_total", {"exception_type": "RuntimeError"}) == 1
+
+
+async def test_a_bug_in_plan_naks_only_that_message(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = EventBuilder.plan
+
+    def plan(self: EventBuilder, subject: str, data: bytes, parser: Any) -> Outcome:
+        if b"msg-1" in data:
+            raise KeyError("bug")
+        return original(self, subject, data, parser)
+
+    monkeypatch.setattr(EventBuilder, "plan", plan)
+    h = harness(executor)
+    msgs = chat_messages(3)
+    await h.run(msgs)
+    assert [m.naked for m in msgs] == [[], [1.0], []]
+    assert [m.acked for m in msgs] == [1, 0, 1]
+    assert h.events("messages", "retried") == 1
+    assert h.sample("cdc_consumer_handler_errors_total", {"exception_type": "KeyError"}) == 1
+
+
+async def test_a_bug_on_the_final_attempt_is_dead_lettered(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def plan(self: EventBuilder, subject: str, data: bytes, parser: Any) -> Outcome:
+        raise ValueError("bug")
+
+    monkeypatch.setattr(EventBuilder, "plan", plan)
+    h = harness(executor)
+    msg = message(delivered=3, seq=5)
+    await h.run([msg])
+    assert (msg.termed, msg.acked, msg.naked) == (1, 0, [])
+    [dead] = h.publisher.published
+    assert dead.headers["Cdc-Error-Reason"] == "max_deliveries"
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+async def test_event_metrics_match_totals(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor, dedup=FakeDedupStore(marked={"5:chats:chat-1"}))
+    msgs = [
+        *chat_messages(4),
+        message("chats", seq=20, lsn=5),
+        message("chats", seq=21, lsn=6),
+        message("agents", seq=22),
+        message("contacts", seq=23),
+        message("contacts", seq=24),
+        FakeMessage("cdc.acme.agents", b"{]", seq=25),
+        FakeMessage("cdc.acme.messages", b"[]", seq=26),
+    ]
+    engine = await h.run(msgs)
+    expected = {
+        ("messages", "published"): 4,
+        ("chats", "duplicate"): 1,
+        ("chats", "published"): 1,
+        ("agents", "published"): 1,
+        ("contacts", "skipped"): 2,
+        ("agents", "dead_lettered"): 1,
+        ("messages", "dead_lettered"): 1,
+    }
+    for (table, result), count in expected.items():
+        assert h.events(table, result) == count, (table, result)
+    assert h.events("messages", "retried") == 0
+    assert sum(engine.totals.values()) == len(msgs)
+    assert dict(engine.totals) == {"published": 6, "duplicate": 1, "skipped": 2, "dead_lettered": 2}
+    assert h.sample("cdc_consumer_processing_seconds_count", {"table": "messages"}) == 4
+    assert h.sample("cdc_consumer_processing_seconds_count", {"table": "contacts"}) == 2
+    assert h.sample("cdc_consumer_lag_seconds_count") == 6
+    assert h.sample("cdc_consumer_redeliveries_total") == 0
+    assert h.sample("cdc_consumer_last_ack_timestamp_seconds") > 0
+
+
+async def test_redeliveries_are_counted(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor)
+    await h.run(
+        [message(seq=1, delivered=2), message("chats", seq=2, delivered=1), message("agents", seq=3, delivered=3)]
+    )
+    assert h.sample("cdc_consumer_redeliveries_total") == 2
+
+
+async def test_nothing_to_drain(executor: ThreadPoolExecutor) -> None:
+    h = harness(executor)
+    engine = await h.run([])
+    assert engine.inflight == 0
+    assert h.publisher.published == []
+    assert not engine.stalled()

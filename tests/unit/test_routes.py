@@ -1,0 +1,105 @@
+"""Routes: template compilation, subject rendering and the row fields a route needs."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_service.core.routes import COMPANY, Route, RouteError, compile_route
+
+MESSAGES = "wa.{company}.{agent_id}.messages.{chat_id}"
+
+
+@pytest.mark.parametrize(
+    ("table", "pk", "template", "tokens", "placeholders"),
+    [
+        (
+            "messages",
+            "message_id",
+            MESSAGES,
+            ("wa", None, None, "messages", None),
+            ("company", "agent_id", "chat_id"),
+        ),
+        ("chats", "chat_id", "wa.{company}.{agent_id}.chats", ("wa", None, None, "chats"), ("company", "agent_id")),
+        ("agents", "agent_id", "wa.{company}.{agent_id}.agents", ("wa", None, None, "agents"), ("company", "agent_id")),
+        ("contacts", "contact_id", "{company}", (None,), ("company",)),
+        ("t", "id", "x.{Agent_ID2}.{company}", ("x", None, None), ("Agent_ID2", "company")),
+    ],
+)
+def test_compile_valid(
+    table: str, pk: str, template: str, tokens: tuple[str | None, ...], placeholders: tuple[str, ...]
+) -> None:
+    route = compile_route(table, pk, template)
+    assert route == Route(table, pk, template, tokens, placeholders)
+
+
+@pytest.mark.parametrize(
+    ("table", "pk", "template", "fragment"),
+    [
+        ("messages", "message_id", "wa.{agent_id}.messages.{chat_id}", "must contain {company}"),
+        ("messages", "message_id", "wa.messages", "must contain {company}"),
+        ("messages", "message_id", "wa.{Company}.x", "must contain {company}"),  # case-sensitive
+        ("messages", "message_id", "wa.{company}.*", "token '*' is neither a literal nor a {column}"),
+        ("messages", "message_id", "wa.{company}.>", "token '>'"),
+        ("messages", "message_id", "wa..{company}", "token ''"),
+        ("messages", "message_id", "wa.{company}.", "token ''"),
+        ("messages", "message_id", "wa.{company", "token '{company'"),
+        ("messages", "message_id", "wa.x{company}", "token 'x{company}'"),
+        ("messages", "message_id", "wa.{1abc}.{company}", "token '{1abc}'"),
+        ("messages", "message_id", "wa.{agent-id}.{company}", "token '{agent-id}'"),
+        ("messages", "message_id", "wa.a b.{company}", "token 'a b'"),
+        ("messages", "message_id", "", "token ''"),
+        ("messages", "", MESSAGES, "pk must be a non-empty column name"),
+        ("", "message_id", MESSAGES, "table name '' is not a valid subject token"),
+        ("a.b", "message_id", MESSAGES, "table name 'a.b'"),
+        ("a*", "message_id", MESSAGES, "table name 'a*'"),
+    ],
+)
+def test_compile_invalid(table: str, pk: str, template: str, fragment: str) -> None:
+    with pytest.raises(RouteError) as info:
+        compile_route(table, pk, template)
+    assert fragment in str(info.value)
+
+
+def test_route_error_is_a_value_error() -> None:
+    assert issubclass(RouteError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "subject"),
+    [
+        (MESSAGES, {"company": "acme", "agent_id": "agent-1", "chat_id": "chat-1"}, "wa.acme.agent-1.messages.chat-1"),
+        ("wa.{company}.{agent_id}.chats", {"company": "42", "agent_id": "7"}, "wa.42.7.chats"),
+        ("{agent_id}.{company}", {"company": "c", "agent_id": "a"}, "a.c"),
+        ("{company}", {"company": "only"}, "only"),
+        ("{company}.{x}.{company}", {"company": "c", "x": "y"}, "c.y.c"),  # a placeholder may repeat
+    ],
+)
+def test_subject_rendering(template: str, values: dict[str, str], subject: str) -> None:
+    assert compile_route("t", "pk", template).subject(values) == subject
+
+
+def test_subject_ignores_values_not_in_template() -> None:
+    route = compile_route("agents", "agent_id", "wa.{company}.{agent_id}.agents")
+    assert route.subject({"company": "c", "agent_id": "a", "message_id": "m"}) == "wa.c.a.agents"
+
+
+def test_subject_needs_every_placeholder() -> None:
+    route = compile_route("messages", "message_id", MESSAGES)
+    with pytest.raises(KeyError):
+        route.subject({"company": "c", "agent_id": "a"})
+
+
+@pytest.mark.parametrize(
+    ("pk", "template", "row_fields"),
+    [
+        ("message_id", MESSAGES, ("agent_id", "chat_id", "message_id")),
+        ("chat_id", "wa.{company}.{agent_id}.chats", ("agent_id", "chat_id")),
+        ("agent_id", "wa.{company}.{agent_id}.agents", ("agent_id",)),  # pk already a placeholder: once
+        ("chat_id", "wa.{company}.{chat_id}.{agent_id}", ("chat_id", "agent_id")),  # template order kept
+        ("id", "{company}", ("id",)),
+    ],
+)
+def test_row_fields_order(pk: str, template: str, row_fields: tuple[str, ...]) -> None:
+    route = compile_route("t", pk, template)
+    assert route.row_fields == row_fields
+    assert COMPANY not in route.row_fields
