@@ -116,6 +116,9 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._output_ok = asyncio.Event()
         self._output_ok.set()
+        self._hold_lock = asyncio.Lock()
+        self._holds = 0
+        self._last_give_up = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
         self._room = asyncio.Event()
@@ -124,6 +127,8 @@ class Engine:
         self._pool_waiting = 0
         self.inflight = 0
         self.last_settled = time.monotonic()
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
         self.totals: Counter[str] = Counter()
 
     # ------------------------------------------------------------------------------------------------ lifecycle
@@ -335,35 +340,50 @@ class Engine:
     async def _hold(self, failed: list[_Send]) -> list[_Send]:
         """Retry failed publishes with backoff while keeping their messages alive (``in_progress``).
 
+        Holds run one at a time, in the order the failures were seen, and no new batch is sent while any is
+        pending: so once the output recovers, held events still reach it in the order they were received.
         Retries reuse each event's ``Nats-Msg-Id``, so a publish whose PubAck was merely lost is not stored twice.
-        Returns what still fails after ``publish.max_hold`` or at shutdown.
+        Returns what still fails after ``publish.max_hold`` or at shutdown; a hold that was queued behind one that
+        gave up returns at once instead of starting a new clock against an output that is still down.
         """
         publish = self._settings.publish
+        self._holds += 1
         self._output_ok.clear()
-        log.warning(
-            "publish failed, holding and retrying",
-            extra={"count": len(failed), "error": failed[0].error[:300], "max_hold": publish.max_hold},
-        )
-        remaining = failed
+        queued_at = time.monotonic()
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_delay(publish.max_hold) | stop_when(lambda: self._stopping),
-                wait=wait_exponential_jitter(initial=publish.retry_initial, max=publish.retry_max),
-                retry=retry_if_exception_type(_StillFailing),
-                reraise=True,
-            ):
-                with attempt:
-                    for send in remaining:
-                        send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
-                    remaining = await self._await_acks(remaining)
-                    if remaining:
-                        raise _StillFailing()
-        except _StillFailing:
-            pass
-        if not remaining:
-            log.info("publishing works again", extra={"count": len(failed)})
-        self._output_ok.set()
-        return remaining
+            async with self._hold_lock:
+                if self._stopping or self._last_give_up > queued_at:
+                    return failed
+                log.warning(
+                    "publish failed, holding and retrying",
+                    extra={"count": len(failed), "error": failed[0].error[:300], "max_hold": publish.max_hold},
+                )
+                remaining = failed
+                try:
+                    async for attempt in AsyncRetrying(
+                        stop=stop_after_delay(publish.max_hold) | stop_when(lambda: self._stopping),
+                        wait=wait_exponential_jitter(
+                            multiplier=publish.retry_initial, max=publish.retry_max, jitter=publish.retry_initial
+                        ),
+                        retry=retry_if_exception_type(_StillFailing),
+                        reraise=True,
+                    ):
+                        with attempt:
+                            for send in remaining:
+                                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                            remaining = await self._await_acks(remaining)
+                            if remaining:
+                                raise _StillFailing()
+                except _StillFailing:
+                    self._last_give_up = time.monotonic()
+                    log.warning("giving up the hold; nak'ing with a delay", extra={"count": len(remaining)})
+                else:
+                    log.info("publishing works again", extra={"count": len(failed)})
+                return remaining
+        finally:
+            self._holds -= 1
+            if self._holds == 0:
+                self._output_ok.set()
 
     async def _give_up_send(self, batch: _Batch, send: _Send) -> None:
         msg = batch.messages[send.index]
@@ -444,17 +464,25 @@ class Engine:
         now = time.monotonic()
         if action != "nak":
             self.last_settled = now
-            self._metrics.last_ack.set(time.time())
         self.totals[result] += 1
-        self._metrics.events.labels(table, result).inc()
+        counted = self._counters.get((table, result))
+        if counted is None:
+            counted = self._counters[(table, result)] = self._metrics.events.labels(table, result)
+        counted.inc()
         if result in ("published", "duplicate", "skipped"):
-            self._metrics.processing.labels(table).observe(now - batch.received)
+            timed = self._timers.get(table)
+            if timed is None:
+                timed = self._timers[table] = self._metrics.processing.labels(table)
+            timed.observe(now - batch.received)
         if reason is not None:
             self._metrics.dead_letters.labels(reason.value).inc()
         self.inflight -= 1
+        if batch.open:
+            return
+        # Per batch, not per message: gauges and wake-ups are cheap but the hot path settles thousands a second.
+        self._open_batches.discard(batch)
         self._metrics.inflight.set(self.inflight)
-        if not batch.open:
-            self._open_batches.discard(batch)
+        self._metrics.last_ack.set(time.time())
         if self.inflight <= 0:
             self.inflight = 0
             self._idle.set()

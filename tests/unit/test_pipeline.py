@@ -481,6 +481,19 @@ async def test_publisher_recovers_and_publishes_each_event_once(executor: Thread
     assert h.dedup.marked == set(h.published_ids)
 
 
+@pytest.mark.parametrize("attempt", range(5))
+async def test_order_is_kept_when_the_output_recovers(executor: ThreadPoolExecutor, attempt: int) -> None:
+    publisher = Recovering(recover_after=0.05 + attempt * 0.02)
+    settings = Settings(
+        ingest=IngestSettings(batch_size=4),
+        publish=PublishSettings(max_hold=5.0, retry_initial=0.01, retry_max=0.03, timeout=0.2),
+    )
+    h = harness(executor, publisher=publisher, settings=settings)
+    await h.run(chat_messages(40))
+    assert publisher.failures >= 1
+    assert h.published_ids == [f"{1000 + i}:messages:msg-{i}" for i in range(40)]
+
+
 async def test_lost_puback_retry_counts_as_duplicate(executor: ThreadPoolExecutor) -> None:
     """A publish stored by the server whose PubAck was lost is retried with the same Msg-Id: stored once."""
 
