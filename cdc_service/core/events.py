@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import simdjson
 
 from cdc_service.core.outcomes import DeadLetter, Outcome, PoisonError, Publish, Reason, Skip
 from cdc_service.core.routes import COMPANY, Route
@@ -59,7 +60,7 @@ def _object(doc: Any, key: str) -> Any:
     value = doc.get(key)
     if value is None:
         raise _missing(key)
-    if not hasattr(value, "mini") or not hasattr(value, "keys"):
+    if not isinstance(value, simdjson.Object):
         raise PoisonError(Reason.INVALID_SHAPE, f"{key} must be a JSON object, got {_type_name(value)}")
     return value
 
@@ -112,7 +113,7 @@ class EventBuilder:
             doc = parser.parse(data)
         except (ValueError, RuntimeError, TypeError) as exc:  # pysimdjson's errors for bad JSON, UTF-8, depth
             raise PoisonError(Reason.INVALID_JSON, f"body is not valid JSON: {exc}"[:300]) from None
-        if not hasattr(doc, "keys"):
+        if not isinstance(doc, simdjson.Object):
             raise PoisonError(Reason.INVALID_SHAPE, f"body must be a JSON object, got {_type_name(doc)}")
         record = _object(doc, "record")
         metadata = _object(doc, "metadata")
@@ -156,7 +157,7 @@ class EventBuilder:
         values = {COMPANY: company}
         for name in route.row_fields:
             text = _id_text(record.get(name), f"record.{name}")
-            if name in route.placeholders:
+            if name in route.subject_fields:
                 problem = token_problem(text)
                 if problem:
                     raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"record.{name} {problem}")

@@ -37,14 +37,14 @@ class TransientError(Exception):
     """A dependency failed in a way that may heal (timeout, lost connection): retry later, never drop."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Skip:
     """The table has no route: acknowledge, publish nothing."""
 
     table: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Duplicate:
     """The Redis marker says this event was already published: acknowledge, publish nothing."""
 
@@ -52,7 +52,7 @@ class Duplicate:
     event_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
     """Publish ``payload`` to ``subject`` with ``Nats-Msg-Id: event_id``, then mark and acknowledge."""
 

@@ -29,14 +29,8 @@ class Route:
     template: str
     tokens: tuple[str | None, ...]  # literal text, or None where a placeholder goes
     placeholders: tuple[str, ...]  # placeholder names in token order (``company`` included)
-
-    @property
-    def row_fields(self) -> tuple[str, ...]:
-        """Row columns this route needs as ids, in output order: subject placeholders, then the pk."""
-        names = [name for name in self.placeholders if name != COMPANY]
-        if self.pk not in names:
-            names.append(self.pk)
-        return tuple(names)
+    row_fields: tuple[str, ...]  # row columns needed as ids, in output order: subject placeholders, then the pk
+    subject_fields: frozenset[str]  # the row columns among them that go into the subject
 
     def subject(self, values: dict[str, str]) -> str:
         """Render the target subject from already validated placeholder values."""
@@ -66,4 +60,8 @@ def compile_route(table: str, pk: str, template: str) -> Route:
             tokens.append(token)
     if COMPANY not in placeholders:
         raise RouteError(f"subject template {template!r} must contain {{company}} so tenants stay apart")
-    return Route(table, pk, template, tuple(tokens), tuple(placeholders))
+    row_fields = [name for name in placeholders if name != COMPANY]
+    if pk not in row_fields:
+        row_fields.append(pk)
+    subject_fields = frozenset(placeholders) - {COMPANY}
+    return Route(table, pk, template, tuple(tokens), tuple(placeholders), tuple(row_fields), subject_fields)

@@ -35,7 +35,7 @@ def token_problem(value: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SubjectInfo:
     """What an inbound subject says about its message."""
 
@@ -49,7 +49,7 @@ class SubjectInfo:
 class SubjectLayout:
     """A compiled inbound subject layout."""
 
-    __slots__ = ("_fields", "_literals", "_size", "text")
+    __slots__ = ("_fields", "_literals", "_size", "has_company", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -76,10 +76,7 @@ class SubjectLayout:
         self._size = len(tokens)
         self._literals = tuple(literals)
         self._fields = tuple(fields)
-
-    @property
-    def has_company(self) -> bool:
-        return any(name == "company" for _, name in self._fields)
+        self.has_company = any(name == "company" for _, name in fields)
 
     def parse(self, subject: str) -> SubjectInfo | str:
         """Return the subject's tokens by meaning, or a sentence saying why it does not fit (never raises).
