@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cdc_service.core.routes import Route, RouteError, compile_route
-from cdc_service.core.subjects import LayoutError, SubjectLayout, token_problem
+from cdc_service.core.subjects import LayoutError, SubjectLayout, covers, token_problem
 
 ENV_PREFIX = "CDC"
 
@@ -61,6 +61,7 @@ class IngestSettings:
     fetch_timeout_ms: float = 20.0
     max_payload_bytes: int = 1024 * 1024
     stream_replicas: int = 1
+    stream_max_age: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class PublishSettings:
     retry_initial: float = 0.2
     retry_max: float = 5.0
     stream_replicas: int = 1
+    stream_max_age: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,17 @@ def _validate(s: Settings) -> None:
                 key,
                 f"{subject!r} is not a subject",
             )
+    for table, route in s.routes.items():
+        # A route outside the output stream's subjects would be rejected on every publish, forever.
+        if not any(covers(pattern, route.tokens) for pattern in s.publish.subjects):
+            raise ConfigError(
+                f"routes.{table}.subject: {route.template!r} is not captured by publish.subjects "
+                f"{list(s.publish.subjects)}"
+            )
     deliver = s.ingest.deliver_subject
+    if s.ingest.mode == "push" and any(covers(p, deliver.split(".")) for p in s.ingest.subjects):
+        # The server refuses a deliver subject that its own stream captures (a delivery cycle).
+        raise ConfigError(f"ingest.deliver_subject: {deliver!r} is captured by ingest.subjects; pick one outside them")
     _require(
         all(not token_problem(t) for t in deliver.split(".")),
         "ingest.deliver_subject",
@@ -352,6 +364,8 @@ def _validate(s: Settings) -> None:
         ("ingest.batch_wait_ms", s.ingest.batch_wait_ms),
         ("workers.pool_size", s.workers.pool_size),
         ("publish.max_hold", s.publish.max_hold),
+        ("ingest.stream_max_age", s.ingest.stream_max_age),
+        ("publish.stream_max_age", s.publish.stream_max_age),
         ("nats.reconnect_wait", s.nats.reconnect_wait),
     )
     for key, number in non_negative:
@@ -366,6 +380,11 @@ def _validate(s: Settings) -> None:
         s.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
         "log.level",
         f"{s.log.level!r} is not a log level",
+    )
+    _require(
+        s.publish.stream_max_age == 0 or s.publish.stream_max_age >= s.publish.duplicate_window,
+        "publish.stream_max_age",
+        "must be 0 (unlimited) or at least publish.duplicate_window",
     )
     # JetStream only deduplicates inside the window; a retried publish must still land inside it.
     _require(
@@ -455,4 +474,11 @@ def load_settings() -> Settings:
         raw = loader.as_dict()
     except Exception as exc:  # a malformed TOML file or env value
         raise ConfigError(f"settings: cannot read settings files or CDC_* variables: {exc}") from None
-    return settings_from_mapping({k: v for k, v in raw.items() if k.lower() in (*_SECTIONS, "routes")})
+    known = {*_SECTIONS, "routes"}
+    unknown = sorted(k.lower() for k in raw if k.lower() not in known and k.lower() not in _DYNACONF_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown settings section; known: {', '.join(sorted(known))}")
+    return settings_from_mapping({k: v for k, v in raw.items() if k.lower() in known})
+
+
+_DYNACONF_KEYS = frozenset({"load_dotenv"})  # what dynaconf itself reports among the settings

@@ -65,6 +65,9 @@ class _Send:
     duplicate: bool = False  # JetStream already held this Nats-Msg-Id
 
 
+_HEADER_ROOM = 512  # Nats-Msg-Id and Nats-Expected-Stream count against the server's max_payload
+
+
 class _StillFailing(Exception):
     pass
 
@@ -157,7 +160,8 @@ class Engine:
         self._stopping = True
         self._output_ok.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), 2.0)
+            # Holds notice _stopping at their next attempt and nak what they hold; give them a moment.
+            await asyncio.wait_for(self._idle.wait(), 0.5)
         except TimeoutError:
             pass
         for batch in list(self._open_batches):
@@ -236,7 +240,16 @@ class Engine:
             await self._output_ok.wait()
             self._queue.popleft()
             sends: list[_Send] = []
-            for index, outcome in enumerate(outcomes):
+            limit = self._publisher.max_payload - _HEADER_ROOM
+            for index, planned in enumerate(outcomes):
+                outcome = planned
+                if isinstance(planned, Publish) and len(planned.payload) > limit:
+                    # The server would reject it on every attempt: this is poison, not an outage.
+                    outcome = DeadLetter(
+                        planned.table,
+                        Reason.PAYLOAD_TOO_LARGE,
+                        f"the event would be {len(planned.payload)} bytes; the server accepts {limit}",
+                    )
                 if isinstance(outcome, Skip):
                     await self._settle(batch, index, "ack", outcome.table, "skipped")
                 elif isinstance(outcome, Duplicate):
@@ -252,7 +265,7 @@ class Engine:
                     else:
                         sends.append(send)
                 else:
-                    await self._give_up(batch, index, outcome)
+                    await self._nak(batch, index, outcome)
             for send in sends:
                 send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
             if sends:
@@ -386,6 +399,7 @@ class Engine:
                 self._output_ok.set()
 
     async def _give_up_send(self, batch: _Batch, send: _Send) -> None:
+        """A publish still fails after its hold: nak it, or on the final delivery dead-letter it."""
         msg = batch.messages[send.index]
         outcome = decide_failure(
             TransientError(send.error),
@@ -393,32 +407,38 @@ class Engine:
             num_delivered=delivery_count(msg.reply),
             max_deliver=self._max_deliver,
         )
-        if isinstance(send.outcome, DeadLetter) and isinstance(outcome, DeadLetter):
-            # The dead-letter stream itself is failing: there is nowhere safer than the source stream.
-            outcome = Retry(send.outcome.table, 5.0, send.error)
-        await self._give_up(batch, send.index, outcome)
-
-    async def _give_up(self, batch: _Batch, index: int, outcome: Outcome) -> None:
-        """Settle a message whose handling failed: nak with a delay, or dead-letter it on its final attempt."""
         if isinstance(outcome, Retry):
-            msg = batch.messages[index]
-            count = delivery_count(msg.reply)
-            if 0 < self._max_deliver <= count:
-                outcome = DeadLetter(
-                    outcome.table, Reason.MAX_DELIVERIES, f"failed on delivery {count}: {outcome.detail}"
+            await self._nak(batch, send.index, outcome)
+            return
+        if isinstance(send.outcome, DeadLetter):
+            outcome = send.outcome  # the dead-letter stream itself failed: keep the original reason
+        assert isinstance(outcome, DeadLetter)
+        await self._dead_letter_final(batch, send.index, outcome)
+
+    async def _nak(self, batch: _Batch, index: int, outcome: Retry) -> None:
+        delay = 0.0 if self._stopping else outcome.delay  # at shutdown another replica should take it at once
+        await self._settle(batch, index, "nak", outcome.table, "retried", delay=delay)
+
+    async def _dead_letter_final(self, batch: _Batch, index: int, outcome: DeadLetter) -> None:
+        """Dead-letter a message on its final delivery attempt.
+
+        The server will not redeliver it after this, so the dead-letter stream is the only place left that keeps
+        it: hold until that stream takes it, however long, and give up only at shutdown.
+        """
+        send = self._dead_letter_send(batch, index, outcome)
+        if send is not None:
+            send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+            failed = await self._await_acks([send])
+            while failed and not self._stopping:
+                failed = await self._hold(failed)
+            if failed:
+                log.critical(
+                    "could not dead-letter a message on its final delivery; it remains only in the source stream",
+                    extra={"subject": batch.messages[index].subject, "reason": outcome.reason.value},
                 )
-            else:
-                delay = 0.0 if self._stopping else outcome.delay
-                await self._settle(batch, index, "nak", outcome.table, "retried", delay=delay)
+                await self._settle(batch, index, "nak", outcome.table, "retried")
                 return
-        if isinstance(outcome, DeadLetter):
-            send = self._dead_letter_send(batch, index, outcome)
-            if send is not None:
-                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
-                if await self._await_acks([send]):
-                    await self._settle(batch, index, "nak", outcome.table, "retried", delay=5.0)
-                    return
-            await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+        await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
 
     async def _mark(self, event_ids: list[str]) -> None:
         """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway."""

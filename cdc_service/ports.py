@@ -47,6 +47,10 @@ class Publisher(Protocol):
     def sweep(self) -> None:
         """Forget futures the caller gave up on."""
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers included) the server accepts."""
+
 
 def delivery_count(reply: str) -> int:
     """The delivery attempt (1 = first) from a JetStream ack subject, cheaper than nats-py's ``msg.metadata``.

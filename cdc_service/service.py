@@ -74,6 +74,7 @@ class Service:
         self._intake: PushIntake | PullIntake | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._tick_task: asyncio.Task[None] | None = None
         self.http = HealthServer(settings.http.host, settings.http.port, self.registry, self.liveness, self.readiness)
 
     # ---------------------------------------------------------------------------------------------- main thread
@@ -93,14 +94,19 @@ class Service:
                 "http_port": self.http.port,
             },
         )
-        try:
-            self._call(self._start(), timeout=self.settings.nats.connect_timeout * 2 + 60)
-        except (ConnectionError, ProvisioningError) as exc:
-            log.critical("cannot start: %s", exc)
-            self._exit_code = 1
-            self._stop.set()
-        except Exception:
-            log.critical("cannot start", exc_info=True)
+        # Start-up runs on the loop while this thread keeps answering signals: until NATS answers (nats-py retries
+        # the first connection forever here) the pod is alive but not ready, and SIGTERM still ends it at once.
+        startup = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        while not startup.done() and not self._stop.wait(0.1):
+            pass
+        if not startup.done():
+            startup.cancel()
+        elif startup.exception() is not None:
+            exc = startup.exception()
+            if isinstance(exc, (ConnectionError, ProvisioningError)):
+                log.critical("cannot start: %s", exc)
+            else:
+                log.critical("cannot start", exc_info=exc)
             self._exit_code = 1
             self._stop.set()
         else:
@@ -124,11 +130,12 @@ class Service:
 
     def _shutdown(self) -> None:
         grace = self.settings.shutdown.grace_seconds
-        deadline = time.monotonic() + grace
+        # Finish work until the deadline minus a reserve, which pays for the naks of what is left and the close.
+        work_deadline = time.monotonic() + grace - min(3.0, grace / 3)
         self._stopping = True
         self._ready = False
         try:
-            self._call(self._stop_async(deadline - min(2.0, grace / 4)), timeout=grace)
+            self._call(self._stop_async(work_deadline), timeout=grace)
         except Exception:
             log.exception("shutdown did not complete cleanly")
             self._exit_code = self._exit_code or 1
@@ -144,6 +151,7 @@ class Service:
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._tick_task = self._loop.create_task(self._tick(), name="cdc-tick")
         self._loop.run_forever()
 
     # ---------------------------------------------------------------------------------------------- probes
@@ -204,7 +212,6 @@ class Service:
             await push.start(self.engine.on_message)
             self._intake = push
         self._background = [
-            asyncio.create_task(self._tick(), name="cdc-tick"),
             asyncio.create_task(self._probe_redis(), name="cdc-redis-probe"),
             asyncio.create_task(self._summarise(), name="cdc-summary"),
         ]
@@ -217,8 +224,9 @@ class Service:
             await self._intake.stop()
         if self.engine is not None:
             await self.engine.drain(deadline)
-        for task in self._background:
-            task.cancel()
+        for task in [*self._background, self._tick_task]:
+            if task is not None:
+                task.cancel()
         nc = self._nc
         if nc is not None and not nc.is_closed:
             try:

@@ -71,6 +71,7 @@ class FakePublisher:
     """Stores publishes in ``published`` and dedups on ``Nats-Msg-Id`` like a JetStream stream with a window."""
 
     failing: bool = False
+    max_payload: int = 1024 * 1024
     published: list[Published] = field(default_factory=list)
     attempts: int = 0
     _ids: set[str] = field(default_factory=set)

@@ -91,35 +91,59 @@ async def connect(
 # Provisioning
 
 
-async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], replicas: int, **managed: Any) -> None:
-    """Create the stream, or bring its managed fields (subjects, replicas, ``managed``) in line with the settings.
+async def ensure_stream(
+    js: JetStreamContext,
+    name: str,
+    subjects: list[str],
+    *,
+    replicas: int,
+    duplicate_window: float | None = None,
+    **create_only: Any,
+) -> None:
+    """Create the stream, or make an existing one fit the settings without taking anything away from it.
 
-    Fields the settings do not manage (limits, storage, ...) keep whatever an operator set on the stream.
+    On an existing stream: subjects it lacks are added (others are kept), and ``duplicate_window`` is raised to at
+    least the setting. Replicas, limits and storage are create-time only: an operator's choices on a shared stream
+    are never undone by a replica starting up; a differing replica count is logged.
     """
     try:
         info = await js.stream_info(name)
     except NotFoundError:
-        config = StreamConfig(name=name, subjects=subjects, num_replicas=replicas, storage=StorageType.FILE, **managed)
+        config = StreamConfig(
+            name=name, subjects=subjects, num_replicas=replicas, storage=StorageType.FILE, **create_only
+        )
+        if duplicate_window is not None:
+            config.duplicate_window = duplicate_window
         try:
             await js.add_stream(config)
-            log.info("stream created", extra={"stream": name, "subjects": subjects})
+            log.info("stream created", extra={"stream": name, "subjects": subjects, "replicas": replicas})
             return
         except BadRequestError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:  # another replica won the race: fall through to the update
                 raise ProvisioningError(f"cannot create stream {name}: {exc.description}") from None
             info = await js.stream_info(name)
     current = info.config
-    wanted = {"subjects": subjects, "num_replicas": replicas, **managed}
-    drift = {k: v for k, v in wanted.items() if getattr(current, k) != v}
-    if not drift:
+    changed = []
+    missing = [s for s in subjects if s not in (current.subjects or [])]
+    if missing:
+        current.subjects = [*(current.subjects or []), *missing]
+        changed.append("subjects")
+    if duplicate_window is not None and (current.duplicate_window or 0) < duplicate_window:
+        # JetStream only drops a repeated Nats-Msg-Id inside this window; a shorter one weakens exactly-once.
+        current.duplicate_window = duplicate_window
+        changed.append("duplicate_window")
+    if current.num_replicas not in (None, replicas):
+        log.warning(
+            "stream replicas differ from the settings; left as they are",
+            extra={"stream": name, "replicas": current.num_replicas, "configured": replicas},
+        )
+    if not changed:
         return
-    for key, value in drift.items():
-        setattr(current, key, value)
     try:
         await js.update_stream(current)
     except BadRequestError as exc:
-        raise ProvisioningError(f"cannot update stream {name} ({', '.join(drift)}): {exc.description}") from None
-    log.info("stream updated", extra={"stream": name, "changed": sorted(drift)})
+        raise ProvisioningError(f"cannot update stream {name} ({', '.join(changed)}): {exc.description}") from None
+    log.info("stream updated", extra={"stream": name, "changed": changed})
 
 
 def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
@@ -163,21 +187,25 @@ async def ensure_consumer(js: JetStreamContext, ingest: IngestSettings) -> Consu
 
 async def provision(js: JetStreamContext, settings: Settings) -> ConsumerConfig:
     """Streams (input, output, dead-letter) and the durable consumer, created or updated."""
-    await ensure_stream(js, settings.ingest.stream, list(settings.ingest.subjects), settings.ingest.stream_replicas)
+    ingest, publish, dlq = settings.ingest, settings.publish, settings.dlq
+    await ensure_stream(
+        js, ingest.stream, list(ingest.subjects), replicas=ingest.stream_replicas, max_age=ingest.stream_max_age
+    )
     await ensure_stream(
         js,
-        settings.publish.stream,
-        list(settings.publish.subjects),
-        settings.publish.stream_replicas,
-        duplicate_window=settings.publish.duplicate_window,
+        publish.stream,
+        list(publish.subjects),
+        replicas=publish.stream_replicas,
+        duplicate_window=publish.duplicate_window,
+        max_age=publish.stream_max_age,
     )
-    if settings.dlq.enabled:
+    if dlq.enabled:
         await ensure_stream(
             js,
-            settings.dlq.stream,
-            [f"{settings.dlq.subject_prefix}.>"],
-            settings.publish.stream_replicas,
-            max_age=settings.dlq.max_age_days * 86400,
+            dlq.stream,
+            [f"{dlq.subject_prefix}.>"],
+            replicas=publish.stream_replicas,
+            max_age=dlq.max_age_days * 86400,
             discard=DiscardPolicy.OLD,
         )
     return await ensure_consumer(js, settings.ingest)
@@ -211,6 +239,10 @@ class PipelinedPublisher:
     @property
     def pending(self) -> int:
         return len(self._futures)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self._nc.max_payload)
 
     async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
         token = str(next(self._tokens))

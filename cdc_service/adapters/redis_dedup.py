@@ -48,7 +48,7 @@ class RedisDedupStore:
         self._cluster = redis_settings.mode == "cluster"
         self._url = mask_url(redis_settings.url)
         self._on_error = on_error
-        self._down_until = 0.0
+        self._retry_at = 0.0  # while Redis is down, calls before this time skip it
         self._was_down = False
         self._lock = threading.Lock()
         common: dict[str, Any] = {
@@ -71,11 +71,15 @@ class RedisDedupStore:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        """The last call's verdict: False from a failure until a call (or ``probe``) succeeds again."""
+        return not self._was_down
+
+    def _skip(self) -> bool:
+        return self._was_down and time.monotonic() < self._retry_at
 
     def _failed(self, what: str, exc: Exception) -> None:
         with self._lock:
-            self._down_until = time.monotonic() + self._retry_interval
+            self._retry_at = time.monotonic() + self._retry_interval
             first = not self._was_down
             self._was_down = True
         if first:
@@ -94,8 +98,10 @@ class RedisDedupStore:
                 log.info("redis reachable again", extra={"redis_url": self._url})
 
     def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
-        if not event_ids or not self.available:
-            return None if event_ids else []
+        if not event_ids:
+            return []
+        if self._skip():
+            return None
         keys = [self._prefix + event_id for event_id in event_ids]
         try:
             if self._cluster:
@@ -115,7 +121,7 @@ class RedisDedupStore:
     def mark(self, event_ids: Sequence[str]) -> bool:
         if not event_ids:
             return True
-        if not self.available:
+        if self._skip():
             if self._on_error:
                 self._on_error("mark")
             return False
@@ -141,8 +147,6 @@ class RedisDedupStore:
         except redis.RedisError as exc:
             self._failed("ping", exc)
             return False
-        with self._lock:
-            self._down_until = 0.0
         self._succeeded()
         return True
 

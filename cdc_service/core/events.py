@@ -111,7 +111,9 @@ class EventBuilder:
             )
         try:
             doc = parser.parse(data)
-        except (ValueError, RuntimeError, TypeError) as exc:  # pysimdjson's errors for bad JSON, UTF-8, depth
+        except (ValueError, RuntimeError, TypeError) as exc:  # pysimdjson: bad JSON, UTF-8, depth, big integers
+            if "re-use a parser" in str(exc):
+                raise  # our bug (a document outlived its parse), not bad input
             raise PoisonError(Reason.INVALID_JSON, f"body is not valid JSON: {exc}"[:300]) from None
         if not isinstance(doc, simdjson.Object):
             raise PoisonError(Reason.INVALID_SHAPE, f"body must be a JSON object, got {_type_name(doc)}")

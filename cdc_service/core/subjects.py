@@ -8,6 +8,7 @@ token that differs, does not fit the layout.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 LAYOUT_TOKENS = frozenset({"company", "table", "database", "schema", "action"})
@@ -91,3 +92,19 @@ class SubjectLayout:
             if tokens[index] != literal:
                 return f"token {index + 1} is {tokens[index]!r}, layout {self.text!r} expects {literal!r}"
         return SubjectInfo(**{name: tokens[index] for index, name in self._fields})
+
+
+def covers(pattern: str, tokens: Sequence[str | None]) -> bool:
+    """Whether the NATS subject ``pattern`` (with ``*`` and ``>``) matches every subject of this shape.
+
+    ``tokens`` are literal tokens, or ``None`` for a token that can take any value (a template placeholder).
+    """
+    parts = pattern.split(".")
+    for i, part in enumerate(parts):
+        if part == ">":
+            return len(tokens) > i
+        if i >= len(tokens):
+            return False
+        if part != "*" and part != tokens[i]:
+            return False
+    return len(parts) == len(tokens)

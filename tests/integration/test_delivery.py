@@ -56,6 +56,20 @@ async def test_streams_and_consumer_are_created_and_drift_is_corrected(js, start
     assert (await js.stream_info("cdc_dlq_stream")).config.subjects == ["dlq.>"]
 
 
+async def test_existing_streams_keep_what_the_operator_set(js, start_service) -> None:
+    await js.add_stream(StreamConfig(name=INPUT, subjects=["legacy.>"], max_age=3600))
+    await js.add_stream(StreamConfig(name=OUTPUT, subjects=["wa.>"], duplicate_window=600, max_msgs=1_000_000))
+    start_service()
+    source = (await js.stream_info(INPUT)).config
+    assert source.subjects == ["legacy.>", "cdc.*.*"]  # ours added, theirs kept
+    assert source.max_age == 3600
+    output = (await js.stream_info(OUTPUT)).config
+    assert output.duplicate_window == 600  # a longer window is never shortened
+    assert output.max_msgs == 1_000_000
+    created = (await js.stream_info("cdc_dlq_stream")).config
+    assert created.max_age == 14 * 86400
+
+
 async def test_two_replicas_started_together_both_receive(js, start_service) -> None:
     first = start_service(wait=False, name="a")
     second = start_service(wait=False, name="b")

@@ -34,3 +34,28 @@ def test_bad_setting_stops_start_up(nats_server, redis_server, overrides: dict[s
     assert "Traceback" not in stderr
     assert "s3cret-pw" not in stderr  # a password in a bad URL is masked in the error line
     assert result.stdout == b""  # nothing started, nothing logged
+
+
+def test_sigterm_while_nats_is_unreachable_exits_at_once(workdir, redis_server) -> None:
+    """Start-up waits for NATS (alive, not ready) but never stops the process from answering SIGTERM."""
+    import json
+    import signal
+    import time
+
+    from tests.servers import ServiceProcess, wait_for
+
+    svc = ServiceProcess(workdir, f"nats://127.0.0.1:{free_port()}", redis_server.url, name="unreachable")
+    svc.start()
+    try:
+
+        def alive_not_ready() -> bool:
+            ready_status, ready_body = svc.get("/readyz")
+            return svc.get("/healthz")[0] == 200 and ready_status == 503 and bool(json.loads(ready_body)["reason"])
+
+        wait_for(alive_not_ready, 20, what="alive but not ready")
+        svc.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert svc.wait(10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        svc.stop()

@@ -187,6 +187,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("routes.x", {"routes": {"x": "wa.{company}"}}),
     ("routes.a.b", {"routes": {"a.b": {"pk": "id", "subject": "wa.{company}"}}}),
     ("routes.messages.subject", {"routes": {"messages": {"subject": "wa.{agent_id}.messages"}}}),
+    # a route the output stream does not capture would be rejected on every publish
+    ("routes.contacts.subject", {"routes": {"contacts": {"pk": "id", "subject": "ws.{company}.contacts"}}}),
+    ("routes.messages.subject", {"publish": {"subjects": ["wa.*.*.chats"]}}),
+    # the server refuses a deliver subject its own stream captures
+    ("ingest.deliver_subject", {"ingest": {"deliver_subject": "cdc.deliver.x"}}),
+    ("ingest.deliver_subject", {"ingest": {"subjects": [">"]}}),
 ]
 
 
@@ -211,6 +217,7 @@ def test_bad_values(key: str, raw: dict[str, Any]) -> None:
         ({"CDC_HTTP__PORT": "70000"}, "http.port"),
         ({"CDC_INGEST__BATCHSIZE": "10"}, "ingest.batchsize"),
         ({"CDC_ROUTES__X__PK": "id", "CDC_ROUTES__X__SUBJECT": "wa.{agent_id}"}, "routes.x.subject"),
+        ({"CDC_INGESTS__MODE": "pull"}, "ingests"),  # a misspelt section is refused, not ignored
     ],
 )
 def test_bad_env_values(in_repo: None, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], key: str) -> None:
@@ -383,3 +390,8 @@ def test_cli_help() -> None:
     assert result.returncode == 0
     assert "config" in result.stdout
     assert "run" in result.stdout
+
+
+def test_pull_mode_does_not_check_the_deliver_subject() -> None:
+    settings = settings_from_mapping({"ingest": {"mode": "pull", "subjects": [">"]}})
+    assert settings.ingest.mode == "pull"

@@ -447,15 +447,52 @@ async def test_unlimited_deliveries_never_dead_letter(executor: ThreadPoolExecut
     assert (msg.termed, msg.acked, msg.naked) == (0, 0, [30.0])
 
 
-async def test_failing_dlq_naks_poison(executor: ThreadPoolExecutor) -> None:
+async def test_final_delivery_is_held_while_the_dlq_fails_and_handed_back_at_shutdown(
+    executor: ThreadPoolExecutor,
+) -> None:
     publisher = FailingFor("dlq.")
     h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
     poison, good = FakeMessage("cdc.acme.messages", b"nope", seq=1, delivered=3), message(seq=2)
-    await h.run([poison, good])
+    await h.run([poison, good], deadline=0.5)
     assert poison.termed == 0 and poison.acked == 0
-    assert len(poison.naked) == 1
+    assert poison.naked == [None]  # only at shutdown, without delay, for another replica
+    assert publisher.attempts > 3  # it kept trying the dead-letter stream until then
     assert h.published_ids == ["1000:messages:msg-1"]
     assert good.acked == 1
+
+
+async def test_non_final_delivery_naks_when_the_dlq_fails(executor: ThreadPoolExecutor) -> None:
+    publisher = FailingFor("dlq.")
+    h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    poison = FakeMessage("cdc.acme.messages", b"nope", seq=1, delivered=1)
+    await h.run([poison])
+    assert poison.termed == 0
+    assert len(poison.naked) == 1 and poison.naked[0]
+
+
+async def test_final_delivery_keeps_its_reason_when_the_dlq_recovers(executor: ThreadPoolExecutor) -> None:
+    publisher = Recovering(recover_after=0.1)
+    h = harness(
+        executor,
+        publisher=publisher,
+        settings=Settings(publish=PublishSettings(max_hold=0.05, retry_initial=0.01, retry_max=0.02, timeout=0.2)),
+    )
+    poison = FakeMessage("cdc.acme.messages", b"nope", seq=7, delivered=3)
+    await h.run([poison])
+    assert poison.termed == 1 and poison.naked == []
+    [dead] = publisher.published
+    assert dead.subject == "dlq.cdc.acme.messages"
+    assert dead.headers["Cdc-Error-Reason"] == "invalid_json"
+
+
+async def test_an_event_too_large_for_the_server_is_dead_lettered(executor: ThreadPoolExecutor) -> None:
+    publisher = FakePublisher(max_payload=1200)
+    h = harness(executor, publisher=publisher)
+    big, small = message(seq=1, lsn=1, body={"text": "x" * 2000}), message(seq=2, lsn=2, message_id="m2")
+    await h.run([big, small])
+    assert big.termed == 1 and big.acked == 0
+    assert [p.headers.get("Cdc-Error-Reason") for p in publisher.published] == ["payload_too_large", None]
+    assert small.acked == 1
 
 
 async def test_publisher_recovers_and_publishes_each_event_once(executor: ThreadPoolExecutor) -> None:

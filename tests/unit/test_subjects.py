@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_service.core.subjects import MAX_TOKEN_BYTES, LayoutError, SubjectInfo, SubjectLayout, token_problem
+from cdc_service.core.subjects import (
+    MAX_TOKEN_BYTES,
+    LayoutError,
+    SubjectInfo,
+    SubjectLayout,
+    covers,
+    token_problem,
+)
 
 CDC = "cdc.{company}.{table}"
 SEQUIN = "sequin.changes.{database}.{schema}.{table}.{action}"
@@ -146,3 +153,23 @@ def test_token_problem_accepts(value: str) -> None:
 
 def test_max_token_bytes_is_256() -> None:
     assert MAX_TOKEN_BYTES == 256
+
+
+@pytest.mark.parametrize(
+    ("pattern", "tokens", "expected"),
+    [
+        ("wa.>", ["wa", None, None, "messages", None], True),
+        ("wa.>", ["wa"], False),
+        ("wa.*.*.chats", ["wa", None, None, "chats"], True),
+        ("wa.*.*.chats", ["wa", None, None, "agents"], False),
+        ("wa.acme.>", ["wa", None, "x"], False),  # a placeholder may be any company, not only acme
+        ("wa.*", ["wa", None, "x"], False),
+        (">", ["anything"], True),
+        ("cdc.*.*", ["deliver", "cdc_consumers"], False),
+        ("deliver.>", ["deliver", "cdc_consumers"], True),
+        ("a.b", ["a", "b"], True),
+        ("a.b", ["a", "b", "c"], False),
+    ],
+)
+def test_covers(pattern: str, tokens: list[str | None], expected: bool) -> None:
+    assert covers(pattern, tokens) is expected
