@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import threading
@@ -39,6 +40,19 @@ _LOOP_STALE_AFTER = 10.0
 _REDIS_PROBE_PERIOD = 2.0
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup v2 quota when one is set (a container's CPU limit), else the CPUs it
+    may be scheduled on. ``os.cpu_count()`` would size the pool for the whole node."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()  # noqa: SIM115 (tiny, read once)
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -54,7 +68,7 @@ class Service:
         self.settings = settings
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.pool_size = settings.workers.resolved_pool_size(os.cpu_count())
+        self.pool_size = settings.workers.resolved_pool_size(available_cpus())
         self.metrics.pool_size.set(self.pool_size)
         self._stop = threading.Event()
         self._exit_code = 0

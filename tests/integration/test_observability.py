@@ -4,11 +4,11 @@ going away and coming back), JSON logs on stdout, and the worker pool size."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cdc_service.service import available_cpus
 from tests.integration.helpers import OUTPUT, consumer_settled, ensure_input, feed, wait_count, wait_until
 from tests.sequin import body
 
@@ -153,4 +153,4 @@ async def test_pool_size_setting(js, start_service) -> None:
 
 async def test_default_pool_size(js, start_service) -> None:
     svc = start_service()
-    assert svc.metric("cdc_consumer_pool_size") == max(2, (os.cpu_count() or 1) * 4)
+    assert svc.metric("cdc_consumer_pool_size") == max(2, available_cpus() * 4)
