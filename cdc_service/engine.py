@@ -108,7 +108,7 @@ class Engine:
         self._batch_size = settings.ingest.batch_size
         self._batch_wait = settings.ingest.batch_wait_ms / 1000.0
         self._max_deliver = settings.ingest.max_deliver
-        self._event_headers = {"Nats-Expected-Stream": settings.publish.stream}
+        self._output_stream = settings.publish.stream
         self._buffer: list[InboundMessage] = []
         self._buffer_started = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -274,9 +274,8 @@ class Engine:
                 task.add_done_callback(self._finishers.discard)
 
     def _event_headers_for(self, event: Publish) -> dict[str, str]:
-        headers = dict(self._event_headers)
-        headers["Nats-Msg-Id"] = event.event_id
-        return headers
+        # Nats-Expected-Stream makes JetStream refuse the event if another stream captured the subject.
+        return {"Nats-Msg-Id": event.event_id, "Nats-Expected-Stream": self._output_stream}
 
     def _dead_letter_send(self, batch: _Batch, index: int, outcome: DeadLetter) -> _Send | None:
         dlq = self._settings.dlq
