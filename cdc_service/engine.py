@@ -49,6 +49,7 @@ class _Batch:
     received: float
     outcomes: asyncio.Future[list[Outcome]]
     open: set[int] = field(default_factory=set)  # indexes not yet acked, nak'ed or terminated
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (table, result), counted when it closes
 
 
 @dataclass(eq=False)
@@ -483,11 +484,7 @@ class Engine:
         now = time.monotonic()
         if action != "nak":
             self.last_settled = now
-        self.totals[result] += 1
-        counted = self._counters.get((table, result))
-        if counted is None:
-            counted = self._counters[(table, result)] = self._metrics.events.labels(table, result)
-        counted.inc()
+        batch.counts[(table, result)] += 1
         if result in ("published", "duplicate", "skipped"):
             timed = self._timers.get(table)
             if timed is None:
@@ -498,8 +495,16 @@ class Engine:
         self.inflight -= 1
         if batch.open:
             return
-        # Per batch, not per message: gauges and wake-ups are cheap but the hot path settles thousands a second.
+        # Per batch, not per message: counters, gauges and wake-ups are cheap, but thousands a second are not.
         self._open_batches.discard(batch)
+        for (table_name, result_name), n in batch.counts.items():
+            self.totals[result_name] += n
+            counter = self._counters.get((table_name, result_name))
+            if counter is None:
+                counter = self._counters[(table_name, result_name)] = self._metrics.events.labels(
+                    table_name, result_name
+                )
+            counter.inc(n)
         self._metrics.inflight.set(self.inflight)
         self._metrics.last_ack.set(time.time())
         if self.inflight <= 0:

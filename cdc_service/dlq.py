@@ -1,0 +1,452 @@
+"""Dead-letter tools: ``python -m cdc_service dlq list`` and ``python -m cdc_service dlq replay``.
+
+``list`` reads the dead-letter stream without consuming it (direct reads by sequence; nothing is acked or deleted).
+``replay`` re-publishes each selected message's original bytes to its source subject, expecting the source stream
+(``ingest.stream``), and deletes the dead letter only after that stream's PubAck. On the first failure it stops:
+what was not confirmed stays in the dead-letter stream.
+
+The top half is pure (turning a stored message into a row and formatting it) and unit-tested; the bottom half talks
+to NATS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TextIO
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from cdc_service.adapters.nats_jetstream import connect_options
+from cdc_service.config import Settings, mask_url
+
+PREVIEW_CHARS = 80
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+# Header names written by ``Engine._dead_letter_send``.
+H_REASON = "Cdc-Error-Reason"
+H_DETAIL = "Cdc-Error-Detail"
+H_SOURCE_SUBJECT = "Cdc-Source-Subject"
+H_SOURCE_STREAM = "Cdc-Source-Stream"
+H_SOURCE_SEQ = "Cdc-Source-Seq"
+H_DELIVERED = "Cdc-Delivered"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure part: rows and formatting
+
+
+@dataclass(frozen=True)
+class DeadLetterEntry:
+    """One message of the dead-letter stream, as the tools see it."""
+
+    seq: int
+    subject: str
+    reason: str
+    detail: str
+    source_subject: str  # "" when neither the header nor the subject names it
+    source_stream: str
+    source_seq: int | None
+    delivered: int | None
+    stored_at: float | None  # unix seconds, from the stream's own timestamp
+    data: bytes
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def source_subject_of(subject: str, headers: Mapping[str, str], prefix: str) -> str:
+    """The subject the message was dead-lettered from: ``Cdc-Source-Subject``, else the subject minus the prefix."""
+    named = headers.get(H_SOURCE_SUBJECT, "").strip()
+    if named:
+        return named
+    lead = prefix + "."
+    return subject[len(lead) :] if subject.startswith(lead) and len(subject) > len(lead) else ""
+
+
+def entry_from_message(
+    seq: int,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    data: bytes | None,
+    stored_at: datetime | float | None,
+    prefix: str,
+) -> DeadLetterEntry:
+    headers = headers or {}
+    when = stored_at.timestamp() if isinstance(stored_at, datetime) else stored_at
+    return DeadLetterEntry(
+        seq=seq,
+        subject=subject,
+        reason=headers.get(H_REASON, "").strip() or "unknown",
+        detail=headers.get(H_DETAIL, ""),
+        source_subject=source_subject_of(subject, headers, prefix),
+        source_stream=headers.get(H_SOURCE_STREAM, ""),
+        source_seq=_int_or_none(headers.get(H_SOURCE_SEQ)),
+        delivered=_int_or_none(headers.get(H_DELIVERED)),
+        stored_at=when,
+        data=data or b"",
+    )
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by ``surrogateescape``
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def preview(data: bytes, limit: int = PREVIEW_CHARS) -> str:
+    """At most ``limit`` characters of the body on one line: invalid UTF-8 as ``\\xNN``, control and other
+    non-printable characters escaped (``\\n``, ``\\t``, ``\\x00``, ``\\u200b``); a cut body ends with ``…``.
+    An escape is never cut in half."""
+    chunk = data[: limit * 4]  # enough bytes for ``limit`` characters
+    pieces = [_escape(c) for c in chunk.decode("utf-8", errors="surrogateescape")]
+    whole = "".join(pieces)
+    if len(whole) <= limit and len(chunk) == len(data):
+        return whole
+    out: list[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > limit - 1:
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out) + "…"
+
+
+def format_age(seconds: float) -> str:
+    """A compact age: ``42s``, ``5m07s``, ``3h05m``, ``2d04h``; negative (clock skew) is ``0s``."""
+    total = max(0, int(seconds))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def age_of(entry: DeadLetterEntry, now: float) -> str:
+    return format_age(now - entry.stored_at) if entry.stored_at is not None else "?"
+
+
+def format_row(entry: DeadLetterEntry, now: float) -> tuple[str, str, str, str, str]:
+    """(seq, age, reason, source subject, preview) for the table."""
+    return (
+        str(entry.seq),
+        age_of(entry, now),
+        entry.reason,
+        entry.source_subject or f"? ({entry.subject})",
+        preview(entry.data),
+    )
+
+
+HEADER = ("SEQ", "AGE", "REASON", "SUBJECT", "PREVIEW")
+
+
+def format_table(entries: Sequence[DeadLetterEntry], now: float) -> list[str]:
+    """Aligned lines, a header first; the preview is last so long ones do not push the other columns."""
+    rows = [HEADER, *(format_row(e, now) for e in entries)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]) for row in rows]
+
+
+def entry_json(entry: DeadLetterEntry, now: float) -> dict[str, Any]:
+    """One ``--json`` line: everything the headers say, the age, the size and the preview (never the whole body)."""
+    return {
+        "seq": entry.seq,
+        "subject": entry.subject,
+        "reason": entry.reason,
+        "detail": entry.detail,
+        "source_subject": entry.source_subject,
+        "source_stream": entry.source_stream,
+        "source_seq": entry.source_seq,
+        "delivered": entry.delivered,
+        "stored_at": entry.stored_at,
+        "age_seconds": None if entry.stored_at is None else round(max(0.0, now - entry.stored_at), 3),
+        "size": len(entry.data),
+        "preview": preview(entry.data),
+    }
+
+
+def matches(entry: DeadLetterEntry, reasons: Collection[str]) -> bool:
+    return not reasons or entry.reason in reasons
+
+
+def replay_problem(entry: DeadLetterEntry, source_stream: str) -> str:
+    """Why ``entry`` cannot be replayed into ``source_stream`` ("" when it can)."""
+    if not entry.source_subject:
+        return "no Cdc-Source-Subject header and the subject lacks the dead-letter prefix"
+    if entry.source_stream and entry.source_stream != source_stream:
+        return f"it came from stream {entry.source_stream}, not {source_stream} (ingest.stream)"
+    return ""
+
+
+def replay_msg_id(dlq_stream: str, entry: DeadLetterEntry) -> str:
+    """``Nats-Msg-Id`` of a replay: a replay interrupted between the PubAck and the delete can be run again within the
+    source stream's duplicate window without storing the message twice. The stored time keeps it unique even when
+    the dead-letter stream is recreated and its sequences start again."""
+    stamp = "" if entry.stored_at is None else f":{round(entry.stored_at * 1_000_000)}"
+    return f"replay:{dlq_stream}:{entry.seq}{stamp}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NATS part
+
+class ToolError(RuntimeError):
+    """A failure the tool reports in one line and exits 1 on."""
+
+
+async def _connect(settings: Settings) -> Client:
+    options = connect_options(settings.nats)
+    # A command line tool: try each server a bounded number of times instead of forever, and report, do not log.
+    options.update(name=f"{settings.nats.name}-dlq", max_reconnect_attempts=1, reconnect_time_wait=0.5)
+    errors: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}".strip())
+
+    bound = settings.nats.connect_timeout * 2 * max(1, len(settings.nats.url)) + 5
+    try:
+        return await asyncio.wait_for(nats.connect(**options, error_cb=error_cb), bound)
+    except Exception as exc:
+        servers = ", ".join(mask_url(u) for u in settings.nats.url)
+        cause = errors[-1] if errors else f"{type(exc).__name__}: {exc}".strip()
+        raise ToolError(f"cannot connect to NATS at {servers}: {cause}") from None
+
+
+async def _stream_bounds(js: JetStreamContext, stream: str) -> tuple[int, int, int]:
+    """(first_seq, last_seq, messages) of ``stream``; ``ToolError`` when it does not exist."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        raise ToolError(f"stream {stream} does not exist") from None
+    state = info.state
+    return int(state.first_seq), int(state.last_seq), int(state.messages)
+
+
+async def read_entries(js: JetStreamContext, stream: str, prefix: str) -> AsyncIterator[DeadLetterEntry]:
+    """Every message in ``stream``, oldest first, as it stood when the call began; nothing is consumed."""
+    first, last, messages = await _stream_bounds(js, stream)
+    if messages == 0:
+        return
+    seq = max(1, first)
+    while seq <= last:
+        try:
+            # The next stored message at or after ``seq``: skips the gaps replays leave, one request per message.
+            msg = await js.get_msg(stream, seq, subject=">", next=True)
+        except NotFoundError:
+            return
+        if msg.seq is None or msg.seq > last:
+            return
+        yield entry_from_message(msg.seq, msg.subject or "", msg.headers, msg.data, msg.time, prefix)
+        seq = msg.seq + 1
+
+
+async def _selected(
+    js: JetStreamContext, settings: Settings, reasons: Collection[str], limit: int | None
+) -> AsyncIterator[DeadLetterEntry]:
+    if limit is not None and limit < 1:
+        return
+    taken = 0
+    async for entry in read_entries(js, settings.dlq.stream, settings.dlq.subject_prefix):
+        if matches(entry, reasons):
+            yield entry
+            taken += 1
+            if limit is not None and taken >= limit:
+                return
+
+
+async def list_command(
+    settings: Settings, reasons: Collection[str], limit: int | None, as_json: bool, out: TextIO
+) -> int:
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream(timeout=settings.publish.timeout)
+        _, _, total = await _stream_bounds(js, settings.dlq.stream)
+        now = time.time()
+        entries: list[DeadLetterEntry] = []
+        async for entry in _selected(js, settings, reasons, limit):
+            if as_json:
+                out.write(orjson.dumps(entry_json(entry, now)).decode() + "\n")
+            else:
+                entries.append(entry)
+        if not as_json:
+            for line in format_table(entries, now):
+                out.write(line.rstrip() + "\n")
+            out.write(f"{len(entries)} shown, {total} in {settings.dlq.stream}\n")
+        out.flush()
+    finally:
+        await nc.close()
+    return 0
+
+
+async def replay_command(
+    settings: Settings, reasons: Collection[str], limit: int | None, dry_run: bool, out: TextIO, err: TextIO
+) -> int:
+    dlq_stream, source_stream = settings.dlq.stream, settings.ingest.stream
+    replayed = failed = skipped = 0
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream(timeout=settings.publish.timeout)
+        if not dry_run:
+            try:
+                await js.stream_info(source_stream)
+            except NotFoundError:
+                raise ToolError(
+                    f"source stream {source_stream} (ingest.stream) does not exist; nothing replayed or removed"
+                ) from None
+        async for entry in _selected(js, settings, reasons, limit):
+            line = f"seq={entry.seq} reason={entry.reason} subject={entry.source_subject or entry.subject}"
+            problem = replay_problem(entry, source_stream)
+            if problem:
+                skipped += 1
+                out.write(f"skipped {line}: {problem}\n")
+                continue
+            if dry_run:
+                replayed += 1
+                out.write(f"would replay {line} ({len(entry.data)} bytes) to {source_stream}\n")
+                continue
+            try:
+                ack = await js.publish(
+                    entry.source_subject,
+                    entry.data,
+                    stream=source_stream,
+                    headers={"Nats-Msg-Id": replay_msg_id(dlq_stream, entry)},
+                )
+            except Exception as exc:
+                failed += 1
+                err.write(
+                    f"cdc_service dlq replay: {source_stream} did not accept dead letter {line}: "
+                    f"{type(exc).__name__}: {exc}; stopped, it and the rest stay in {dlq_stream}\n"
+                )
+                break
+            try:
+                await js.delete_msg(dlq_stream, entry.seq)
+            except Exception as exc:
+                failed += 1
+                err.write(
+                    f"cdc_service dlq replay: dead letter {line} was replayed ({source_stream} seq {ack.seq}) but "
+                    f"could not be removed from {dlq_stream}: {type(exc).__name__}: {exc}; stopped, a later replay "
+                    "would publish it again\n"
+                )
+                break
+            replayed += 1
+            note = " (already there: duplicate)" if ack.duplicate else ""
+            out.write(f"replayed {line} -> {source_stream} seq {ack.seq}{note}\n")
+    finally:
+        await nc.close()
+    if dry_run:
+        out.write(f"dry run: would_replay={replayed} skipped={skipped}; nothing published or removed\n")
+    else:
+        out.write(f"replayed={replayed} failed={failed} skipped={skipped}\n")
+    out.flush()
+    err.flush()
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+LIST_HELP = """\
+Print the dead-letter stream (dlq.stream), oldest first, without consuming or changing it: sequence, age, reason
+(Cdc-Error-Reason), source subject and the first characters of the body (non-printable characters escaped).
+--json prints one JSON object per message instead, with the detail, source stream and sequence, and size.
+"""
+
+REPLAY_HELP = """\
+Re-publish dead-lettered messages, oldest first, to their source subject (Cdc-Source-Subject) in the source stream
+(ingest.stream), byte for byte. Each is removed from the dead-letter stream only after the source stream confirmed
+it (PubAck). On the first failure the replay stops: that message and the rest stay, and the exit status is 1.
+Prints one line per message and a summary: replayed=N failed=M skipped=K. Skipped messages (no source subject, or
+from another source stream) are left in place.
+
+Replay after fixing the cause (e.g. raising ingest.max_payload_bytes for payload_too_large). A message that is still
+invalid, such as invalid_json, is simply dead-lettered again, under a new sequence.
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``dlq list`` and ``dlq replay`` to the top-level subparsers ``commands``."""
+    raw = argparse.RawDescriptionHelpFormatter
+    dlq = commands.add_parser(
+        "dlq",
+        help="list or replay dead-lettered messages",
+        description="Dead-letter tools. Settings (CDC_NATS__URL, dlq.stream, ingest.stream, ...) as for run.",
+        formatter_class=raw,
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="{list,replay}", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        metavar="R",
+        help="only messages with this Cdc-Error-Reason (repeat for several)",
+    )
+    common.add_argument("--limit", type=_positive, metavar="N", help="at most N matching messages, oldest first")
+    listing = actions.add_parser(
+        "list", parents=[common], help="show dead letters", description=LIST_HELP, formatter_class=raw
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    replay = actions.add_parser(
+        "replay",
+        parents=[common],
+        help="re-publish dead letters to their source subject",
+        description=REPLAY_HELP,
+        formatter_class=raw,
+    )
+    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; publish and remove nothing")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """Run ``dlq list`` or ``dlq replay``: 0 on success, 1 on a failure (one line on stderr)."""
+    reasons = frozenset(args.reason)
+    try:
+        if args.dlq_command == "list":
+            return asyncio.run(list_command(settings, reasons, args.limit, args.json, sys.stdout))
+        return asyncio.run(replay_command(settings, reasons, args.limit, args.dry_run, sys.stdout, sys.stderr))
+    except ToolError as exc:
+        sys.stdout.flush()
+        print(f"cdc_service dlq {args.dlq_command}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # NATS timeouts and the like: one line, not a traceback
+        sys.stdout.flush()
+        print(f"cdc_service dlq {args.dlq_command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
