@@ -238,9 +238,10 @@ class Service:
             await self._intake.stop()
         if self.engine is not None:
             await self.engine.drain(deadline)
-        for task in [*self._background, self._tick_task]:
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in (*self._background, self._tick_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling before the loop stops
         nc = self._nc
         if nc is not None and not nc.is_closed:
             try:
