@@ -47,8 +47,9 @@ log = logging.getLogger("cdc_service.engine")
 class _Batch:
     messages: list[InboundMessage]
     received: float
-    outcomes: asyncio.Future[list[Outcome]]
-    open: set[int] = field(default_factory=set)  # indexes not yet acked, nak'ed or terminated
+    open: set[int]  # indexes not yet acked, nak'ed or terminated
+    outcomes: asyncio.Future[list[Outcome]] = field(init=False)
+    started: bool = False  # a worker has picked it up
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (table, result), counted when it closes
 
 
@@ -128,7 +129,6 @@ class Engine:
         self._room = asyncio.Event()
         self._room.set()
         self._stopping = False
-        self._pool_waiting = 0
         self.inflight = 0
         self.last_settled = time.monotonic()
         self._counters: dict[tuple[str, str], Any] = {}
@@ -201,11 +201,8 @@ class Engine:
             self._buffer_started = 0.0
 
     def _dispatch(self, messages: list[InboundMessage], received: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._pool_waiting += 1
-        self._metrics.pool_queue.set(self._pool_waiting)
-        future = loop.run_in_executor(self._executor, self._prepare_counted, messages)
-        batch = _Batch(messages, received, future, set(range(len(messages))))
+        batch = _Batch(messages, received, set(range(len(messages))))
+        batch.outcomes = asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_batch, batch)
         self._open_batches.add(batch)
         self._queue.append(batch)
         self._queued.set()
@@ -213,10 +210,11 @@ class Engine:
         self._idle.clear()
         self._metrics.inflight.set(self.inflight)
         self._metrics.batch_size.observe(len(messages))
+        self._metrics.pool_queue.set(sum(1 for b in self._queue if not b.started))
 
-    def _prepare_counted(self, messages: Sequence[InboundMessage]) -> list[Outcome]:
-        self._pool_waiting -= 1  # a racy counter is fine for a gauge
-        return self._prepare(messages)
+    def _prepare_batch(self, batch: _Batch) -> list[Outcome]:
+        batch.started = True  # a plain attribute write; the loop only reads it for the queue-depth gauge
+        return self._prepare(batch.messages)
 
     # ------------------------------------------------------------------------------------------------ publishing
 
@@ -520,6 +518,7 @@ class Engine:
         while True:
             await asyncio.sleep(period)
             self._publisher.sweep()
+            self._metrics.pool_queue.set(sum(1 for b in self._queue if not b.started))
             cutoff = time.monotonic() - period
             for batch in list(self._open_batches):
                 if batch.received < cutoff:
