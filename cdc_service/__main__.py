@@ -1,4 +1,5 @@
-"""Command line: ``python -m cdc_service [run]`` runs the service; ``python -m cdc_service config`` prints settings."""
+"""Command line: ``python -m cdc_service [run]`` runs the service; ``config`` prints settings; ``dlq list`` and
+``dlq replay`` inspect and re-publish dead letters."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 
+from cdc_service import dlq
 from cdc_service.config import ConfigError, load_settings
 
 _DESCRIPTION = """\
@@ -14,6 +16,8 @@ Relay Sequin CDC events from NATS JetStream to enriched per-agent subjects, exac
 commands:
   run      consume, enrich, deduplicate and publish until SIGTERM/SIGINT (the default)
   config   print the effective settings as JSON, secrets masked, and exit
+  dlq      dead letters: `dlq list` shows them (reason, subject, age, body preview), `dlq replay` re-publishes
+           them to their source subject and removes each once the source stream accepted it (see `dlq replay -h`)
 
 Settings come from settings.toml, .secrets.toml and CDC_* environment variables (CDC_NATS__URL,
 CDC_REDIS__URL, CDC_HTTP__PORT, CDC_WORKERS__POOL_SIZE, ...; '__' nests). A bad setting exits with
@@ -25,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cdc_service", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "command", nargs="?", default="run", choices=("run", "config"), help="what to do (default: run)"
-    )
+    commands = parser.add_subparsers(dest="command", metavar="{run,config,dlq}", help="what to do (default: run)")
+    commands.add_parser("run", help="run the service (the default)")
+    commands.add_parser("config", help="print the effective settings, secrets masked")
+    dlq.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(settings.masked(), indent=2))
         return 0
+    if args.command == "dlq":
+        return dlq.main(args, settings)
 
     from cdc_service import logs
     from cdc_service.service import Service

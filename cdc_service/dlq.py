@@ -110,7 +110,7 @@ def _escape(char: str) -> str:
     code = ord(char)
     if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by ``surrogateescape``
         return f"\\x{code - 0xDC00:02x}"
-    if code <= 0xFF:
+    if code < 0x80:
         return f"\\x{code:02x}"
     if code <= 0xFFFF:
         return f"\\u{code:04x}"
@@ -218,6 +218,7 @@ def replay_msg_id(dlq_stream: str, entry: DeadLetterEntry) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # NATS part
 
+
 class ToolError(RuntimeError):
     """A failure the tool reports in one line and exits 1 on."""
 
@@ -241,11 +242,11 @@ async def _connect(settings: Settings) -> Client:
 
 
 async def _stream_bounds(js: JetStreamContext, stream: str) -> tuple[int, int, int]:
-    """(first_seq, last_seq, messages) of ``stream``; ``ToolError`` when it does not exist."""
+    """(first_seq, last_seq, messages) of the dead-letter stream; ``ToolError`` when it does not exist."""
     try:
         info = await js.stream_info(stream)
     except NotFoundError:
-        raise ToolError(f"stream {stream} does not exist") from None
+        raise ToolError(f"dead-letter stream {stream} (dlq.stream) does not exist on this server") from None
     state = info.state
     return int(state.first_seq), int(state.last_seq), int(state.messages)
 
@@ -314,6 +315,7 @@ async def replay_command(
     nc = await _connect(settings)
     try:
         js = nc.jetstream(timeout=settings.publish.timeout)
+        await _stream_bounds(js, dlq_stream)
         if not dry_run:
             try:
                 await js.stream_info(source_stream)
@@ -432,7 +434,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=REPLAY_HELP,
         formatter_class=raw,
     )
-    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; publish and remove nothing")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="show what would be replayed; publish and remove nothing"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
