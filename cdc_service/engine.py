@@ -131,6 +131,9 @@ class Engine:
         self._stopping = False
         self.inflight = 0
         self.last_settled = time.monotonic()
+        # Until the first ack, "the last ack" is the engine's start: no-acks alerts then measure from there.
+        self._last_settled_wall = time.time()
+        metrics.last_ack.set(self._last_settled_wall)
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
         self.totals: Counter[str] = Counter()
@@ -482,6 +485,7 @@ class Engine:
         now = time.monotonic()
         if action != "nak":
             self.last_settled = now
+            self._last_settled_wall = time.time()
         batch.counts[(table, result)] += 1
         if result in ("published", "duplicate", "skipped"):
             timed = self._timers.get(table)
@@ -504,7 +508,7 @@ class Engine:
                 )
             counter.inc(n)
         self._metrics.inflight.set(self.inflight)
-        self._metrics.last_ack.set(time.time())
+        self._metrics.last_ack.set(self._last_settled_wall)
         if self.inflight <= 0:
             self.inflight = 0
             self._idle.set()

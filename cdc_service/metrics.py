@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cdc_service.core.outcomes import Reason
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RESULTS = ("published", "duplicate", "skipped", "dead_lettered", "retried")
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
@@ -86,7 +91,9 @@ class Metrics:
             registry=registry,
         )
         self.last_ack = Gauge(
-            "cdc_consumer_last_ack_timestamp_seconds", "Unix time of the most recent ack.", registry=registry
+            "cdc_consumer_last_ack_timestamp_seconds",
+            "Unix time of the most recent ack or terminate (naks do not count); the start time before the first.",
+            registry=registry,
         )
         self.nats_connected = Gauge("cdc_consumer_nats_connected", "1 while connected to NATS.", registry=registry)
         self.nats_reconnects = Counter("cdc_consumer_nats_reconnects_total", "NATS reconnections.", registry=registry)
@@ -96,5 +103,15 @@ class Metrics:
             ["exception_type"],
             registry=registry,
         )
+        # Series exist from the start at 0, so rate() and increase() see the first event of each kind.
         for result in ("hit", "miss", "error"):
             self.dedup_lookups.labels(result)
+        for reason in Reason:
+            self.dead_letters.labels(reason.value)
+
+    def declare_tables(self, tables: Iterable[str]) -> None:
+        """Create the per-table series of the routed tables at 0."""
+        for table in tables:
+            self.processing.labels(table)
+            for result in RESULTS:
+                self.events.labels(table, result)

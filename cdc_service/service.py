@@ -70,6 +70,7 @@ class Service:
         self.metrics = Metrics(self.registry)
         self.pool_size = settings.workers.resolved_pool_size(available_cpus())
         self.metrics.pool_size.set(self.pool_size)
+        self.metrics.declare_tables(settings.routes)
         self._stop = threading.Event()
         self._exit_code = 0
         self._stopping = False
@@ -89,6 +90,7 @@ class Service:
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self.http = HealthServer(settings.http.host, settings.http.port, self.registry, self.liveness, self.readiness)
 
     # ---------------------------------------------------------------------------------------------- main thread
@@ -165,7 +167,9 @@ class Service:
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
+        # Both run from the loop's first moment: liveness and Redis state must not wait for NATS.
         self._tick_task = self._loop.create_task(self._tick(), name="cdc-tick")
+        self._probe_task = self._loop.create_task(self._probe_redis(), name="cdc-redis-probe")
         self._loop.run_forever()
 
     # ---------------------------------------------------------------------------------------------- probes
@@ -226,7 +230,6 @@ class Service:
             await push.start(self.engine.on_message)
             self._intake = push
         self._background = [
-            asyncio.create_task(self._probe_redis(), name="cdc-redis-probe"),
             asyncio.create_task(self._summarise(), name="cdc-summary"),
         ]
         self._ready = True
@@ -238,7 +241,7 @@ class Service:
             await self._intake.stop()
         if self.engine is not None:
             await self.engine.drain(deadline)
-        tasks = [t for t in (*self._background, self._tick_task) if t is not None]
+        tasks = [t for t in (*self._background, self._tick_task, self._probe_task) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling before the loop stops

@@ -199,15 +199,16 @@ class ServiceProcess(Process):
         wait_for(ready, timeout, 0.05, what="service ready")
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """Current value of one sample from ``/metrics`` (0 when absent)."""
+        """Sum of the ``/metrics`` samples named ``name`` whose labels include ``labels`` (0 when none)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         _, body = self.get("/metrics")
+        total = 0.0
         for family in text_string_to_metric_families(body.decode()):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                    return float(sample.value)
-        return 0.0
+                    total += float(sample.value)
+        return total
 
     def logs(self) -> list[dict[str, Any]]:
         lines = []
