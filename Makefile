@@ -4,13 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test lint typecheck unit integration clean
+.PHONY: help venv run test lint typecheck unit integration bench bench-full clean
 
 help:
 	@echo "make run        start local NATS/Redis if none answer, provision streams, run the service (Ctrl-C stops all)"
+	@echo "make demo       own NATS/Redis on free ports + the service + sample events, shown live; stops all (~5 s)"
 	@echo "make test       lint (ruff), type-check (mypy --strict) and the whole test suite"
 	@echo "make unit       unit tests only (no servers)"
 	@echo "make integration  integration tests only (real nats-server and redis-server)"
+	@echo "make bench      quick benchmarks (~3 min): end-to-end against real servers, then the in-process one"
+	@echo "make bench-full full end-to-end benchmark (~15 min); results in benchmarks/results/"
 	@echo "make lint / make typecheck / make clean"
 
 venv: $(STAMP)
@@ -23,6 +26,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 run: venv
 	$(PY) tools/run_local.py
+
+.PHONY: demo
+demo: venv
+	$(PY) tools/demo.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -37,8 +44,21 @@ unit: venv
 integration: venv
 	$(VENV)/bin/pytest tests/integration
 
-test: lint typecheck
+# helm for tests/chart, pinned and installed into the venv by tools/install_helm.sh (a no-op when present).
+.PHONY: helm
+helm: venv
+	bash tools/install_helm.sh $(VENV)/bin/helm
+
+test: lint typecheck helm
 	$(VENV)/bin/pytest
+
+# Benchmarks start their own nats-server and redis-server on free ports; `make test` never runs them.
+bench: venv
+	$(PY) -m benchmarks.e2e --quick
+	@if [ -f benchmarks/inprocess.py ]; then $(PY) -m benchmarks.inprocess; fi
+
+bench-full: venv
+	$(PY) -m benchmarks.e2e --full
 
 clean:
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache
