@@ -57,7 +57,7 @@ class IngestSettings:
     max_deliver: int = 3
     max_ack_pending: int = 5000
     batch_size: int = 256
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 3.0
     fetch_timeout_ms: float = 20.0
     max_payload_bytes: int = 1024 * 1024
     stream_replicas: int = 1
