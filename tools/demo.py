@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,10 @@ from typing import Any
 import nats
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools.localservers import answers, free_port, nats_command, redis_command  # noqa: E402
+
 BUDGET = 30.0  # seconds for start-up and the demo itself; stopping comes after
 INPUT, OUTPUT, DLQ, DURABLE = "cdc_events_stream", "wa_stream", "cdc_dlq_stream", "cdc_consumers"
 STARTED = time.monotonic()
@@ -128,30 +131,6 @@ LAST_EVENT = "1002:messages:msg-2"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
-    except OSError:
-        return False
-
-
-def binary(name: str) -> str:
-    candidate = Path(sys.prefix) / "bin" / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise SystemExit(f"demo: {name} not found in {sys.prefix}/bin; run `make venv` first")
 
 
 class Children:
@@ -318,12 +297,13 @@ def main() -> int:
     try:
         nats_port, redis_port, http_port = free_port(), free_port(), free_port()
         nats_url, redis_url = f"nats://127.0.0.1:{nats_port}", f"redis://127.0.0.1:{redis_port}/0"
-        nats_args = [binary("nats-server"), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(workdir)]
+        nats_args = nats_command("demo", nats_port, workdir)
         nats_proc = children.start("nats-server", nats_args)
-        redis_args = [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-        redis_proc = children.start("redis-server", [*redis_args, "--appendonly", "no", "--dir", str(workdir)])
-        wait_until(lambda: answers(nats_port) or nats_proc.poll() is not None, 10, "nats-server listening")
-        wait_until(lambda: answers(redis_port) or redis_proc.poll() is not None, 10, "redis-server listening")
+        redis_proc = children.start("redis-server", redis_command("demo", redis_port, workdir))
+        wait_until(lambda: answers("127.0.0.1", nats_port) or nats_proc.poll() is not None, 10, "nats-server listening")
+        wait_until(
+            lambda: answers("127.0.0.1", redis_port) or redis_proc.poll() is not None, 10, "redis-server listening"
+        )
         if nats_proc.poll() is not None or redis_proc.poll() is not None:
             raise RuntimeError(f"a server exited at start-up; logs in {workdir}")
         say(f"demo: NATS at {nats_url}, Redis at {redis_url}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,24 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cdc_service.config import ConfigError, load_settings, mask_url  # noqa: E402
+from tools.localservers import answers, nats_command, redis_command  # noqa: E402
 
 RUN_DIR = REPO / ".run"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def binary(name: str) -> str:
-    candidate = Path(sys.prefix) / "bin" / name
-    if candidate.exists():
-        return str(candidate)
-    sys.exit(f"run_local: {name} not found in {sys.prefix}/bin; run `make venv` first")
 
 
 def wait_listening(name: str, proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 15.0) -> None:
@@ -75,8 +60,7 @@ def main() -> int:
     elif nats_host in LOOPBACK:
         store = RUN_DIR / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        args = [binary("nats-server"), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(store)]
-        started.append(start("nats-server", args, "127.0.0.1", nats_port))
+        started.append(start("nats-server", nats_command("run_local", nats_port, store), "127.0.0.1", nats_port))
     else:
         print(
             f"run_local: NATS at {mask_url(settings.nats.url[0])} does not answer; the service will retry", flush=True
@@ -87,8 +71,7 @@ def main() -> int:
     if answers(redis_host, redis_port):
         print(f"run_local: using Redis at {mask_url(settings.redis.url)}", flush=True)
     elif redis_host in LOOPBACK:
-        args = [binary("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(RUN_DIR)]
+        args = redis_command("run_local", redis_port, RUN_DIR)
         started.append(start("redis-server", args, "127.0.0.1", redis_port))
     else:
         print(f"run_local: Redis at {mask_url(settings.redis.url)} does not answer; dedup fails open", flush=True)
