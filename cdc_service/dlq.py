@@ -38,6 +38,7 @@ H_REASON = "Cdc-Error-Reason"
 H_DETAIL = "Cdc-Error-Detail"
 H_SOURCE_SUBJECT = "Cdc-Source-Subject"
 H_SOURCE_STREAM = "Cdc-Source-Stream"
+H_TRUNCATED = "Cdc-Body-Truncated"  # set by the engine when the original did not fit beside the headers
 H_SOURCE_SEQ = "Cdc-Source-Seq"
 H_DELIVERED = "Cdc-Delivered"
 
@@ -60,6 +61,7 @@ class DeadLetterEntry:
     delivered: int | None
     stored_at: float | None  # unix seconds, from the stream's own timestamp
     data: bytes
+    truncated_from: int | None = None  # original size when the body was cut to fit
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -99,6 +101,7 @@ def entry_from_message(
         delivered=_int_or_none(headers.get(H_DELIVERED)),
         stored_at=when,
         data=data or b"",
+        truncated_from=_int_or_none(headers.get(H_TRUNCATED)),
     )
 
 
@@ -204,6 +207,11 @@ def replay_problem(entry: DeadLetterEntry, source_stream: str) -> str:
         return "no Cdc-Source-Subject header and the subject lacks the dead-letter prefix"
     if entry.source_stream and entry.source_stream != source_stream:
         return f"it came from stream {entry.source_stream}, not {source_stream} (ingest.stream)"
+    if entry.truncated_from is not None:
+        return (
+            f"its body was cut from {entry.truncated_from} bytes to fit the dead-letter stream; the original is "
+            f"message {entry.source_seq} of {entry.source_stream or source_stream}"
+        )
     return ""
 
 

@@ -84,6 +84,11 @@ class stop_when(stop_base):  # noqa: N801 (named like tenacity's own stop condit
         return self._condition()
 
 
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Wire size of a NATS header block (``NATS/1.0``, ``name: value`` lines, the blank line)."""
+    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 def _header_text(text: str, limit: int = 300) -> str:
     """Header values cannot carry line breaks or control characters."""
     return "".join(c if c.isprintable() else " " for c in text)[:limit]
@@ -147,9 +152,13 @@ class Engine:
         ]
 
     def stalled(self, now: float | None = None) -> bool:
-        """True when work is pending and nothing was acked or terminated for ``health.stall_timeout``."""
+        """True when work is pending and nothing was acked or terminated for ``health.stall_timeout``.
+
+        A hold is not a stall: the engine is waiting on an output it knows is failing, a restart would not help
+        and would only spend delivery attempts; the publish-errors alert reports that state instead.
+        """
         now = time.monotonic() if now is None else now
-        return self.inflight > 0 and now - self.last_settled > self._settings.health.stall_timeout
+        return self.inflight > 0 and self._holds == 0 and now - self.last_settled > self._settings.health.stall_timeout
 
     async def drain(self, deadline: float) -> None:
         """Finish everything received (intake must already be stopped) until ``deadline`` (monotonic).
@@ -170,6 +179,12 @@ class Engine:
             pass
         for batch in list(self._open_batches):
             for index in list(batch.open):
+                msg = batch.messages[index]
+                if 0 < self._max_deliver <= delivery_count(msg.reply):
+                    log.critical(
+                        "handing back a message on its final delivery at shutdown; the server will not redeliver it",
+                        extra={"subject": msg.subject, "delivered": delivery_count(msg.reply)},
+                    )
                 await self._settle(batch, index, "nak", "", "retried")
         for task in [*self._tasks, *self._finishers]:
             task.cancel()
@@ -299,7 +314,15 @@ class Engine:
             "Cdc-Source-Seq": str(seq),
             "Cdc-Delivered": str(metadata.num_delivered),
         }
-        return _Send(index, f"{dlq.subject_prefix}.{msg.subject}", msg.data, headers, outcome)
+        data = msg.data
+        subject = f"{dlq.subject_prefix}.{msg.subject}"
+        room = self._publisher.max_payload - _header_bytes(headers) - 64
+        if len(data) > room:
+            # The server closes the connection on a message larger than max_payload, headers included. Keep what
+            # fits; the whole original stays in the source stream at Cdc-Source-Seq.
+            headers["Cdc-Body-Truncated"] = str(len(data))
+            data = data[: max(0, room - 64)]
+        return _Send(index, subject, data, headers, outcome)
 
     async def _finish(self, batch: _Batch, sends: list[_Send]) -> None:
         try:

@@ -101,6 +101,8 @@ class RedisDedupStore:
         if not event_ids:
             return []
         if self._skip():
+            if self._on_error:
+                self._on_error("lookup")
             return None
         keys = [self._prefix + event_id for event_id in event_ids]
         try:

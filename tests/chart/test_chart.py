@@ -434,6 +434,12 @@ def test_render_fails_when_termination_grace_is_too_short(values: dict[str, Any]
 # HPA, PDB, existing Secret, monitoring
 
 
+def test_an_external_autoscaler_owns_replicas_when_replica_count_is_null(tmp_path: Path) -> None:
+    docs = render({"replicaCount": None}, tmp=tmp_path)
+    assert "replicas" not in only(docs, "Deployment")["spec"]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+
+
 def test_hpa_replaces_replicas() -> None:
     docs = render(None, CHART / "ci" / "hpa-values.yaml")
     assert "replicas" not in only(docs, "Deployment")["spec"]

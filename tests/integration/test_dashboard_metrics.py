@@ -15,7 +15,7 @@ async def test_dashboard_and_alert_metrics_are_exported(js, start_service) -> No
     await ensure_input(js)
     svc = start_service()
     await feed(js, "cdc.acme.messages", body("messages"))
-    # One dead letter too: the per-reason dead-letter series only exists once a message was dead-lettered.
+    # One dead letter too, so the dead-letter series carry a real sample, not only their start-up zero.
     await feed(js, "cdc.acme.messages", b"not json")
     assert await wait_count(js, OUTPUT, 1) == 1
     await consumer_settled(js)

@@ -242,3 +242,22 @@ def test_replay_msg_id_is_stable_and_unique_per_stored_message() -> None:
     later = _entry(stored_at=STORED.timestamp() + 60)
     assert replay_msg_id("cdc_dlq_stream", entry) != replay_msg_id("cdc_dlq_stream", later)
     assert replay_msg_id("cdc_dlq_stream", _entry(stored_at=None)) == "replay:cdc_dlq_stream:3"
+
+
+def test_a_truncated_dead_letter_is_not_replayed() -> None:
+    entry = DeadLetterEntry(
+        seq=4,
+        subject="dlq.cdc.acme.messages",
+        reason="payload_too_large",
+        detail="",
+        source_subject="cdc.acme.messages",
+        source_stream="cdc_events_stream",
+        source_seq=77,
+        delivered=1,
+        stored_at=None,
+        data=b"{",
+        truncated_from=5000,
+    )
+    problem = replay_problem(entry, "cdc_events_stream")
+    assert "5000 bytes" in problem
+    assert "77" in problem

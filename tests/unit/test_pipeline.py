@@ -14,7 +14,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cdc_service.config import DlqSettings, IngestSettings, PublishSettings, Settings
+from cdc_service.config import DlqSettings, HealthSettings, IngestSettings, PublishSettings, Settings
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import Outcome
 from cdc_service.engine import Engine
@@ -22,6 +22,7 @@ from cdc_service.metrics import Metrics
 from cdc_service.ports import PubAck
 from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
 from cdc_service.worker import BatchPreparer
+from tests.integration.helpers import wait_until
 from tests.sequin import body, encode
 
 FAST_PUBLISH = PublishSettings(max_hold=0.3, retry_initial=0.01, retry_max=0.05, timeout=0.2)
@@ -685,3 +686,32 @@ async def test_nothing_to_drain(executor: ThreadPoolExecutor) -> None:
     assert engine.inflight == 0
     assert h.publisher.published == []
     assert not engine.stalled()
+
+
+async def test_a_dead_letter_too_large_for_the_server_is_cut_to_fit(executor: ThreadPoolExecutor) -> None:
+    publisher = FakePublisher(max_payload=1500)
+    h = harness(executor, publisher=publisher)
+    poison = FakeMessage("cdc.acme.messages", b"x" * 1400, seq=3)
+    await h.run([poison])
+    [dead] = publisher.published
+    header_bytes = 12 + sum(len(k) + len(v) + 4 for k, v in dead.headers.items())
+    assert len(dead.payload) + header_bytes <= 1500
+    assert dead.headers["Cdc-Body-Truncated"] == "1400"
+    assert dead.payload == b"x" * len(dead.payload)
+    assert poison.termed == 1
+
+
+async def test_a_hold_is_not_a_stall(executor: ThreadPoolExecutor) -> None:
+    publisher = FakePublisher(failing=True)
+    settings = Settings(
+        publish=PublishSettings(max_hold=0.5, retry_initial=0.01, retry_max=0.02, timeout=0.1),
+        health=HealthSettings(stall_timeout=0.01),
+    )
+    h = harness(executor, publisher=publisher, settings=settings)
+    engine = h.build()
+    await engine.start()
+    await engine.on_message(message(seq=1))
+    await engine.on_message(message(seq=2, lsn=2, message_id="m2"))
+    await wait_until(lambda: engine._holds == 1, timeout=5, what="the hold to begin")
+    assert engine.stalled(time.monotonic() + 60) is False
+    await engine.drain(time.monotonic() + 0.2)
