@@ -84,6 +84,14 @@ class stop_when(stop_base):  # noqa: N801 (named like tenacity's own stop condit
         return self._condition()
 
 
+def _report_unexpected_end(task: asyncio.Task[None]) -> None:
+    """These tasks run until drain cancels them; ending otherwise is a bug that the stall guard will act on."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical(
+            "%s ended unexpectedly; liveness will fail once work is stuck", task.get_name(), exc_info=task.exception()
+        )
+
+
 def _header_bytes(headers: dict[str, str]) -> int:
     """Wire size of a NATS header block (``NATS/1.0``, ``name: value`` lines, the blank line)."""
     return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
@@ -150,6 +158,8 @@ class Engine:
             asyncio.create_task(self._publish_in_order(), name="cdc-publisher"),
             asyncio.create_task(self._keep_alive(), name="cdc-keepalive"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(_report_unexpected_end)
 
     def stalled(self, now: float | None = None) -> bool:
         """True when work is pending and nothing was acked or terminated for ``health.stall_timeout``.
