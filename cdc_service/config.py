@@ -62,6 +62,7 @@ class IngestSettings:
     max_payload_bytes: int = 1024 * 1024
     stream_replicas: int = 1
     stream_max_age: float = 7 * 86400.0
+    consumer_check_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,7 @@ def _validate(s: Settings) -> None:
         ("ingest.fetch_timeout_ms", s.ingest.fetch_timeout_ms),
         ("ingest.max_payload_bytes", s.ingest.max_payload_bytes),
         ("ingest.stream_replicas", s.ingest.stream_replicas),
+        ("ingest.consumer_check_interval", s.ingest.consumer_check_interval),
         ("publish.duplicate_window", s.publish.duplicate_window),
         ("publish.timeout", s.publish.timeout),
         ("publish.retry_initial", s.publish.retry_initial),

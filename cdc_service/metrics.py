@@ -97,6 +97,22 @@ class Metrics:
         )
         self.nats_connected = Gauge("cdc_consumer_nats_connected", "1 while connected to NATS.", registry=registry)
         self.nats_reconnects = Counter("cdc_consumer_nats_reconnects_total", "NATS reconnections.", registry=registry)
+        self.consumer_recreated = Counter(
+            "cdc_consumer_consumer_recreated_total",
+            "Times the durable consumer was found deleted while running and created again.",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "cdc_consumer_backlog_messages",
+            "Messages in the input stream not yet delivered to the durable (its num_pending), read by the consumer "
+            "watchdog; a scaling signal.",
+            registry=registry,
+        )
+        self.ack_floor = Gauge(
+            "cdc_consumer_ack_floor_sequence",
+            "Stream sequence below which the durable has everything acked; a recreated durable resumes after it.",
+            registry=registry,
+        )
         self.handler_errors = Counter(
             "cdc_consumer_handler_errors_total",
             "Unexpected exceptions while handling messages (a bug): the messages are nak'ed with a delay.",

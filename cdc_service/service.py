@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from cdc_service.adapters.nats_jetstream import (
@@ -23,6 +25,7 @@ from cdc_service.adapters.nats_jetstream import (
     PullIntake,
     PushIntake,
     connect,
+    ensure_consumer,
     provision,
 )
 from cdc_service.adapters.redis_dedup import RedisDedupStore
@@ -38,6 +41,7 @@ T = TypeVar("T")
 
 _LOOP_STALE_AFTER = 10.0
 _REDIS_PROBE_PERIOD = 2.0
+_STREAM_NOT_FOUND = 10059  # JetStream API error code; 10014 is "consumer not found"
 
 
 def available_cpus() -> int:
@@ -86,6 +90,9 @@ class Service:
             on_error=lambda op: self.metrics.redis_errors.labels(op).inc(),
         )
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
+        self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
         self._intake: PushIntake | PullIntake | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -197,6 +204,8 @@ class Service:
             return False, {**detail, "reason": "not connected to NATS"}
         if self._intake is None or not self._intake.active:
             return False, {**detail, "reason": "not bound to the consumer"}
+        if self._consumer_problem is not None:
+            return False, {**detail, "reason": self._consumer_problem}
         detail["nats"] = "connected"
         if redis_state == "degraded":
             detail["redis_detail"] = "unreachable; deduplicating with JetStream's window only"
@@ -213,7 +222,7 @@ class Service:
             on_closed=self._on_closed,
         )
         self.metrics.nats_connected.set(1)
-        js = self._nc.jetstream(timeout=10)
+        js = self._js = self._nc.jetstream(timeout=10)
         consumer = await provision(js, settings)
         publisher = PipelinedPublisher(self._nc)
         await publisher.start()
@@ -231,6 +240,7 @@ class Service:
             self._intake = push
         self._background = [
             asyncio.create_task(self._summarise(), name="cdc-summary"),
+            asyncio.create_task(self._watch_consumer(), name="cdc-consumer-watchdog"),
         ]
         self._ready = True
 
@@ -265,6 +275,45 @@ class Service:
             up = await loop.run_in_executor(self._executor, self.dedup.probe)
             self.metrics.redis_up.set(1 if up else 0)
             await asyncio.sleep(_REDIS_PROBE_PERIOD)
+
+    async def _watch_consumer(self) -> None:
+        """Recreate the durable if someone deletes it while we run; without this the replica idles forever."""
+        while True:
+            await asyncio.sleep(self.settings.ingest.consumer_check_interval)
+            try:
+                await self._check_consumer()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnected, timeout: nothing to decide now, ask again next period
+                log.debug("consumer check failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+
+    async def _check_consumer(self) -> None:
+        ingest, js = self.settings.ingest, self._js
+        assert js is not None
+        try:
+            info = await js.consumer_info(ingest.stream, ingest.durable)
+            self._ack_floor = max(self._ack_floor, int(info.ack_floor.stream_seq or 0))
+            self.metrics.ack_floor.set(self._ack_floor)
+            self.metrics.backlog.set(info.num_pending or 0)
+            self._consumer_problem = None
+            return
+        except NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                # Streams are only created at start-up: a stream deleted under us is an operator's decision.
+                self._consumer_problem = "input stream missing"
+                log.error("input stream is missing; not recreating it", extra={"stream": ingest.stream})
+                return
+        self._consumer_problem = "consumer missing"
+        log.warning("durable consumer is missing; recreating it", extra={"consumer": ingest.durable})
+        # Resume after the last ack floor this replica saw: everything up to it was acked; what follows and was
+        # already published comes again and is dropped by the dedup windows (Redis TTL, JetStream's window).
+        await ensure_consumer(js, ingest, resume_after=self._ack_floor)
+        # No re-bind in either mode: push keeps its core subscription on the fixed deliver subject and queue group,
+        # which the new consumer delivers to; pull fetches by durable name. tests/integration/
+        # test_consumer_recreated.py proves both keep receiving.
+        self.metrics.consumer_recreated.inc()
+        self._consumer_problem = None
+        log.info("durable consumer recreated", extra={"consumer": ingest.durable})
 
     async def _summarise(self) -> None:
         while True:

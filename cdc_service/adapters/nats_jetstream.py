@@ -174,9 +174,27 @@ def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
     return config
 
 
-async def ensure_consumer(js: JetStreamContext, ingest: IngestSettings) -> ConsumerConfig:
-    """Create or update the durable; ``add_consumer`` is create-or-update for editable fields."""
+async def ensure_consumer(
+    js: JetStreamContext, ingest: IngestSettings, *, resume_after: int | None = None
+) -> ConsumerConfig:
+    """Create or update the durable; ``add_consumer`` is create-or-update for editable fields.
+
+    An existing consumer keeps where it starts (deliver policy and start sequence cannot be updated, and a consumer
+    recreated to resume mid-stream must stay valid for every later start-up). ``resume_after`` creates it to
+    deliver from the stream sequence after that one instead of from the stream's start.
+    """
     config = consumer_config(ingest)
+    try:
+        existing = (await js.consumer_info(ingest.stream, ingest.durable)).config
+    except NotFoundError:
+        existing = None
+    if existing is not None:
+        config.deliver_policy = existing.deliver_policy
+        config.opt_start_seq = existing.opt_start_seq
+        config.opt_start_time = existing.opt_start_time
+    elif resume_after is not None and resume_after > 0:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = resume_after + 1
     try:
         await js.add_consumer(ingest.stream, config)
     except BadRequestError as exc:

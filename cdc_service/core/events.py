@@ -192,5 +192,8 @@ class EventBuilder:
         event_time = metadata.get("commit_timestamp")
         if isinstance(event_time, str):
             head["event_time"] = event_time
-        payload = orjson.dumps({**head, "row_data": record})
+        try:
+            payload = orjson.dumps({**head, "row_data": record})
+        except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
+            raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
         return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))

@@ -29,7 +29,11 @@ def token_problem(value: str) -> str | None:
     """Return why ``value`` cannot be one subject token, or ``None`` when it can."""
     if not value:
         return "is empty"
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > MAX_TOKEN_BYTES:
         return f"is longer than {MAX_TOKEN_BYTES} bytes"
     if _UNSAFE.search(value):
         return "contains '.', '*', '>', whitespace or a control character"

@@ -146,6 +146,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("ingest.batch_size", {"ingest": {"batch_size": "many"}}),
     ("ingest.batch_size", {"ingest": {"batch_size": True}}),
     ("ingest.ack_wait", {"ingest": {"ack_wait": "soon"}}),
+    ("ingest.consumer_check_interval", {"ingest": {"consumer_check_interval": 0}}),
     ("ingest.subject_layout", {"ingest": {"subject_layout": "cdc.{tenant}.{table}"}}),
     ("ingest.subject_layout", {"ingest": {"subject_layout": "cdc.{company}"}}),
     ("ingest.subjects", {"ingest": {"subjects": []}}),

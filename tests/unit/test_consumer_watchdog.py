@@ -1,0 +1,88 @@
+"""The consumer watchdog's decisions, against a stand-in JetStream context: readiness while the durable is gone,
+recreation on "consumer not found", and no recreation when the stream itself is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+from cdc_service.config import HttpSettings, Settings
+from cdc_service.service import Service
+
+
+class FakeJs:
+    def __init__(self, service: Service, error: Exception | None) -> None:
+        self.service = service
+        self.error = error
+        self.created: list[Any] = []
+        self.readiness_while_creating: tuple[bool, dict[str, Any]] | None = None
+
+    async def consumer_info(self, stream: str, durable: str) -> Any:
+        if self.error is not None:
+            raise self.error
+        return SimpleNamespace(name=durable, ack_floor=SimpleNamespace(stream_seq=0), num_pending=0)
+
+    async def add_consumer(self, stream: str, config: Any) -> Any:
+        self.readiness_while_creating = self.service.readiness()
+        self.created.append((stream, config.durable_name))
+        self.error = None
+        return SimpleNamespace(name=config.durable_name)
+
+
+@pytest.fixture(autouse=True)
+def _close_services() -> Iterator[None]:
+    yield
+    for service in _made:
+        service.http._server.server_close()  # bound in the constructor, never served
+        service._executor.shutdown(wait=False)
+        service._loop.close()
+        service.dedup.close()
+    _made.clear()
+
+
+_made: list[Service] = []
+
+
+def running_service(error: Exception | None) -> tuple[Service, FakeJs]:
+    service = Service(dataclasses.replace(Settings(), http=HttpSettings(host="127.0.0.1", port=0)))
+    _made.append(service)
+    service._nc = SimpleNamespace(is_connected=True)  # type: ignore[assignment]
+    service._intake = SimpleNamespace(active=True)  # type: ignore[assignment]
+    service._ready = True
+    js = FakeJs(service, error)
+    service._js = js  # type: ignore[assignment]
+    return service, js
+
+
+def test_a_missing_consumer_is_recreated_and_readiness_says_so_meanwhile() -> None:
+    service, js = running_service(NotFoundError(code=404, err_code=10014, description="consumer not found"))
+    assert service.readiness()[0]
+    asyncio.run(service._check_consumer())
+    assert js.created == [("cdc_events_stream", "cdc_consumers")]
+    assert js.readiness_while_creating == (False, {"redis": "ok", "reason": "consumer missing"})
+    assert service.readiness()[0]
+    assert service.metrics.consumer_recreated._value.get() == 1
+
+
+def test_a_missing_stream_is_not_recreated_and_keeps_the_service_unready() -> None:
+    service, js = running_service(NotFoundError(code=404, err_code=10059, description="stream not found"))
+    asyncio.run(service._check_consumer())
+    assert js.created == []
+    assert service.readiness() == (False, {"redis": "ok", "reason": "input stream missing"})
+    js.error = None  # the operator recreated the stream (and with it, at the next check, the consumer exists)
+    asyncio.run(service._check_consumer())
+    assert service.readiness()[0]
+
+
+def test_other_errors_are_left_for_the_next_period() -> None:
+    service, js = running_service(ServiceUnavailableError(code=503, description="JetStream not available"))
+    with pytest.raises(ServiceUnavailableError):  # _watch_consumer logs it at debug and asks again next period
+        asyncio.run(service._check_consumer())
+    assert js.created == []
+    assert service.readiness()[0]

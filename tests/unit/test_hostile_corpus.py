@@ -1,0 +1,69 @@
+"""The hostile corpus (tests/corpus/hostile.py) through EventBuilder.plan with a real pysimdjson parser."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+import simdjson
+
+from cdc_service.config import Settings
+from cdc_service.core.events import EventBuilder
+from cdc_service.core.outcomes import DeadLetter, Publish, Reason, Skip
+from cdc_service.core.subjects import SubjectLayout
+from tests.corpus.hostile import CASES, MAX_PAYLOAD_BYTES, PUBLISHED, SKIPPED, Case
+
+ROUTES = Settings().routes
+
+
+def _params() -> list[Any]:
+    out = []
+    for case in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+        out.append(pytest.param(case, id=case.name, marks=marks))
+    return out
+
+
+def test_corpus_is_large_and_covers_every_poison_reason() -> None:
+    assert len(CASES) >= 35
+    expected = Counter(case.expected for case in CASES)
+    poison = {r.value for r in Reason} - {Reason.MAX_DELIVERIES.value}
+    assert poison <= set(expected), poison - set(expected)
+    assert expected[SKIPPED] and expected[PUBLISHED]
+    assert len({(c.subject, c.data, c.layout) for c in CASES}) == len(CASES), "cases must be distinct"
+
+
+@pytest.mark.parametrize("case", _params())
+def test_hostile_case_gets_its_documented_outcome(case: Case) -> None:
+    builder = EventBuilder(SubjectLayout(case.layout), ROUTES, MAX_PAYLOAD_BYTES)
+    outcome = builder.plan(case.subject, case.data, simdjson.Parser())
+    if case.expected == SKIPPED:
+        assert isinstance(outcome, Skip), outcome
+    elif case.expected == PUBLISHED:
+        assert isinstance(outcome, Publish), outcome
+        event = orjson.loads(outcome.payload)
+        assert event["event_id"] == outcome.event_id == case.event_id
+        company = case.subject.split(".")[1]
+        assert event["company_id"] == company
+        assert event["row_data"]["company_id"] == company
+        assert outcome.subject.split(".")[:2] == ["wa", company]
+    else:
+        assert isinstance(outcome, DeadLetter), outcome
+        assert outcome.reason == case.expected, outcome
+        assert outcome.detail and "\n" not in outcome.detail
+
+
+def test_outcome_does_not_depend_on_parser_history() -> None:
+    """One parser reused across the whole corpus (as a worker thread does) gives the same outcomes as fresh ones."""
+    parser = simdjson.Parser()
+    builders = {
+        layout: EventBuilder(SubjectLayout(layout), ROUTES, MAX_PAYLOAD_BYTES) for layout in {c.layout for c in CASES}
+    }
+    for case in CASES:
+        if case.xfail:
+            continue
+        shared = builders[case.layout].plan(case.subject, case.data, parser)
+        fresh = builders[case.layout].plan(case.subject, case.data, simdjson.Parser())
+        assert shared == fresh, case.name
