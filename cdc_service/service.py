@@ -80,6 +80,7 @@ class Service:
         self._stopping = False
         self._ready = False
         self._loop_tick = time.monotonic()
+        self._unhealthy = False  # liveness already reported failing (log the critical line once per episode)
         self._loop = _new_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="cdc-loop", daemon=True)
         self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix="cdc-worker")
@@ -182,15 +183,22 @@ class Service:
     # ---------------------------------------------------------------------------------------------- probes
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """The panic guard: fails when the loop is wedged or work is stuck; the first failure is logged critically,
+        so the restart the orchestrator is about to do has its reason in the log."""
         now = time.monotonic()
+        reason = ""
         if now - self._loop_tick > _LOOP_STALE_AFTER:
-            return False, {"reason": f"event loop has not run for {now - self._loop_tick:.0f}s"}
-        engine = self.engine
-        if engine is not None and engine.stalled(now):
-            return False, {
-                "reason": f"{engine.inflight} messages pending and nothing acked for {now - engine.last_settled:.0f}s"
-            }
-        return True, {}
+            reason = f"event loop has not run for {now - self._loop_tick:.0f}s"
+        elif self.engine is not None and self.engine.stalled(now):
+            engine = self.engine
+            reason = f"{engine.inflight} messages pending and nothing acked for {now - engine.last_settled:.0f}s"
+        if not reason:
+            self._unhealthy = False
+            return True, {}
+        if not self._unhealthy:
+            self._unhealthy = True
+            log.critical("liveness failing: %s", reason)
+        return False, {"reason": reason}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         redis_state = "ok" if self.dedup.available else "degraded"

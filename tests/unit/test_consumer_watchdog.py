@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -86,3 +87,18 @@ def test_other_errors_are_left_for_the_next_period() -> None:
         asyncio.run(service._check_consumer())
     assert js.created == []
     assert service.readiness()[0]
+
+
+def test_a_stall_fails_liveness_and_is_logged_critically_once(caplog: pytest.LogCaptureFixture) -> None:
+    service, _ = running_service(None)
+    stuck = True
+    service.engine = SimpleNamespace(  # type: ignore[assignment]
+        stalled=lambda now: stuck, inflight=3, last_settled=time.monotonic() - 200
+    )
+    with caplog.at_level("CRITICAL", logger="cdc_service.service"):
+        first, second = service.liveness(), service.liveness()
+    assert first[0] is False and second[0] is False
+    assert "3 messages pending" in first[1]["reason"]
+    assert [r.levelname for r in caplog.records].count("CRITICAL") == 1
+    stuck = False
+    assert service.liveness() == (True, {})
