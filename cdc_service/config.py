@@ -92,6 +92,7 @@ class RedisSettings:
     password: str = ""
     socket_timeout: float = 0.5
     retry_interval: float = 1.0
+    tls_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,9 @@ def _section(name: str, cls: type[Any], raw: Any) -> Any:
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown setting; known: {', '.join(sorted(known))}")
+        if f"{name}.{key}" in SECRET_KEYS and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            # _coerce would quote the value in its message: never echo a secret.
+            raise ConfigError(f"{name}.{key}: expected a string (value not shown: it is a secret)")
         values[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
     return cls(**values)
 
@@ -297,6 +301,11 @@ def _validate(s: Settings) -> None:
         _check_url(f"nats.url[{i}]", url, ("nats", "tls", "ws", "wss"))
     _require(bool(s.nats.url), "nats.url", "at least one server URL is required")
     _check_url("redis.url", s.redis.url, ("redis", "rediss", "unix"))
+    _require(
+        not s.redis.tls_ca_file or s.redis.url.startswith("rediss://"),
+        "redis.tls_ca_file",
+        "is only used with a rediss:// redis.url",
+    )
     _require(s.redis.mode in ("standalone", "cluster"), "redis.mode", f"{s.redis.mode!r} is not standalone or cluster")
     _require(s.ingest.mode in ("push", "pull"), "ingest.mode", f"{s.ingest.mode!r} is not push or pull")
     try:

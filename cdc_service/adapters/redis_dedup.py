@@ -59,6 +59,8 @@ class RedisDedupStore:
         }
         if redis_settings.password:
             common["password"] = redis_settings.password
+        if redis_settings.tls_ca_file:  # validation allows it with rediss:// only, where redis-py takes it
+            common["ssl_ca_certs"] = redis_settings.tls_ca_file
         self._client: Any
         if self._cluster:
             self._client = redis.RedisCluster.from_url(redis_settings.url, **common)
