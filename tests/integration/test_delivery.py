@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import pytest
@@ -31,6 +33,32 @@ SEQUIN_LAYOUT = {
 }
 
 
+@dataclass(frozen=True)
+class Mode:
+    """An intake mode: the settings that select it and the durable the helpers inspect."""
+
+    name: str
+    consumer: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        return {**self.overrides, **extra}
+
+
+MODES = {
+    "push": Mode("push", "cdc_consumers"),
+    # A durable that exists as push cannot become pull, so pull mode uses a durable of its own.
+    "pull": Mode("pull", "cdc_pull", {"ingest.mode": "pull", "ingest.durable": "cdc_pull"}),
+}
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request: pytest.FixtureRequest) -> Mode:
+    return MODES[request.param]
+
+
+# Push only: the drift being corrected is the push durable's (deliver subject, queue group); a pull durable has
+# neither, and a push durable cannot be turned into a pull one.
 async def test_streams_and_consumer_are_created_and_drift_is_corrected(js, start_service) -> None:
     await js.add_stream(StreamConfig(name=OUTPUT, subjects=["wa.>"], duplicate_window=30))
     await ensure_input(js)
@@ -70,6 +98,9 @@ async def test_existing_streams_keep_what_the_operator_set(js, start_service) ->
     assert created.max_age == 14 * 86400
 
 
+# Push only: this guards the deliver-subject race of concurrent start-ups (each replica moving the consumer to its
+# own inbox); pull replicas fetch by durable name and have no deliver subject to race on. The load spread of both
+# modes is covered by test_three_replicas_share_the_load_and_publish_each_event_once.
 async def test_two_replicas_started_together_both_receive(js, start_service) -> None:
     first = start_service(wait=False, name="a")
     second = start_service(wait=False, name="b")
@@ -100,15 +131,15 @@ async def test_two_replicas_started_together_both_receive(js, start_service) -> 
 )
 @pytest.mark.parametrize("layout", ["cdc", "sequin"])
 async def test_each_table_is_published_once_with_msg_id(
-    js, start_service, table, expected_subject, ids, layout
+    js, start_service, mode, table, expected_subject, ids, layout
 ) -> None:
     if layout == "cdc":
         await ensure_input(js)
-        start_service()
+        start_service(**mode.settings())
         subject = f"cdc.acme.{table}"
     else:
         await ensure_input(js, ["sequin.changes.>"])
-        start_service(**SEQUIN_LAYOUT)
+        start_service(**mode.settings(**SEQUIN_LAYOUT))
         subject = f"sequin.changes.chatdb.public.{table}.insert"
     doc = body(table, lsn=1632321)
     await feed(js, subject, doc)
@@ -125,20 +156,26 @@ async def test_each_table_is_published_once_with_msg_id(
     assert list(event["row_data"]) == list(record(table))
     assert event["action"] == "insert"
     assert event["event_time"] == doc["metadata"]["commit_timestamp"]
-    info = await consumer_settled(js)
+    info = await consumer_settled(js, mode.consumer)
     assert info.num_ack_pending == 0
+    assert info.num_pending == 0
+    if mode.name == "pull":
+        assert info.config.deliver_subject is None
 
 
-async def test_same_change_twice_is_published_once_and_both_acked(js, start_service) -> None:
+async def test_same_change_twice_is_published_once_and_both_acked(js, start_service, mode) -> None:
     await ensure_input(js)
-    svc = start_service()
+    svc = start_service(**mode.settings())
     doc = body(lsn=77)
     await feed(js, "cdc.acme.messages", doc)
     await feed(js, "cdc.acme.messages", doc)
     # Two changes to one row in one transaction: same commit_lsn, different commit_idx.
     await feed(js, "cdc.acme.messages", body(lsn=88, idx=0))
     await feed(js, "cdc.acme.messages", body(lsn=88, idx=1, status="read"))
-    info = await consumer_settled(js)
+    await wait_until(
+        lambda: svc.metric("cdc_consumer_events_total", {"table": "messages"}) >= 4, what="all four handled"
+    )
+    info = await consumer_settled(js, mode.consumer)
     assert info.num_ack_pending == 0
     assert info.num_pending == 0
     ids = [p["event_id"] for p in payloads(await read_all(js, OUTPUT))]
@@ -146,39 +183,43 @@ async def test_same_change_twice_is_published_once_and_both_acked(js, start_serv
     assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "duplicate"}) == 1
 
 
-async def test_redis_marker_drops_a_replay_older_than_the_window(js, start_service, redis_client) -> None:
+async def test_redis_marker_drops_a_replay_older_than_the_window(js, start_service, redis_client, mode) -> None:
     await ensure_input(js)
     redis_client.set("dedup:5:messages:msg-1", "")
-    svc = start_service()
+    svc = start_service(**mode.settings())
     await feed(js, "cdc.acme.messages", body(lsn=5))
     await feed(js, "cdc.acme.messages", body(lsn=6))
     assert await wait_count(js, OUTPUT, 1) == 1
-    await consumer_settled(js)
+    await consumer_settled(js, mode.consumer)
     assert [p["event_id"] for p in payloads(await read_all(js, OUTPUT))] == ["6:messages:msg-1"]
     assert svc.metric("cdc_consumer_dedup_lookups_total", {"result": "hit"}) == 1
     assert redis_client.ttl("dedup:6:messages:msg-1") > 250
 
 
-async def test_publish_failure_holds_the_message_then_publishes_exactly_once(js, start_service, redis_client) -> None:
+async def test_publish_failure_holds_the_message_then_publishes_exactly_once(
+    js, start_service, redis_client, mode
+) -> None:
     await ensure_input(js)
     svc = start_service(
-        **{"ingest.ack_wait": 2, "publish.timeout": 0.5, "publish.retry_max": 0.3, "publish.max_hold": 30}
+        **mode.settings(
+            **{"ingest.ack_wait": 2, "publish.timeout": 0.5, "publish.retry_max": 0.3, "publish.max_hold": 30}
+        )
     )
     await js.delete_stream(OUTPUT)  # the output is gone: every publish gets "no responders"
     seq = await feed(js, "cdc.acme.messages", body(lsn=42))
     await wait_until(lambda: svc.metric("cdc_consumer_publish_errors_total") >= 3, what="publish retries")
     # The point is a duration: for 2.5 x AckWait the message stays held by this replica, never redelivered,
-    # because in_progress keeps extending its AckWait.
+    # because in_progress keeps extending its AckWait (in pull mode just the same: a fetched message has an AckWait).
     held_until = time.monotonic() + 5.0
     while time.monotonic() < held_until:
-        info = await js.consumer_info(INPUT, "cdc_consumers")
+        info = await js.consumer_info(INPUT, mode.consumer)
         assert info.num_ack_pending == 1
         assert info.num_redelivered == 0
         await asyncio.sleep(0.25)  # sampling interval of an invariant check, not a wait for an event
     assert redis_client.exists("dedup:42:messages:msg-1") == 0  # no marker before the PubAck
     await js.add_stream(StreamConfig(name=OUTPUT, subjects=["wa.>"], duplicate_window=120))
     assert await wait_count(js, OUTPUT, 1) == 1
-    info = await consumer_settled(js)
+    info = await consumer_settled(js, mode.consumer)
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
     await wait_until(lambda: redis_client.exists("dedup:42:messages:msg-1") == 1, what="marker after PubAck")
@@ -187,10 +228,12 @@ async def test_publish_failure_holds_the_message_then_publishes_exactly_once(js,
     assert seq == 1
 
 
-async def test_publish_failure_beyond_max_hold_naks_and_redelivery_publishes_once(js, start_service) -> None:
+async def test_publish_failure_beyond_max_hold_naks_and_redelivery_publishes_once(js, start_service, mode) -> None:
     await ensure_input(js)
     svc = start_service(
-        **{"ingest.max_deliver": 5, "publish.timeout": 0.3, "publish.retry_max": 0.1, "publish.max_hold": 0.5}
+        **mode.settings(
+            **{"ingest.max_deliver": 5, "publish.timeout": 0.3, "publish.retry_max": 0.1, "publish.max_hold": 0.5}
+        )
     )
     await js.delete_stream(OUTPUT)
     await feed(js, "cdc.acme.messages", body(lsn=9))
@@ -199,20 +242,22 @@ async def test_publish_failure_beyond_max_hold_naks_and_redelivery_publishes_onc
         what="a nak after max_hold",
     )
     await js.add_stream(StreamConfig(name=OUTPUT, subjects=["wa.>"]))
-    await consumer_settled(js, timeout=30)
+    info = await consumer_settled(js, mode.consumer, timeout=30)
+    assert info.num_ack_pending == 0
+    assert info.num_pending == 0
     assert await count(js, OUTPUT) == 1
     assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "published"}) == 1
 
 
-async def test_redis_outage_fails_open_and_recovers(js, start_service, redis_server, redis_client) -> None:
+async def test_redis_outage_fails_open_and_recovers(js, start_service, redis_server, redis_client, mode) -> None:
     await ensure_input(js)
-    svc = start_service()
+    svc = start_service(**mode.settings())
     try:
         redis_server.stop()
         for i in range(20):
             await feed(js, "cdc.acme.messages", body(lsn=100 + i, message_id=f"m{i}"))
         assert await wait_count(js, OUTPUT, 20) == 20
-        await consumer_settled(js)
+        await consumer_settled(js, mode.consumer)
         assert svc.metric("cdc_consumer_dedup_lookups_total", {"result": "error"}) >= 1
 
         def degraded() -> bool:
@@ -228,19 +273,23 @@ async def test_redis_outage_fails_open_and_recovers(js, start_service, redis_ser
     await wait_until(lambda: redis_client.exists("dedup:500:messages:after") == 1, what="markers written again")
 
 
-async def test_events_of_one_chat_keep_their_order(js, start_service) -> None:
+async def test_events_of_one_chat_keep_their_order(js, start_service, mode) -> None:
     await ensure_input(js)
-    start_service(**{"ingest.batch_size": 16})
+    svc = start_service(**mode.settings(**{"ingest.batch_size": 16}))
     for i in range(600):
         await feed(js, "cdc.acme.messages", body(lsn=1000 + i, message_id=f"m{i}"))
     assert await wait_count(js, OUTPUT, 600) == 600
     lsns = [int(p["event_id"].split(":")[0]) for p in payloads(await read_all(js, OUTPUT))]
     assert lsns == list(range(1000, 1600))
+    info = await consumer_settled(js, mode.consumer)
+    assert info.num_ack_pending == 0
+    assert info.num_redelivered == 0
+    assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "published"}) == 600
 
 
-async def test_sigterm_finishes_in_flight_work_and_exits_zero(js, start_service) -> None:
+async def test_sigterm_finishes_in_flight_work_and_exits_zero(js, start_service, mode) -> None:
     await ensure_input(js)
-    svc = start_service()
+    svc = start_service(**mode.settings())
     for i in range(3000):
         await js.publish("cdc.acme.messages", orjson.dumps(body(lsn=i + 1, message_id=f"m{i}")))
     await wait_until(lambda: count(js, OUTPUT), what="publishing started")
@@ -249,24 +298,36 @@ async def test_sigterm_finishes_in_flight_work_and_exits_zero(js, start_service)
     code = await asyncio.get_running_loop().run_in_executor(None, svc.wait, 25)
     assert code == 0
     assert time.monotonic() - started < 15
-    info = await js.consumer_info(INPUT, "cdc_consumers")
+    info = await js.consumer_info(INPUT, mode.consumer)
     assert info.num_ack_pending == 0  # nothing left waiting for AckWait: finished, or handed back at once
     published = await count(js, OUTPUT)
     assert published + info.num_pending == 3000
     assert any(line.get("message") == "stopped" for line in svc.logs())
 
 
-async def test_pull_mode_publishes_in_order_and_dedups(js, start_service) -> None:
+async def test_three_replicas_share_the_load_and_publish_each_event_once(js, start_service, mode) -> None:
     await ensure_input(js)
-    svc = start_service(**{"ingest.mode": "pull", "ingest.durable": "cdc_pull", "ingest.batch_size": 32})
-    for i in range(300):
-        await feed(js, "cdc.acme.messages", body(lsn=1 + i, message_id=f"m{i}"))
-    await feed(js, "cdc.acme.messages", body(lsn=1, message_id="m0"))  # a repeat
-    assert await wait_count(js, OUTPUT, 300) == 300
-    info = await consumer_settled(js, "cdc_pull")
+    # Default batch_size (256): with events arriving while all three replicas wait, pull fetches spread them
+    # evenly (about 1,000 each in trials), so no smaller batch is needed to keep a replica from starving the others.
+    replicas = [start_service(wait=False, name=f"r{i}", **mode.settings()) for i in range(3)]
+    for replica in replicas:
+        replica.wait_ready()
+    tables = ("messages", "chats", "agents")
+    total = 3000
+    for i in range(total):
+        table, company = tables[i % 3], f"co{i % 5}"
+        await js.publish(f"cdc.{company}.{table}", orjson.dumps(body(table, lsn=i + 1, company_id=company)))
+    assert await wait_count(js, OUTPUT, total, timeout=30) == total
+    info = await consumer_settled(js, mode.consumer)
+    assert info.num_pending == 0
     assert info.num_ack_pending == 0
-    assert info.config.deliver_subject is None
-    lsns = [int(p["event_id"].split(":")[0]) for p in payloads(await read_all(js, OUTPUT))]
-    assert lsns == list(range(1, 301))
-    assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "duplicate"}) == 1
-    assert svc.stop() == 0
+    ids = [p["event_id"] for p in payloads(await read_all(js, OUTPUT))]
+    assert len(ids) == total
+    assert len(set(ids)) == total
+    assert {int(i.split(":")[0]) for i in ids} == set(range(1, total + 1))
+    shares = [
+        sum(r.metric("cdc_consumer_events_total", {"table": t, "result": "published"}) for t in tables)
+        for r in replicas
+    ]
+    assert sum(shares) == total
+    assert all(share > total / 10 for share in shares), shares
