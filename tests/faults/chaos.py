@@ -1,0 +1,586 @@
+"""Fault-injection harness: real servers, two replicas, a steady producer, one fault (or all of them), a verifier.
+
+Every run owns its nats-server and redis-server (free ports, a temp dir) because it kills them, and two replicas of
+``python -m cdc_service`` with short timings. A producer publishes a known set of Sequin events (three tables,
+several companies, a few poison bodies) at a steady pace; the injectors break one thing at a time while events flow.
+Afterwards the verifier reads all of ``wa_stream``, the durable's info and the dead-letter stream and answers
+with one line: ``events=N faults=K lost=0 duplicated=0 dead_lettered=D``.
+
+``python -m tests.faults.chaos --events 20000`` (``make chaos``) runs every scenario, then all of them together.
+Waiting is always polling with a deadline; the only sleeps are the pacing of the producer and the length of an
+outage that a fault is meant to last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy
+from nats.js.errors import NotFoundError
+
+from tests.sequin import body
+from tests.servers import NatsServer, Process, RedisServer, ServiceProcess
+
+INPUT = "cdc_events_stream"
+OUTPUT = "wa_stream"
+DLQ = "cdc_dlq_stream"
+DURABLE = "cdc_consumers"
+TABLES = ("messages", "chats", "agents")
+COMPANIES = 5
+
+SCENARIOS = ("nats_kill", "redis_kill", "replica_kill", "output_reject", "rolling_restart")
+ALL = "all"
+
+# Short timings so that a run takes seconds: AckWait 2 s, PubAck wait 0.5 s, retries every ≤ 0.3 s.
+# max_deliver is raised from 3 so that a message caught by several faults in a row (a killed replica, then a
+# draining one) is not dead-lettered as max_deliveries: the suite checks that only poison reaches the DLQ.
+SERVICE_SETTINGS: dict[str, Any] = {
+    "ingest.ack_wait": 2,
+    "ingest.max_deliver": 10,
+    "ingest.consumer_check_interval": 1,
+    "publish.timeout": 0.5,
+    "publish.retry_initial": 0.1,
+    "publish.retry_max": 0.3,
+    "nats.reconnect_wait": 0.2,
+    "nats.connect_timeout": 1,
+    "redis.socket_timeout": 0.2,
+    "redis.retry_interval": 0.5,
+    "shutdown.grace_seconds": 5,
+    "workers.pool_size": 4,
+    "log.summary_interval": 5,
+}
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class Event:
+    subject: str
+    data: bytes
+    event_id: str | None  # None: poison, must end up in the dead-letter stream
+
+
+def _poison(i: int, company: str) -> bytes:
+    kind = i % 3
+    if kind == 0:
+        return b'{"record": {"id": %d, "company_id": "%s"' % (i, company.encode())  # invalid_json (truncated)
+    doc = body("messages", lsn=i + 1, company_id=company, message_id=f"m{i}", agent_id=f"a{i % 40}")
+    if kind == 1:
+        del doc["metadata"]  # missing_field
+    else:
+        doc["record"]["company_id"] = "someone-else"  # tenant_mismatch
+    return orjson.dumps(doc)
+
+
+def make_events(count: int, poison: int) -> list[Event]:
+    """``count`` events (``poison`` of them poison, spread evenly); every good one has a distinct ``event_id``."""
+    poison_at = {int((k + 0.5) * count / poison) for k in range(poison)} if poison else set()
+    out: list[Event] = []
+    for i in range(count):
+        table = TABLES[i % len(TABLES)]
+        company = f"co{i % COMPANIES}"
+        subject = f"cdc.{company}.{table}"
+        if i in poison_at:
+            out.append(Event(subject, _poison(i, company), None))
+            continue
+        ids: dict[str, Any] = {"company_id": company, "agent_id": f"a{i % 40}"}
+        if table == "messages":
+            ids.update(message_id=f"m{i}", chat_id=f"c{i % 200}")
+            pk = f"m{i}"
+        elif table == "chats":
+            ids.update(chat_id=f"c{i}")
+            pk = f"c{i}"
+        else:
+            ids.update(agent_id=f"a{i}")
+            pk = f"a{i}"
+        out.append(Event(subject, orjson.dumps(body(table, lsn=i + 1, **ids)), f"{i + 1}:{table}:{pk}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Result:
+    scenario: str
+    events: int
+    faults: int
+    lost: list[str]
+    duplicated: dict[str, int]
+    unexpected: list[str]
+    dead_lettered: int
+    poison: int
+    unexpected_dead_letters: list[str]
+    num_pending: int
+    num_ack_pending: int
+    num_redelivered: int
+    wall: float
+    notes: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+    workdir: str = ""
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"events={self.events} faults={self.faults} lost={len(self.lost)} "
+            f"duplicated={len(self.duplicated)} dead_lettered={self.dead_lettered}"
+        )
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.lost
+            and not self.duplicated
+            and not self.unexpected
+            and not self.unexpected_dead_letters
+            and self.dead_lettered == self.poison
+            and self.num_pending == 0
+            and self.num_ack_pending == 0
+        )
+
+    def fault_problems(self) -> list[str]:
+        """Ways in which the injected fault did not do what it should (so a pass would prove nothing)."""
+        problems = []
+        expected_faults = {"rolling_restart": 2, ALL: len(SCENARIOS) + 1}.get(self.scenario, 1)
+        if self.faults != expected_faults:
+            problems.append(f"{self.faults} faults injected, expected {expected_faults}")
+        if self.scenario in ("output_reject", ALL):
+            if self.stats.get("reject_publish_errors", 0) <= 0:
+                problems.append("the output never refused a publish")
+            if self.stats.get("reject_max_redelivered", 0) != 0:
+                problems.append("messages were redelivered while the output refused publishes (AckWait expired)")
+        if self.scenario in ("rolling_restart", ALL):
+            for index in (0, 1):
+                if self.stats.get(f"sigterm_exit_{index}") != 0:
+                    problems.append(f"replica{index} exited {self.stats.get(f'sigterm_exit_{index}')} on SIGTERM")
+        return problems
+
+    def evidence(self) -> str:
+        return (
+            f"{self.scenario}: {self.summary} poison={self.poison} pending={self.num_pending} "
+            f"ack_pending={self.num_ack_pending} redelivered={self.num_redelivered} "
+            f"lost[:10]={self.lost[:10]} duplicated[:10]={list(self.duplicated.items())[:10]} "
+            f"unexpected[:10]={self.unexpected[:10]} unexpected_dlq[:10]={self.unexpected_dead_letters[:10]} "
+            f"notes={self.notes} fault_problems={self.fault_problems()} logs={self.workdir}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the cluster
+
+
+async def _poll(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Await ``check()`` until it is truthy; ``TimeoutError`` after ``timeout`` s (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = await check()
+            if value:
+                return value
+        except Exception as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s (last error: {last!r})")
+        await asyncio.sleep(interval)  # poll interval of a deadline loop
+
+
+class Chaos:
+    """Owns the servers, the replicas, the producer and the injectors of one run. Use ``async with``."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any] | None = None, replicas: int = 2) -> None:
+        self.workdir = workdir
+        self.settings = {**SERVICE_SETTINGS, **(settings or {})}
+        self.replica_count = replicas
+        self.nats = NatsServer(workdir)
+        self.redis = RedisServer(workdir)
+        self.replicas: list[ServiceProcess] = []
+        self.retired: list[Process] = []
+        self.nc: Client | None = None
+        self.published = 0
+        self.faults = 0
+        self.notes: list[str] = []
+        self.stats: dict[str, float] = {}
+        self._starts = 0
+
+    # -------------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Chaos:
+        try:
+            await asyncio.to_thread(self.nats.start)
+            await asyncio.to_thread(self.redis.start)
+            for i in range(self.replica_count):
+                self.replicas.append(self._new_replica(i))
+            await asyncio.gather(*(asyncio.to_thread(r.wait_ready, 30) for r in self.replicas))
+            self.nc = await self._connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            try:
+                await asyncio.wait_for(self.nc.close(), 5)
+            except Exception:
+                pass
+            self.nc = None
+        for proc in [*self.replicas, *self.retired, self.redis, self.nats]:
+            try:
+                await asyncio.to_thread(proc.stop, 10)
+            except Exception:
+                pass
+
+    def _new_replica(self, index: int) -> ServiceProcess:
+        self._starts += 1
+        svc = ServiceProcess(
+            self.workdir, self.nats.url, self.redis.url, name=f"replica{index}-{self._starts}", **self.settings
+        )
+        svc.start()
+        return svc
+
+    async def _connect(self) -> Client:
+        async def quiet(exc: Exception) -> None:
+            pass  # refused (re)connects while nats-server is down are the point of the fault
+
+        return await nats.connect(
+            self.nats.url,
+            error_cb=quiet,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            connect_timeout=1,
+            name="chaos",
+        )
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self.nc is not None
+        return self.nc.jetstream(timeout=2)
+
+    async def _replicas_ready(self, timeout: float = 30) -> None:
+        await asyncio.gather(*(asyncio.to_thread(r.wait_ready, timeout) for r in self.replicas))
+
+    # -------------------------------------------------------------------- producer
+
+    async def produce(self, events: list[Event], rate: float, hold_back: asyncio.Event | None = None) -> None:
+        """Publish ``events`` to the input stream at ``rate``/s, each retried (same Nats-Msg-Id) until stored.
+
+        With ``hold_back``, the last 10 % trickle out at a twentieth of the rate until it is set, so that faults
+        that take longer than the main flow still happen while events arrive.
+        """
+        nc = await self._connect()
+        try:
+            js = nc.jetstream(timeout=1)
+            tail = int(len(events) * 0.9) if hold_back is not None else len(events)
+            trickle = max(rate / 20, 10.0)
+            next_at = time.monotonic()
+            for i, event in enumerate(events):
+                ahead = next_at - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # pacing of a steady producer, not a wait for a condition
+                await self._publish_stored(js, i, event)
+                self.published = i + 1
+                slow = i >= tail and hold_back is not None and not hold_back.is_set()
+                next_at = max(next_at + 1 / (trickle if slow else rate), time.monotonic() - 0.5)
+        finally:
+            await nc.close()
+
+    async def _publish_stored(self, js: JetStreamContext, i: int, event: Event, timeout: float = 60) -> None:
+        headers = {"Nats-Msg-Id": f"chaos-{i}"}  # a retried publish is stored once in the input stream
+
+        async def attempt() -> bool:
+            await js.publish(event.subject, event.data, headers=headers)
+            return True
+
+        await _poll(attempt, timeout, f"input publish {i}", interval=0.05)
+
+    async def wait_published(self, count: int, timeout: float = 120) -> None:
+        async def reached() -> bool:
+            return self.published >= count
+
+        await _poll(reached, timeout, f"{count} events published", interval=0.01)
+
+    # -------------------------------------------------------------------- faults
+
+    async def kill_nats(self, outage: float = 1.0) -> None:
+        """SIGKILL nats-server, keep it down for ``outage`` s, restart it on the same port and store directory."""
+        delivered = await self._delivered_seq()
+        await asyncio.to_thread(self.nats.kill)
+        self.faults += 1
+        killed_at = time.monotonic()
+        await asyncio.sleep(outage)  # the length of the outage
+        await asyncio.to_thread(self.nats.start)
+        await self._replicas_ready()
+        await self._acked_through(delivered)
+        self.notes.append(f"nats-server SIGKILL, down {outage:.1f}s; acked through {time.monotonic() - killed_at:.1f}s")
+
+    async def kill_redis(self, outage: float = 1.0) -> None:
+        """SIGKILL redis-server; restart it empty (no persistence) on the same port."""
+        await asyncio.to_thread(self.redis.kill)
+        self.faults += 1
+        await asyncio.sleep(outage)  # the length of the outage
+        await asyncio.to_thread(self.redis.start)
+
+    async def kill_replica(self, index: int = 0, mid_batch_timeout: float = 2.0) -> None:
+        """SIGKILL one replica while it has messages in flight (if seen within the timeout), then start a new one."""
+        victim = self.replicas[index]
+        deadline = time.monotonic() + mid_batch_timeout
+        inflight = 0.0
+        while time.monotonic() < deadline:
+            inflight = await asyncio.to_thread(victim.metric, "cdc_consumer_inflight_messages")
+            if inflight > 0:
+                break
+            await asyncio.sleep(0.005)  # poll interval of a deadline loop
+        await asyncio.to_thread(victim.kill)
+        self.faults += 1
+        killed_at = time.monotonic()
+        delivered = await self._delivered_seq()
+        self.stats["killed_inflight"] = inflight
+        self.retired.append(victim)
+        self.replicas[index] = self._new_replica(index)
+        await self._replicas_ready()
+        await self._acked_through(delivered)
+        recovery = time.monotonic() - killed_at
+        self.notes.append(f"replica{index} SIGKILL with inflight={inflight:.0f}; acked through it in {recovery:.1f}s")
+
+    async def _delivered_seq(self) -> int:
+        info = await self.js.consumer_info(INPUT, DURABLE)
+        return int(info.delivered.stream_seq or 0) if info.delivered else 0
+
+    async def _acked_through(self, seq: int, timeout: float = 30) -> None:
+        """Poll until the durable's ack floor reaches ``seq``: whatever was delivered before is settled."""
+        js = self.js
+
+        async def reached() -> bool:
+            info = await js.consumer_info(INPUT, DURABLE)
+            floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            return floor >= seq or (info.num_ack_pending == 0 and info.num_pending == 0)
+
+        await _poll(reached, timeout, f"ack floor at stream seq {seq}")
+
+    async def rolling_restart(self) -> None:
+        """SIGTERM each replica in turn, wait for its exit, start its successor and wait until it is ready."""
+        for index, old in enumerate(list(self.replicas)):
+            old.signal(15)
+            code = await asyncio.to_thread(old.wait, float(self.settings["shutdown.grace_seconds"]) + 10)
+            self.faults += 1
+            self.notes.append(f"replica{index} SIGTERM exit={code}")
+            self.stats[f"sigterm_exit_{index}"] = code
+            self.retired.append(old)
+            self.replicas[index] = self._new_replica(index)
+            await self._replicas_ready()
+
+    async def reject_output(self, hold: float | None = None) -> None:
+        """Make ``wa_stream`` refuse publishes (max_msgs = current count, discard new) for > 2 x AckWait, then relieve.
+
+        Returns once the limit is lifted. ``cdc_consumer_publish_errors_total`` must have grown meanwhile.
+        """
+        hold = hold if hold is not None else 2 * float(self.settings["ingest.ack_wait"]) + 1.0
+        js = self.js
+        # what an earlier fault left for redelivery (a killed replica's messages) is settled first, so that the
+        # redeliveries watched below are the ones this fault causes
+        await self._acked_through(await self._delivered_seq())
+        errors_before = await self._publish_errors()
+        info = await js.stream_info(OUTPUT)
+        config = info.config
+        config.max_msgs = int(info.state.messages)
+        config.discard = DiscardPolicy.NEW
+        await js.update_stream(config)
+        self.faults += 1
+        redelivered = 0
+        try:
+            end = time.monotonic() + hold
+            while time.monotonic() < end:  # the outage lasts ``hold`` s; meanwhile watch for redeliveries
+                info = await js.consumer_info(INPUT, DURABLE)
+                redelivered = max(redelivered, int(info.num_redelivered or 0))
+                await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))
+        finally:
+            info = await js.stream_info(OUTPUT)
+            config = info.config
+            config.max_msgs = -1
+            config.discard = DiscardPolicy.OLD
+            await js.update_stream(config)
+        errors = await self._publish_errors() - errors_before
+        self.stats["reject_publish_errors"] = errors
+        self.stats["reject_max_redelivered"] = redelivered
+        self.notes.append(f"output rejected {hold:.1f}s: publish_errors+={errors:.0f}, max redelivered={redelivered}")
+
+    async def _publish_errors(self) -> float:
+        values = await asyncio.gather(
+            *(asyncio.to_thread(r.metric, "cdc_consumer_publish_errors_total") for r in self.replicas)
+        )
+        return float(sum(values))
+
+    async def inject(self, scenario: str) -> None:
+        if scenario == "nats_kill":
+            await self.kill_nats()
+        elif scenario == "redis_kill":
+            await self.kill_redis()
+        elif scenario == "replica_kill":
+            await self.kill_replica(0)
+        elif scenario == "rolling_restart":
+            await self.rolling_restart()
+        elif scenario == "output_reject":
+            await self.reject_output()
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}")
+
+    # -------------------------------------------------------------------- verification
+
+    async def verify(self, scenario: str, events: list[Event], wall_start: float, settle: float = 60) -> Result:
+        js = self.js
+
+        async def settled() -> Any:
+            info = await js.consumer_info(INPUT, DURABLE)
+            return info if info.num_pending == 0 and info.num_ack_pending == 0 else None
+
+        try:
+            info = await _poll(settled, settle, "consumer settled", interval=0.05)
+        except TimeoutError:
+            info = await js.consumer_info(INPUT, DURABLE)
+        redeliveries = await asyncio.gather(
+            *(asyncio.to_thread(r.metric, "cdc_consumer_redeliveries_total") for r in self.replicas)
+        )
+        self.notes.append(f"redeliveries seen by the live replicas={sum(redeliveries):.0f}")
+        ids = await self._read_event_ids()
+        dlq_bodies = await self._read_dlq()
+        expected = [e.event_id for e in events if e.event_id is not None]
+        poison = {e.data for e in events if e.event_id is None}
+        counts = Counter(ids)
+        expected_set = set(expected)
+        return Result(
+            scenario=scenario,
+            events=len(events),
+            faults=self.faults,
+            lost=[i for i in expected if i not in counts],
+            duplicated={i: n for i, n in counts.items() if n > 1},
+            unexpected=sorted(i for i in counts if i not in expected_set),
+            dead_lettered=len(dlq_bodies),
+            poison=sum(1 for e in events if e.event_id is None),
+            unexpected_dead_letters=[reason for data, reason in dlq_bodies if data not in poison],
+            num_pending=int(info.num_pending or 0),
+            num_ack_pending=int(info.num_ack_pending or 0),
+            num_redelivered=int(info.num_redelivered or 0),
+            wall=time.monotonic() - wall_start,
+            notes=list(self.notes),
+            stats=dict(self.stats),
+            workdir=str(self.workdir),
+        )
+
+    async def _read_all(self, stream: str, subject: str, timeout: float = 60) -> list[Msg]:
+        """Every message of ``stream``, read once with an ordered consumer."""
+        js = self.js
+        try:
+            total = int((await js.stream_info(stream)).state.messages)
+        except NotFoundError:
+            return []
+        if total == 0:
+            return []
+        out: list[Msg] = []
+        done = asyncio.Event()
+
+        async def on_message(msg: Msg) -> None:
+            out.append(msg)
+            if len(out) >= total:
+                done.set()
+
+        sub = await js.subscribe(
+            subject,
+            stream=stream,
+            cb=on_message,
+            ordered_consumer=True,
+            pending_msgs_limit=total + 1024,
+            pending_bytes_limit=1024 * 1024 * 1024,
+        )
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def _read_event_ids(self) -> list[str]:
+        return [str(orjson.loads(m.data)["event_id"]) for m in await self._read_all(OUTPUT, "wa.>")]
+
+    async def _read_dlq(self) -> list[tuple[bytes, str]]:
+        return [(m.data, (m.headers or {}).get("Cdc-Error-Reason", "")) for m in await self._read_all(DLQ, "dlq.>")]
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+async def run_scenario(
+    scenario: str, workdir: Path, events: int = 2000, rate: float = 400.0, poison: int = 5, at: float = 0.3
+) -> Result:
+    """Start a fresh cluster, produce ``events`` at ``rate``/s, inject ``scenario`` (or ``all``, one after the
+    other) once ``at`` of them were published, then verify."""
+    scenarios = list(SCENARIOS) if scenario == ALL else [scenario]
+    batch = make_events(events, poison)
+    async with Chaos(workdir) as chaos:
+        wall_start = time.monotonic()
+        faults_done = asyncio.Event()
+
+        async def injector() -> None:
+            try:
+                for k, name in enumerate(scenarios):
+                    share = at + (0.8 - at) * k / len(scenarios)
+                    await chaos.wait_published(int(events * share))
+                    await chaos.inject(name)
+            finally:
+                faults_done.set()
+
+        tasks = [asyncio.create_task(chaos.produce(batch, rate, faults_done)), asyncio.create_task(injector())]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return await chaos.verify(scenario, batch, wall_start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=20000, help="events per scenario (default 20000)")
+    parser.add_argument("--rate", type=float, default=2000.0, help="producer events per second (default 2000)")
+    parser.add_argument("--poison", type=int, default=10, help="poison events per scenario (default 10)")
+    parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, ALL], help="default: each, then all")
+    parser.add_argument("--keep", action="store_true", help="keep the working directories (logs) even on success")
+    parser.add_argument("--verbose", action="store_true", help="also print the details of each run to stderr")
+    args = parser.parse_args(argv)
+    failed = 0
+    for scenario in args.scenario or [*SCENARIOS, ALL]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{scenario}-"))
+        result = asyncio.run(run_scenario(scenario, workdir, args.events, args.rate, args.poison))
+        print(f"{scenario:<16} {result.summary} wall={result.wall:.1f}s", flush=True)
+        if not result.ok or result.fault_problems():
+            failed += 1
+            print(f"  FAILED {result.evidence()}", file=sys.stderr, flush=True)
+        elif args.verbose:
+            print(f"  {result.evidence()}", file=sys.stderr, flush=True)
+        if result.ok and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
