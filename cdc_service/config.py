@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from cdc_service.core.routes import Route, RouteError, compile_route
 from cdc_service.core.subjects import LayoutError, SubjectLayout, covers, token_problem
@@ -307,6 +307,14 @@ def _validate(s: Settings) -> None:
         "is only used with a rediss:// redis.url",
     )
     _require(s.redis.mode in ("standalone", "cluster"), "redis.mode", f"{s.redis.mode!r} is not standalone or cluster")
+    if s.redis.mode == "cluster":
+        parts = urlsplit(s.redis.url)
+        _require(parts.scheme in ("redis", "rediss"), "redis.url", "must be redis:// or rediss:// in cluster mode")
+        _require(
+            parts.path in ("", "/", "/0") and parse_qs(parts.query).get("db", ["0"]) == ["0"],
+            "redis.url",
+            "cluster mode has database 0 only: use redis://host:port or redis://host:port/0",
+        )
     _require(s.ingest.mode in ("push", "pull"), "ingest.mode", f"{s.ingest.mode!r} is not push or pull")
     try:
         SubjectLayout(s.ingest.subject_layout)

@@ -16,11 +16,15 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from cdc_service.config import DedupSettings, RedisSettings, mask_url
 
 log = logging.getLogger("cdc_service.redis")
+
+# RedisClusterException ("cannot be connected", raised when no cluster node answers) is not a RedisError.
+_ERRORS = (redis.RedisError, RedisClusterException)
 
 # One SET per key in a single script call: about 1 us of Python per key instead of ~10 us for a pipelined SET.
 _MARK_SCRIPT = """
@@ -61,15 +65,24 @@ class RedisDedupStore:
             common["password"] = redis_settings.password
         if redis_settings.tls_ca_file:  # validation allows it with rediss:// only, where redis-py takes it
             common["ssl_ca_certs"] = redis_settings.tls_ca_file
-        self._client: Any
+        self._client: Any = None
+        self._script: Any = None
         if self._cluster:
-            self._client = redis.RedisCluster.from_url(redis_settings.url, **common)
-            self._script = None
+            # redis-py's cluster client connects as soon as it is built; build it on first use instead, so an
+            # unreachable cluster at start-up fails open like a standalone Redis rather than stopping the service.
+            self._cluster_args = (redis_settings.url, common)
         else:
             self._client = redis.Redis.from_url(
                 redis_settings.url, max_connections=pool_size + 4, health_check_interval=30, **common
             )
             self._script = self._client.register_script(_MARK_SCRIPT)
+
+    def _cluster_client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                url, common = self._cluster_args
+                self._client = redis.RedisCluster.from_url(url, **common)
+            return self._client
 
     @property
     def available(self) -> bool:
@@ -109,14 +122,14 @@ class RedisDedupStore:
         keys = [self._prefix + event_id for event_id in event_ids]
         try:
             if self._cluster:
-                pipe = self._client.pipeline()
+                pipe = self._cluster_client().pipeline()
                 for key in keys:
                     pipe.exists(key)
                 values = pipe.execute()
                 found = [bool(v) for v in values]
             else:
                 found = [v is not None for v in self._client.mget(keys)]
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             self._failed("lookup", exc)
             return None
         self._succeeded()
@@ -134,11 +147,11 @@ class RedisDedupStore:
             if self._script is not None:
                 self._script(keys=keys, args=[self._ttl])
             else:
-                pipe = self._client.pipeline()
+                pipe = self._cluster_client().pipeline()
                 for key in keys:
                     pipe.set(key, b"", ex=self._ttl)
                 pipe.execute()
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             self._failed("mark", exc)
             return False
         self._succeeded()
@@ -147,12 +160,13 @@ class RedisDedupStore:
     def probe(self) -> bool:
         """Ping Redis so readiness reflects an outage (or its end) even while no events flow."""
         try:
-            self._client.ping()
-        except redis.RedisError as exc:
+            (self._cluster_client() if self._cluster else self._client).ping()
+        except _ERRORS as exc:
             self._failed("ping", exc)
             return False
         self._succeeded()
         return True
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
