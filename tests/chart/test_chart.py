@@ -311,7 +311,7 @@ TEXT_SETTINGS: dict[str, Any] = {
     "publish.stream": "wa_out",
     "publish.subjects": ["wa.>", "wb.>"],
     "dedup.key_prefix": "dd:",
-    "redis.url": "rediss://redis:6380/2",
+    "redis.url": "rediss://redis:6380/0",
     "redis.tls_ca_file": "/etc/redis/ca.pem",
     "redis.mode": "cluster",
     "dlq.stream": "dlq_out",
