@@ -96,7 +96,7 @@ class Process:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def stop(self, timeout: float = 20.0) -> int | None:  # above the tests' shutdown.grace_seconds (10)
         if self.proc is None:
             return None
         if self.proc.poll() is None:
