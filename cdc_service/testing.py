@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cdc_service.ports import PubAck, PublishRejected
 
@@ -121,3 +123,79 @@ class FakeDedupStore:
             return False
         self.marked.update(event_ids)
         return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample Sequin messages, shaped like the real NATS sink's (docs/schemas.md): for tests, benchmarks and the demo.
+
+SAMPLE_RECORDS: dict[str, dict[str, Any]] = {
+    "messages": {
+        "id": 1,
+        "message_id": "msg-1",
+        "chat_id": "chat-1",
+        "agent_id": "agent-1",
+        "company_id": "acme",
+        "from_user": "6281234567890",
+        "flow": "IN",
+        "type": "text",
+        "status": "delivered",
+        "is_deleted": False,
+        "body": {"text": "hello there"},
+        "message_timestamp": "2026-11-27T04:00:00.000000Z",
+        "created_at": "2026-11-27T04:00:00.123456Z",
+    },
+    "chats": {
+        "id": 2,
+        "chat_id": "chat-1",
+        "agent_id": "agent-1",
+        "company_id": "acme",
+        "push_name": "Ayu",
+        "unread_count": 3,
+        "is_group": False,
+        "last_message": {"text": "hello there"},
+        "updated_at": "2026-11-27T04:00:00.123456Z",
+    },
+    "agents": {
+        "id": 3,
+        "agent_id": "agent-1",
+        "company_id": "acme",
+        "agent_name": "Support 1",
+        "status": "active",
+        "qr_code": None,
+        "version": 7,
+        "updated_at": "2026-11-27T04:00:00.123456Z",
+    },
+}
+
+
+def sample_record(table: str, **overrides: Any) -> dict[str, Any]:
+    """A fresh copy of the sample row of ``table`` with ``overrides`` applied."""
+    row = copy.deepcopy(SAMPLE_RECORDS.get(table, {"id": 9, "company_id": "acme"}))
+    row.update(overrides)
+    return row
+
+
+def sequin_message(
+    table: str,
+    record: dict[str, Any],
+    *,
+    lsn: int | None = 1000,
+    idx: int | None = None,
+    action: str = "insert",
+    commit_timestamp: str = "2026-11-27T04:00:00.123456Z",
+) -> dict[str, Any]:
+    """A Sequin change message carrying ``record``; ``lsn=None`` leaves ``commit_lsn`` out, as backfill reads do."""
+    metadata: dict[str, Any] = {
+        "table_schema": "public",
+        "table_name": table,
+        "commit_timestamp": commit_timestamp,
+        "idempotency_key": "MTAwMDox",
+        "database_name": "chatdb",
+        "transaction_annotations": None,
+        "consumer": {"id": "f47ac10b-58cc-4372-a567-0e02b2c3d479", "name": f"{table}_sink"},
+    }
+    if lsn is not None:
+        metadata["commit_lsn"] = lsn
+    if idx is not None:
+        metadata["commit_idx"] = idx
+    return {"record": record, "changes": None, "action": action, "metadata": metadata}

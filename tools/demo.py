@@ -32,6 +32,7 @@ import nats
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cdc_service.testing import sample_record, sequin_message  # noqa: E402
 from tools.localservers import answers, free_port, nats_command, redis_command  # noqa: E402
 
 BUDGET = 30.0  # seconds for start-up and the demo itself; stopping comes after
@@ -48,66 +49,20 @@ def remaining() -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sample Sequin events (the shapes of tests/sequin.py and docs/schemas.md §1.3)
+# Sample Sequin events (the sample rows of cdc_service.testing; docs/schemas.md §1.3)
 
 
 def sequin(
     table: str, record: dict[str, Any], *, action: str = "insert", lsn: int | None, idx: int | None = None
 ) -> bytes:
-    metadata: dict[str, Any] = {
-        "table_schema": "public",
-        "table_name": table,
-        "commit_timestamp": "2026-11-27T04:00:00.123456Z",
-        "idempotency_key": "MTAwMDox",
-        "database_name": "chatdb",
-        "transaction_annotations": None,
-        "consumer": {"id": "f47ac10b-58cc-4372-a567-0e02b2c3d479", "name": f"{table}_sink"},
-    }
-    if lsn is not None:
-        metadata["commit_lsn"] = lsn
-    if idx is not None:
-        metadata["commit_idx"] = idx
-    return json.dumps({"record": record, "changes": None, "action": action, "metadata": metadata}).encode()
+    return json.dumps(sequin_message(table, record, action=action, lsn=lsn, idx=idx)).encode()
 
 
-MESSAGE = {
-    "id": 1,
-    "message_id": "msg-1",
-    "chat_id": "chat-1",
-    "agent_id": "agent-1",
-    "company_id": "acme",
-    "from_user": "6281234567890",
-    "flow": "IN",
-    "type": "text",
-    "status": "delivered",
-    "is_deleted": False,
-    "body": {"text": "hello there"},
-    "message_timestamp": "2026-11-27T04:00:00.000000Z",
-    "created_at": "2026-11-27T04:00:00.123456Z",
-}
-CHAT = {
-    "id": 2,
-    "chat_id": "chat-1",
-    "agent_id": "agent-1",
-    "company_id": "acme",
-    "push_name": "Ayu",
-    "unread_count": 3,
-    "is_group": False,
-    "last_message": {"text": "hello there"},
-    "updated_at": "2026-11-27T04:00:00.123456Z",
-}
+MESSAGE = sample_record("messages")
+CHAT = sample_record("chats")
 # Poison: another tenant's row on an acme subject. company_id first, so the dead letter's preview shows it.
 POISON = {"company_id": "globex", **{k: v for k, v in MESSAGE.items() if k != "company_id"}, "message_id": "msg-x"}
-AGENT = {
-    "id": 3,
-    "agent_id": "agent-1",
-    "company_id": "acme",
-    "agent_name": "Support 1",
-    "status": "active",
-    "qr_code": None,
-    "version": 7,
-    "updated_at": "2026-11-27T04:00:00.123456Z",
-}
+AGENT = sample_record("agents")
 FIRST = [
     ("cdc.acme.messages", sequin("messages", MESSAGE, lsn=1000), "messages insert msg-1"),
     ("cdc.acme.chats", sequin("chats", CHAT, lsn=1000, idx=1), "chats insert chat-1 (same transaction)"),
