@@ -32,7 +32,11 @@ from cdc_service import config
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "cdc-service"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+# Values every install needs (a non-loopback redis.url); "the defaults" below means the chart's values plus these.
+REQUIRED = Path(__file__).resolve().parent / "required-values.yaml"
 K8S_VERSION = "1.30"
+# The chart's kubeVersion floor and a current release: every object must validate against both.
+K8S_VERSIONS = ("1.25", "1.30")
 RELEASE = "cdc"
 NAME = "cdc-cdc-service"  # the full name of release "cdc"
 CONFIG_DIR = "/etc/cdc-service"
@@ -64,7 +68,7 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _values_args(values: dict[str, Any] | None, files: tuple[Path, ...], tmp: Path | None) -> list[str]:
-    args = [arg for f in files for arg in ("-f", str(f))]
+    args = [arg for f in (REQUIRED, *files) for arg in ("-f", str(f))]
     if values is not None:
         assert tmp is not None
         path = tmp / f"values-{len(list(tmp.glob('values-*.yaml')))}.yaml"
@@ -74,15 +78,35 @@ def _values_args(values: dict[str, Any] | None, files: tuple[Path, ...], tmp: Pa
 
 
 def template(
-    values: dict[str, Any] | None = None, *files: Path, tmp: Path | None = None
+    values: dict[str, Any] | None = None,
+    *files: Path,
+    tmp: Path | None = None,
+    release: str = RELEASE,
+    kube_version: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return helm("template", RELEASE, str(CHART), "--namespace", "cdc", *_values_args(values, files, tmp))
+    version = ["--kube-version", kube_version] if kube_version else []
+    return helm("template", release, str(CHART), "--namespace", "cdc", *version, *_values_args(values, files, tmp))
 
 
-def render(values: dict[str, Any] | None = None, *files: Path, tmp: Path | None = None) -> list[dict[str, Any]]:
-    result = template(values, *files, tmp=tmp)
+def render(
+    values: dict[str, Any] | None = None,
+    *files: Path,
+    tmp: Path | None = None,
+    release: str = RELEASE,
+    kube_version: str | None = None,
+) -> list[dict[str, Any]]:
+    result = template(values, *files, tmp=tmp, release=release, kube_version=kube_version)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def hooks(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+
+
+def objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The release's objects, hooks left out."""
+    return [d for d in docs if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
 
 
 def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -135,9 +159,19 @@ def test_ci_values_files_exist() -> None:
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=_ids)
 def test_lint_strict(values_file: Path | None) -> None:
-    result = helm("lint", "--strict", str(CHART), *(["-f", str(values_file)] if values_file else []))
+    """Each ci/ file stands alone (as chart-testing uses it); the defaults need the required values."""
+    result = helm("lint", "--strict", str(CHART), "-f", str(values_file or REQUIRED))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+    # helm lint reports a template's `fail` as [INFO] and passes: look for it.
+    assert "Fail:" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "[INFO]" not in result.stdout, result.stdout  # icon and maintainers are there
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=_ids)
+def test_ci_values_render_alone(values_file: Path) -> None:
+    result = helm("template", RELEASE, str(CHART), "-f", str(values_file))
+    assert result.returncode == 0, result.stderr
 
 
 def _check_servicemonitor(doc: dict[str, Any]) -> None:
@@ -159,22 +193,65 @@ def _check_prometheusrule(doc: dict[str, Any]) -> None:
             assert ("alert" in rule) != ("record" in rule) and isinstance(rule["expr"], str), rule
 
 
+# The fields of KEDA's ScaledObject (keda.sh/v1alpha1) and of its nats-jetstream trigger, as KEDA documents them.
+_SCALEDOBJECT_SPEC = {
+    "scaleTargetRef",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "pollingInterval",
+    "cooldownPeriod",
+    "advanced",
+    "triggers",
+}
+_NATS_JETSTREAM_METADATA = {
+    "natsServerMonitoringEndpoint",
+    "account",
+    "stream",
+    "consumer",
+    "lagThreshold",
+    "activationLagThreshold",
+    "useHttps",
+}
+
+
+def _check_scaledobject(doc: dict[str, Any]) -> None:
+    assert doc["apiVersion"] == "keda.sh/v1alpha1"
+    spec = doc["spec"]
+    assert set(spec) <= _SCALEDOBJECT_SPEC, set(spec) - _SCALEDOBJECT_SPEC
+    assert set(spec["scaleTargetRef"]) <= {"apiVersion", "kind", "name", "envSourceContainerName"}
+    assert all(isinstance(spec[k], int) for k in ("minReplicaCount", "maxReplicaCount") if k in spec)
+    assert set(spec.get("advanced", {})) <= {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount"}
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "nats-jetstream"
+        metadata = trigger["metadata"]
+        assert set(metadata) <= _NATS_JETSTREAM_METADATA, set(metadata) - _NATS_JETSTREAM_METADATA
+        # KEDA's trigger metadata is a map of strings.
+        assert all(isinstance(v, str) and v for v in metadata.values()), metadata
+
+
 # The CRD kinds have no schema in kubernetes-validate; they get a small structural check instead.
-CRD_CHECKS = {"ServiceMonitor": _check_servicemonitor, "PrometheusRule": _check_prometheusrule}
+CRD_CHECKS = {
+    "ServiceMonitor": _check_servicemonitor,
+    "PrometheusRule": _check_prometheusrule,
+    "ScaledObject": _check_scaledobject,
+}
 
 
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=_ids)
-def test_rendered_manifests_validate_against_kubernetes_schemas(values_file: Path | None) -> None:
-    docs = render(None, *([values_file] if values_file else []))
+def test_rendered_manifests_validate_against_kubernetes_schemas(values_file: Path | None, k8s_version: str) -> None:
+    docs = render(None, *([values_file] if values_file else []), kube_version=f"v{k8s_version}.0")
     assert {"Deployment", "ConfigMap", "Service"} <= {d["kind"] for d in docs}
     for doc in docs:
         labels = doc["metadata"]["labels"]
-        assert labels["app.kubernetes.io/name"] == "cdc-service" and labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        if doc not in hooks(docs):
+            assert labels["app.kubernetes.io/name"] == "cdc-service"
         if doc["kind"] in CRD_CHECKS:
             CRD_CHECKS[doc["kind"]](doc)
             continue
         try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(doc, k8s_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
 
@@ -192,8 +269,9 @@ def test_schema_validation_is_strict(tmp_path: Path) -> None:
 
 
 def test_default_objects(default_docs: list[dict[str, Any]]) -> None:
-    kinds = sorted(d["kind"] for d in default_docs)
+    kinds = sorted(d["kind"] for d in objects(default_docs))
     assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"]
+    assert [d["kind"] for d in hooks(default_docs)] == ["Pod"]  # the `helm test` pod
     assert only(default_docs, "Deployment")["spec"]["replicas"] == 2
 
 
@@ -235,7 +313,9 @@ def test_default_resources(default_docs: list[dict[str, Any]]) -> None:
 
 def test_settings_files(default_docs: list[dict[str, Any]]) -> None:
     assert env(default_docs) == {
-        "SETTINGS_FILES_FOR_DYNACONF": f"{CONFIG_DIR}/settings.toml,{CONFIG_DIR}/.secrets.toml"
+        "SETTINGS_FILES_FOR_DYNACONF": f"{CONFIG_DIR}/settings.toml,{CONFIG_DIR}/.secrets.toml",
+        "CDC_NATS__URL": "nats://nats.nats:4222",  # from required-values.yaml
+        "CDC_REDIS__URL": "redis://redis-master.redis:6379/0",
     }
     (volume,) = [v for v in pod_spec(default_docs)["volumes"] if v["name"] == "config"]
     sources = volume["projected"]["sources"]
@@ -316,7 +396,7 @@ TEXT_SETTINGS: dict[str, Any] = {
     "redis.mode": "cluster",
     "dlq.stream": "dlq_out",
     "dlq.subject_prefix": "dead",
-    "http.host": "127.0.0.1",
+    "http.host": "::",
     "log.level": "DEBUG",
 }
 ROUTES = {
@@ -420,15 +500,16 @@ def test_termination_grace_exceeds_the_drain_deadline(default_docs: list[dict[st
     [
         {"terminationGracePeriodSeconds": 20},
         {"terminationGracePeriodSeconds": 15},
+        {"terminationGracePeriodSeconds": 24},
         {"settings": {"shutdown": {"grace_seconds": 30}}},
         {"settingsToml": "[shutdown]\ngrace_seconds = 45.0\n"},
     ],
-    ids=["equal", "lower", "grace-via-settings", "grace-via-settingsToml"],
+    ids=["equal", "lower", "margin-under-5s", "grace-via-settings", "grace-via-settingsToml"],
 )
 def test_render_fails_when_termination_grace_is_too_short(values: dict[str, Any], tmp_path: Path) -> None:
     result = template(values, tmp=tmp_path)
     assert result.returncode != 0
-    assert "terminationGracePeriodSeconds" in result.stderr and "must be greater than" in result.stderr
+    assert "terminationGracePeriodSeconds" in result.stderr and "must be at least 5 s greater than" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -491,6 +572,426 @@ def test_monitoring_objects() -> None:
     assert dashboard["metadata"]["annotations"] == {"grafana_folder": "CDC"}
     (body,) = dashboard["data"].values()
     assert json.loads(body) == json.loads((CHART / "files" / "dashboard.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a real cluster (issue: service links, drains, spread, guards, secrets, helm test, network policy, KEDA)
+
+
+def _fails(values: dict[str, Any], tmp: Path, *fragments: str, files: tuple[Path, ...] = ()) -> str:
+    result = template(values, *files, tmp=tmp)
+    assert result.returncode != 0, f"rendered although it should not: {values}"
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_no_service_links(default_docs: list[dict[str, Any]]) -> None:
+    """Service links would put CDC_<SERVICE>_PORT=tcp://... into the environment of every pod in the namespace."""
+    assert pod_spec(default_docs)["enableServiceLinks"] is False
+    (test_pod,) = hooks(default_docs)
+    assert test_pod["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize(
+    "label", ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version", "helm.sh/chart"]
+)
+def test_pod_labels_cannot_override_the_charts_own(label: str, tmp_path: Path) -> None:
+    _fails({"podLabels": {"team": "cdc", label: "other"}}, tmp_path, f"podLabels.{label}: the chart sets this label")
+
+
+def test_pod_annotations_cannot_shadow_the_checksums(tmp_path: Path) -> None:
+    _fails({"podAnnotations": {"checksum/secret": "0"}}, tmp_path, "podAnnotations.checksum/secret")
+    _fails({"podAnnotations": {"checksum/anything": "0"}}, tmp_path, "podAnnotations.checksum/anything")
+    docs = render({"podLabels": {"team": "cdc"}, "podAnnotations": {"example.com/x": "v"}}, tmp=tmp_path)
+    template_meta = only(docs, "Deployment")["spec"]["template"]["metadata"]
+    assert template_meta["labels"]["team"] == "cdc"
+    assert template_meta["annotations"]["example.com/x"] == "v"
+
+
+def test_version_label_follows_the_image_tag(tmp_path: Path) -> None:
+    docs = render({"image": {"tag": "2.3.4-rc.1"}}, tmp=tmp_path)
+    for doc in docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/version"] == "2.3.4-rc.1", doc["kind"]
+    assert only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == (
+        "2.3.4-rc.1"
+    )
+    default = only(render(), "Deployment")["metadata"]["labels"]["app.kubernetes.io/version"]
+    assert default == yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["icon"].startswith("https://")
+    assert chart["maintainers"] and all(m["name"] for m in chart["maintainers"])
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_image_digest_wins_over_the_tag(tmp_path: Path) -> None:
+    docs = render({"image": {"repository": "reg.example.com/cdc", "tag": "1.0.0", "digest": DIGEST}}, tmp=tmp_path)
+    assert container(docs)["image"] == f"reg.example.com/cdc@{DIGEST}"
+    (test_pod,) = hooks(docs)
+    assert test_pod["spec"]["containers"][0]["image"] == f"reg.example.com/cdc@{DIGEST}"
+    assert container(render({"image": {"tag": "1.0.0"}}, tmp=tmp_path))["image"] == "cdc-service:1.0.0"
+    _fails({"image": {"digest": "sha256:abc"}}, tmp_path, "image.digest")
+
+
+# --- Drains and spread
+
+
+@pytest.mark.parametrize(
+    ("kube", "expected"), [("v1.25.0", None), ("v1.26.0", "AlwaysAllow"), ("v1.30.0", "AlwaysAllow")]
+)
+def test_pdb_lets_drains_evict_unready_pods(kube: str, expected: str | None) -> None:
+    pdb = only(render(kube_version=kube), "PodDisruptionBudget")
+    assert pdb["spec"].get("unhealthyPodEvictionPolicy") == expected
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+
+
+def test_pdb_policy_can_be_left_to_the_api(tmp_path: Path) -> None:
+    pdb = only(render({"podDisruptionBudget": {"unhealthyPodEvictionPolicy": ""}}, tmp=tmp_path), "PodDisruptionBudget")
+    assert "unhealthyPodEvictionPolicy" not in pdb["spec"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}, "set only one of minAvailable"),
+        ({"replicaCount": 1, "podDisruptionBudget": {"minAvailable": 1}}, "minAvailable (1) is not below"),
+        ({"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 3}}, "minAvailable (3) is not below"),
+        ({"podDisruptionBudget": {"minAvailable": "100%"}}, "minAvailable (100%) blocks every eviction"),
+        ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable (0) blocks every eviction"),
+        ({"podDisruptionBudget": {"maxUnavailable": "0%"}}, "maxUnavailable (0%) blocks every eviction"),
+        (
+            {"autoscaling": {"enabled": True, "minReplicas": 2}, "podDisruptionBudget": {"minAvailable": 2}},
+            "smallest replica count (2)",
+        ),
+        (
+            {
+                "keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222", "minReplicas": 1},
+                "podDisruptionBudget": {"minAvailable": 1},
+            },
+            "smallest replica count (1)",
+        ),
+        ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 4}}, "autoscaling.minReplicas (5)"),
+        (
+            {"keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222", "minReplicas": 5, "maxReplicas": 4}},
+            "keda.minReplicas (5)",
+        ),
+        (
+            {"autoscaling": {"enabled": True}, "keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222"}},
+            "choose one autoscaler",
+        ),
+    ],
+    ids=[
+        "both-set",
+        "one-replica-min-one",
+        "min-equals-replicas",
+        "min-100-percent",
+        "max-zero",
+        "max-zero-percent",
+        "hpa-min",
+        "keda-min",
+        "hpa-min-over-max",
+        "keda-min-over-max",
+        "hpa-and-keda",
+    ],
+)
+def test_disruption_and_scaling_guards(values: dict[str, Any], message: str, tmp_path: Path) -> None:
+    _fails(values, tmp_path, message)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 2}},
+        {"replicaCount": None, "podDisruptionBudget": {"minAvailable": 1}},  # an external autoscaler: unknown
+        {"replicaCount": 1},  # maxUnavailable 1 lets the single pod go
+        {"podDisruptionBudget": {"minAvailable": "50%"}},
+        {"podDisruptionBudget": {"maxUnavailable": "25%"}},
+    ],
+)
+def test_pdbs_that_allow_evictions_render(values: dict[str, Any], tmp_path: Path) -> None:
+    pdb = only(render(values, tmp=tmp_path), "PodDisruptionBudget")["spec"]
+    assert len({"minAvailable", "maxUnavailable"} & set(pdb)) == 1
+
+
+def test_default_topology_spread_is_soft_over_nodes_and_zones(default_docs: list[dict[str, Any]]) -> None:
+    constraints = pod_spec(default_docs)["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in constraints] == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    selector = only(default_docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    for c in constraints:
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway" and c["maxSkew"] == 1
+        assert c["labelSelector"] == {"matchLabels": selector}
+
+
+def test_topology_spread_can_be_replaced_or_turned_off(tmp_path: Path) -> None:
+    mine = [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {}}]
+    assert pod_spec(render({"topologySpreadConstraints": mine}, tmp=tmp_path))["topologySpreadConstraints"] == mine
+    off = pod_spec(render({"defaultTopologySpread": {"enabled": False}}, tmp=tmp_path))
+    assert "topologySpreadConstraints" not in off
+
+
+# --- Render-time guards
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost:6379/0",
+        "rediss://:secret-pw@127.0.0.2:6380/0",
+        "redis://[::1]:6379/0",
+        "redis://LOCALHOST",
+    ],
+)
+def test_loopback_redis_url_is_refused(url: str, tmp_path: Path) -> None:
+    stderr = _fails({"settings": {"redis": {"url": url}}}, tmp_path, "redis.url points at", "loopback")
+    assert "secret-pw" not in stderr
+
+
+def test_the_repository_default_redis_url_is_refused() -> None:
+    """Without the required values, the chart's defaults (the repository's settings.toml) do not render."""
+    result = helm("template", RELEASE, str(CHART))
+    assert result.returncode != 0
+    assert "settings redis.url points at 127.0.0.1" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]"])
+def test_loopback_http_host_is_refused(host: str, tmp_path: Path) -> None:
+    _fails({"settings": {"http": {"host": host}}}, tmp_path, "http.host", "is a loopback address")
+    _fails({"settingsToml": f'[http]\nhost = "{host}"\n'}, tmp_path, "http.host")
+
+
+def test_non_loopback_hosts_render(tmp_path: Path) -> None:
+    values = {"settings": {"http": {"host": "::"}, "redis": {"url": "redis://redis-127.cache:6379/0"}}}
+    assert env(render(values, tmp=tmp_path))["CDC_HTTP__HOST"] == "::"
+
+
+def test_metrics_service_stays_inside_the_cluster_by_default(tmp_path: Path) -> None:
+    _fails({"service": {"type": "LoadBalancer"}}, tmp_path, "service.type LoadBalancer", "allowExternal")
+    _fails({"service": {"type": "NodePort"}}, tmp_path, "service.type NodePort")
+    docs = render({"service": {"type": "NodePort", "allowExternal": True}}, tmp=tmp_path)
+    assert only(docs, "Service")["spec"]["type"] == "NodePort"
+
+
+# --- Secrets
+
+
+def _expand(value: str, variables: dict[str, str]) -> str:
+    """The kubelet's $(VAR) substitution of an env value (enough for the chart's own references)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: variables.get(m.group(1), m.group(0)), value)
+
+
+@pytest.mark.parametrize("password", ["hunter2", "1_000", "0x10", "true", '"quoted"', " lead and trail ", "a$(B)c"])
+def test_per_key_secret_reaches_the_loader_verbatim(
+    password: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-key Secret: each key becomes CDC_<SECTION>__<KEY> with the value exactly as stored, even when dynaconf
+    would read it as another type."""
+    docs = render(None, CHART / "ci" / "secret-keys-values.yaml")
+    spec = pod_spec(docs)
+    entries = container(docs)["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in entries if "valueFrom" in e}
+    assert refs == {
+        "SECRET_NATS_PASSWORD": {"name": "cdc-credentials", "key": "nats-password"},
+        "SECRET_REDIS_PASSWORD": {"name": "cdc-credentials", "key": "redis-password"},
+    }
+    # No .secrets.toml: neither in the volume nor among the settings files.
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    assert [list(src) for src in volume["projected"]["sources"]] == [["configMap"]]
+    assert env(docs)["SETTINGS_FILES_FOR_DYNACONF"] == f"{CONFIG_DIR}/settings.toml"
+    assert "Secret" not in {d["kind"] for d in docs} and "checksum/secret" not in pod_annotations(docs)
+
+    (tmp_path / "settings.toml").write_text(only(docs, "ConfigMap")["data"]["settings.toml"])
+    secret_values = {"SECRET_NATS_PASSWORD": password, "SECRET_REDIS_PASSWORD": "r" + password}
+    for name, value in env(docs).items():
+        monkeypatch.setenv(name, _expand(value.replace(CONFIG_DIR, str(tmp_path)), secret_values))
+    loaded = config.load_settings()
+    assert loaded.nats.password == password
+    assert loaded.redis.password == "r" + password
+
+
+def test_per_key_secret_needs_the_secret_name(tmp_path: Path) -> None:
+    _fails({"secrets": {"existingSecretKeys": {"nats": {"password": "k"}}}}, tmp_path, "needs secrets.existingSecret")
+
+
+CREDENTIALS = {"secrets": {"redis": {"password": "hunter2"}}}
+
+
+def test_secret_checksum_is_salted(tmp_path: Path) -> None:
+    def annotation(salt: str, password: str = "hunter2") -> str:
+        values = {"secrets": {"redis": {"password": password}, "checksumSalt": salt}}
+        return pod_annotations(render(values, tmp=tmp_path))["checksum/secret"]
+
+    salted = annotation("pepper-1")
+    assert re.fullmatch(r"[0-9a-f]{64}", salted)
+    assert annotation("pepper-1") == salted  # stable for a given salt (GitOps renders)
+    assert annotation("pepper-2") != salted  # the salt is an input the pod's readers do not know
+    assert annotation("pepper-1", "hunter3") != salted  # and the secret still rolls the pods
+
+    docs = render({**CREDENTIALS, "secrets": {**CREDENTIALS["secrets"], "checksumSalt": "pepper-1"}}, tmp=tmp_path)
+    assert only(docs, "Secret")["stringData"]["checksum-salt"] == "pepper-1"  # kept for upgrades
+    assert "pepper-1" not in json.dumps(only(docs, "Deployment"))
+    # The salt is never mounted: only .secrets.toml is projected.
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == "config"]
+    assert volume["projected"]["sources"][1]["secret"]["items"] == [{"key": ".secrets.toml", "path": ".secrets.toml"}]
+
+
+def test_secret_checksum_without_a_salt_value_is_random_offline(tmp_path: Path) -> None:
+    """No salt value and no cluster to look the stored one up: a new random salt, consistent within the render."""
+    first, second = (render(CREDENTIALS, tmp=tmp_path) for _ in range(2))
+    assert pod_annotations(first)["checksum/secret"] != pod_annotations(second)["checksum/secret"]
+    salts = [only(d, "Secret")["stringData"]["checksum-salt"] for d in (first, second)]
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", s) for s in salts) and salts[0] != salts[1]
+
+
+def test_no_salt_when_the_secret_holds_no_credential(default_docs: list[dict[str, Any]]) -> None:
+    assert "checksum-salt" not in only(default_docs, "Secret")["stringData"]
+
+
+# --- helm test, NetworkPolicy
+
+
+def test_helm_test_pod_calls_readyz_through_the_service(default_docs: list[dict[str, Any]]) -> None:
+    (pod,) = hooks(default_docs)
+    assert pod["kind"] == "Pod"
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    service = only(default_docs, "Service")
+    # The Service must not select the test pod.
+    assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    assert c["args"] == [f"http://{NAME}.cdc.svc:8080/readyz"]
+    assert c["image"] == container(default_docs)["image"]
+    assert c["securityContext"] == container(default_docs)["securityContext"]
+    assert c["resources"]["limits"]
+    assert pod["spec"]["restartPolicy"] == "Never" and pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_helm_test_script_fails_on_a_non_ready_answer(default_docs: list[dict[str, Any]]) -> None:
+    """The test pod's script, run here against a local server: exit 0 on 200, non-zero on 503."""
+    import http.server
+    import threading
+
+    (pod,) = hooks(default_docs)
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "-c"]
+    status = {"code": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"])
+            self.end_headers()
+            self.wfile.write(b'{"status": "x"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/readyz"
+        ok = subprocess.run([sys.executable, "-c", command[2], url], capture_output=True, timeout=30, check=False)
+        assert ok.returncode == 0, ok.stderr
+        status["code"] = 503
+        bad = subprocess.run([sys.executable, "-c", command[2], url], capture_output=True, timeout=30, check=False)
+        assert bad.returncode != 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_helm_test_can_be_turned_off(tmp_path: Path) -> None:
+    assert not hooks(render({"tests": {"enabled": False}}, tmp=tmp_path))
+
+
+def test_network_policy_is_off_by_default(default_docs: list[dict[str, Any]]) -> None:
+    assert "NetworkPolicy" not in {d["kind"] for d in default_docs}
+
+
+def test_network_policy() -> None:
+    docs = render(None, CHART / "ci" / "keda-values.yaml")
+    policy = only(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"] == {"matchLabels": only(docs, "Deployment")["spec"]["selector"]["matchLabels"]}
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert monitoring in ingress["from"]
+    (test_pod,) = hooks(docs)
+    assert any(
+        peer.get("podSelector", {}).get("matchLabels", {}).items() <= test_pod["metadata"]["labels"].items()
+        and "podSelector" in peer
+        for peer in ingress["from"]
+    )
+    nats, redis, dns = policy["egress"]
+    # The ports come from the effective URLs (nats://nats.nats:4222,nats://nats-1.nats:4223; redis ...:6380).
+    assert nats["ports"] == [{"port": 4222, "protocol": "TCP"}, {"port": 4223, "protocol": "TCP"}]
+    assert nats["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "nats"}}}]
+    assert redis["ports"] == [{"port": 6380, "protocol": "TCP"}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+
+
+def test_network_policy_default_ports(tmp_path: Path) -> None:
+    values = {
+        "networkPolicy": {"enabled": True},
+        "settings": {"nats": {"url": ["nats://a", "tls://b:7422"]}, "redis": {"url": "rediss://r.cache/0"}},
+    }
+    nats, redis, _ = only(render(values, tmp=tmp_path), "NetworkPolicy")["spec"]["egress"]
+    assert [p["port"] for p in nats["ports"]] == [4222, 7422]
+    assert [p["port"] for p in redis["ports"]] == [6379]
+    assert "to" not in nats  # any destination on those ports
+
+
+# --- KEDA
+
+
+def test_keda_is_off_by_default(default_docs: list[dict[str, Any]]) -> None:
+    assert "ScaledObject" not in {d["kind"] for d in default_docs}
+
+
+def test_keda_scaled_object() -> None:
+    docs = render(None, CHART / "ci" / "keda-values.yaml")
+    assert "replicas" not in only(docs, "Deployment")["spec"]
+    assert "HorizontalPodAutoscaler" not in {d["kind"] for d in docs}  # KEDA makes its own
+    scaled = only(docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 8)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
+        "stabilizationWindowSeconds": 600
+    }
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    # Stream and durable follow the effective ingest settings.
+    assert trigger["metadata"] == {
+        "natsServerMonitoringEndpoint": "nats.nats.svc.cluster.local:8222",
+        "account": "$G",
+        "stream": "cdc_in",
+        "consumer": "cdc_workers",
+        "lagThreshold": "5000",
+        "useHttps": "false",
+    }
+
+
+def test_keda_defaults_follow_the_default_settings(tmp_path: Path) -> None:
+    values = {"keda": {"enabled": True, "natsServerMonitoringEndpoint": "nats.nats:8222"}}
+    trigger = only(render(values, tmp=tmp_path), "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert (trigger["stream"], trigger["consumer"]) == ("cdc_events_stream", "cdc_consumers")
+    assert trigger["lagThreshold"] == "10000"
+
+
+def test_keda_needs_the_monitoring_endpoint(tmp_path: Path) -> None:
+    _fails({"keda": {"enabled": True}}, tmp_path, "keda.natsServerMonitoringEndpoint is required")
+
+
+def test_keda_never_scales_to_zero(tmp_path: Path) -> None:
+    _fails(
+        {"keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222", "minReplicas": 0}}, tmp_path, "minReplicas"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
