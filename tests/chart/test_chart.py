@@ -563,7 +563,11 @@ def test_monitoring_objects() -> None:
 
     rule = only(docs, "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    # The rule file as it stands, except the selector of the "service gone" alerts (see the next tests).
+    expected = (
+        (CHART / "files" / "alerts.yaml").read_text().replace('job="cdc-service"', f'job="{NAME}", namespace="cdc"')
+    )
+    assert rule["spec"] == yaml.safe_load(expected)
 
     dashboards = [d for d in docs if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
     assert len(dashboards) == 1
@@ -992,6 +996,117 @@ def test_keda_never_scales_to_zero(tmp_path: Path) -> None:
     _fails(
         {"keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222", "minReplicas": 0}}, tmp_path, "minReplicas"
     )
+
+
+# --- Alert rules as the chart renders them
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
+
+
+def _rules(values: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
+    docs = render({"prometheusRule": {"enabled": True, **values}}, tmp=tmp)
+    spec = only(docs, "PrometheusRule")["spec"]
+    return [rule for group in spec["groups"] for rule in group["rules"]]
+
+
+def test_runbook_urls_are_relative_by_default_and_absolute_on_request(tmp_path: Path) -> None:
+    for rule in _rules({}, tmp_path):
+        assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{rule['alert'].lower()}"
+    base = "https://git.example.com/cdc_service/blob/main"
+    for rule in _rules({"runbookBaseUrl": base}, tmp_path):
+        assert rule["annotations"]["runbook_url"] == f"{base}/docs/operations.md#{rule['alert'].lower()}"
+
+
+def test_service_gone_alerts_select_the_release(tmp_path: Path) -> None:
+    rules = {(r["alert"], r["labels"]["severity"]): r for r in _rules({}, tmp_path)}
+    down = rules[("CdcConsumerDown", "critical")]["expr"]
+    assert f'absent(up{{job="{NAME}", namespace="cdc"}})' in down
+    assert 'job="cdc-service"' not in json.dumps(list(rules.values()))
+    custom = {r["alert"]: r for r in _rules({"job": "my-scrape-job"}, tmp_path)}
+    assert 'up{job="my-scrape-job", namespace="cdc"} == 0' in custom["CdcConsumerTargetDown"]["expr"]
+
+
+def test_lag_thresholds_come_from_values(tmp_path: Path) -> None:
+    lag = {"warningSeconds": 2.5, "criticalSeconds": 12, "minEventsPerSecond": 0.2}
+    rules = [r for r in _rules({"lag": lag}, tmp_path) if r["alert"] == "CdcConsumerLagHigh"]
+    by_severity = {r["labels"]["severity"]: r["expr"] for r in rules}
+    assert "[2m]))) > 2.5\n" in by_severity["warning"]
+    assert "[2m]))) > 12\n" in by_severity["critical"]
+    assert all("rate(cdc_consumer_lag_seconds_count[2m])) >= 0.2" in e for e in by_severity.values())
+
+
+@needs_promtool
+def test_rendered_rules_pass_promtool_and_fire_on_the_chart_thresholds(tmp_path: Path) -> None:
+    """The rendered PrometheusRule, with non-default thresholds, checked and unit-tested by promtool. At 0.5
+    events/s with a p95 of 9.75 s, both levels fire at 2.5 s / 8 s with a 0.2/s guard (the file's own numbers, 3 s,
+    30 s and 1/s, would fire neither), and the absent() rule fires for this release's job and namespace."""
+    lag = {"warningSeconds": 2.5, "criticalSeconds": 8, "minEventsPerSecond": 0.2}
+    docs = render({"prometheusRule": {"enabled": True, "lag": lag}}, tmp=tmp_path)
+    rules_file = tmp_path / "rendered-rules.yaml"
+    rules_file.write_text(yaml.safe_dump(only(docs, "PrometheusRule")["spec"]))
+    assert PROMTOOL is not None
+    check = subprocess.run([PROMTOOL, "check", "rules", str(rules_file)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    bucket = 'cdc_consumer_lag_seconds_bucket{namespace="cdc",job="%s",le="%s"}'
+    unit = {
+        "rule_files": [rules_file.name],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    # 0.5 events/s, p95 9.75 s: above both thresholds and the rate guard
+                    {"series": bucket % (NAME, "5"), "values": "0x40"},
+                    {"series": bucket % (NAME, "10"), "values": "0+7.5x40"},
+                    {"series": bucket % (NAME, "+Inf"), "values": "0+7.5x40"},
+                    {"series": f'cdc_consumer_lag_seconds_count{{namespace="cdc",job="{NAME}"}}', "values": "0+7.5x40"},
+                    {"series": 'up{namespace="other",job="x"}', "values": "1x40"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "CdcConsumerLagHigh",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": severity, "namespace": "cdc", "job": NAME},
+                                "exp_annotations": {
+                                    "summary": f"CDC events reach wa_stream {late}: lag p95 9.75s",
+                                    "description": "The 95th percentile of the time from the source commit to the "
+                                    f"publish of the enriched event has been 9.75s (above the {severity} threshold) "
+                                    f"for 2 minutes in job {NAME} (namespace cdc).",
+                                    "runbook_url": "docs/operations.md#cdcconsumerlaghigh",
+                                },
+                            }
+                            for severity, late in (("warning", "late"), ("critical", "very late"))
+                        ],
+                    },
+                    {
+                        "eval_time": "5m",
+                        "alertname": "CdcConsumerDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "namespace": "cdc", "job": NAME},
+                                "exp_annotations": {
+                                    "summary": f"No CDC replica is running ({NAME})",
+                                    "description": f"No replica of job {NAME} (namespace cdc) has been scraped "
+                                    "successfully for 5 minutes: CDC events are not being delivered to wa_stream.",
+                                    "runbook_url": "docs/operations.md#cdcconsumerdown",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    unit_file = tmp_path / "rendered-rules-test.yaml"
+    unit_file.write_text(yaml.safe_dump(unit))
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", str(unit_file)], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ def test_the_issue_panels_are_there() -> None:
         "dead-letter rate": r"rate\(cdc_consumer_dead_letters_total",
         "in-flight": r"cdc_consumer_inflight_messages",
         "pool queue depth": r"cdc_consumer_pool_queue_depth",
+        "backlog": r"max by \(job\) \(cdc_consumer_backlog_messages\{",
+        "handler errors": r"sum by \(exception_type\) \(rate\(cdc_consumer_handler_errors_total\{",
+        "NATS reconnects": r"increase\(cdc_consumer_nats_reconnects_total\{",
+        "consumer re-creations": r"increase\(cdc_consumer_consumer_recreated_total\{",
     }
     missing = [what for what, pattern in wanted.items() if not re.search(pattern, exprs)]
     assert not missing, missing
@@ -128,11 +132,23 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alert_and_dashboard_share_the_lag_threshold() -> None:
-    lag_rule = next(r for r in alert_rules() if r["alert"] == "CdcConsumerLagHigh")
-    match = re.search(r">\s*([0-9.]+)\s*$", lag_rule["expr"].strip())
-    assert match, lag_rule["expr"]
-    threshold = float(match.group(1))
-    lag_panel = next(p for p in dashboard_panels() if p["title"].startswith("Lag ("))
-    steps = lag_panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert threshold in [s["value"] for s in steps]
+def test_alert_and_dashboard_share_the_lag_thresholds() -> None:
+    thresholds = set()
+    for rule in alert_rules():
+        if rule["alert"] == "CdcConsumerLagHigh":
+            match = re.search(r"cdc_consumer_lag_seconds_bucket\[2m\]\)\)\)\s*>\s*([0-9.]+)", rule["expr"])
+            assert match, rule["expr"]
+            thresholds.add(float(match.group(1)))
+    assert len(thresholds) == 2  # warning and critical
+    for title in ("Lag (", "Lag p95"):
+        panel = next(p for p in dashboard_panels() if p["title"].startswith(title))
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert thresholds <= {s["value"] for s in steps}, title
+
+
+def test_backlog_panel_marks_the_alerts_minimum() -> None:
+    rule = next(r for r in alert_rules() if r["alert"] == "CdcConsumerBacklogGrowing")
+    match = re.search(r"max by \(namespace, job\) \(cdc_consumer_backlog_messages\) > ([0-9]+)", rule["expr"])
+    assert match, rule["expr"]
+    panel = next(p for p in dashboard_panels() if p["title"] == "Consumer backlog")
+    assert float(match.group(1)) in [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
