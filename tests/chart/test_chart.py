@@ -688,6 +688,7 @@ def test_pdb_policy_can_be_left_to_the_api(tmp_path: Path) -> None:
             {"autoscaling": {"enabled": True}, "keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222"}},
             "choose one autoscaler",
         ),
+        ({"prometheusRule": {"lag": {"warningSeconds": 10, "criticalSeconds": 5}}}, "lag.criticalSeconds (5)"),
     ],
     ids=[
         "both-set",
@@ -701,6 +702,7 @@ def test_pdb_policy_can_be_left_to_the_api(tmp_path: Path) -> None:
         "hpa-min-over-max",
         "keda-min-over-max",
         "hpa-and-keda",
+        "lag-critical-below-warning",
     ],
 )
 def test_disruption_and_scaling_guards(values: dict[str, Any], message: str, tmp_path: Path) -> None:

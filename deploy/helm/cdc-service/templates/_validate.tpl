@@ -76,6 +76,11 @@ once, from deployment.yaml, so every render (install, upgrade, template, lint) r
 {{- end }}
 {{- end }}
 
+{{- $lag := .Values.prometheusRule.lag }}
+{{- if le ($lag.criticalSeconds | float64) ($lag.warningSeconds | float64) }}
+{{- fail (printf "prometheusRule.lag.criticalSeconds (%v) must be greater than prometheusRule.lag.warningSeconds (%v)" $lag.criticalSeconds $lag.warningSeconds) }}
+{{- end }}
+
 {{- /* The metrics port is unauthenticated: keep it inside the cluster unless told otherwise. */}}
 {{- if and (ne .Values.service.type "ClusterIP") (not .Values.service.allowExternal) }}
 {{- fail (printf "service.type %s would expose the unauthenticated /metrics port outside the cluster: set service.allowExternal=true if you mean it" .Values.service.type) }}
