@@ -852,6 +852,9 @@ def test_secret_checksum_without_a_salt_value_is_random_offline(tmp_path: Path) 
     assert pod_annotations(first)["checksum/secret"] != pod_annotations(second)["checksum/secret"]
     salts = [only(d, "Secret")["stringData"]["checksum-salt"] for d in (first, second)]
     assert all(re.fullmatch(r"[A-Za-z0-9]{32}", s) for s in salts) and salts[0] != salts[1]
+    # One salt per render: the Secret stores the one the annotation used (an upgrade that finds it gets the same).
+    again = render({"secrets": {**CREDENTIALS["secrets"], "checksumSalt": salts[0]}}, tmp=tmp_path)
+    assert pod_annotations(again)["checksum/secret"] == pod_annotations(first)["checksum/secret"]
 
 
 def test_no_salt_when_the_secret_holds_no_credential(default_docs: list[dict[str, Any]]) -> None:
