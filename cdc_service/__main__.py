@@ -1,16 +1,18 @@
-"""Command line: ``python -m cdc_service [run]`` runs the service; ``config`` prints settings; ``dlq list`` and
-``dlq replay`` inspect and re-publish dead letters."""
+"""Command line: ``cdc-service [run]`` (or ``python -m cdc_service``) runs the service; ``config`` prints settings;
+``dlq list`` and ``dlq replay`` inspect and re-publish dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
-from cdc_service import dlq
-from cdc_service.config import ConfigError, load_settings
+from cdc_service import __version__, dlq
+from cdc_service.config import FILES_VARIABLE, ConfigError, Loaded, load
 
-_DESCRIPTION = """\
+_DESCRIPTION = f"""\
 Relay Sequin CDC events from NATS JetStream to enriched per-agent subjects, exactly once.
 
 commands:
@@ -19,26 +21,52 @@ commands:
   dlq      dead letters: `dlq list` shows them (reason, subject, age, body preview), `dlq replay` re-publishes
            them to their source subject and removes each once the source stream accepted it (see `dlq replay -h`)
 
-Settings come from settings.toml, .secrets.toml and CDC_* environment variables (CDC_NATS__URL,
-CDC_REDIS__URL, CDC_HTTP__PORT, CDC_WORKERS__POOL_SIZE, ...; '__' nests). A bad setting exits with
-status 2 and one line naming it.
+Settings, later winning key by key: built-in defaults; settings.toml and .secrets.toml in the working
+directory; the files named by {FILES_VARIABLE} (comma-separated), then each --config FILE; CDC_* environment
+variables (CDC_NATS__URL, CDC_REDIS__URL, CDC_HTTP__PORT, CDC_WORKERS__POOL_SIZE, ...; '__' nests). A bad
+setting exits with status 2 and one line naming it.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "cdc-service" if name.startswith("cdc-service") else "python -m cdc_service"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m cdc_service", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=_prog(), description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"cdc_service {__version__}")
+    config_help = f"a settings file layered over settings.toml, .secrets.toml and {FILES_VARIABLE} (repeatable)"
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", help=config_help)
+    # The option also works after the command (`cdc-service config --config FILE`); its own dest keeps argparse from
+    # resetting the top-level value with the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", action="append", dest="command_config", default=[], metavar="FILE", help=config_help
     )
     commands = parser.add_subparsers(dest="command", metavar="{run,config,dlq}", help="what to do (default: run)")
-    commands.add_parser("run", help="run the service (the default)")
-    commands.add_parser("config", help="print the effective settings, secrets masked")
+    commands.add_parser("run", parents=[common], help="run the service (the default)")
+    commands.add_parser("config", parents=[common], help="print the effective settings, secrets masked")
     dlq.add_parser(commands)
-    args = parser.parse_args(argv)
+    commands.choices["dlq"].add_argument(
+        "--config", action="append", dest="command_config", default=[], metavar="FILE", help=config_help
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        settings = load_settings()
+        loaded = load([*args.config, *getattr(args, "command_config", [])])
     except ConfigError as exc:
         print(f"cdc_service: invalid setting {exc}", file=sys.stderr)
         return 2
+    settings = loaded.settings
+    if args.command in ("config", "dlq"):
+        for line in _notices(loaded):
+            print(f"cdc_service: {line}", file=sys.stderr)
     if args.command == "config":
         print(json.dumps(settings.masked(), indent=2))
         return 0
@@ -49,12 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     from cdc_service.service import Service
 
     logs.configure(settings.log.level)
+    log = logging.getLogger("cdc_service")
+    for line in _notices(loaded):
+        log.warning(line)
+    log.info("settings loaded", extra={"version": __version__, "files": list(loaded.files)})
     try:
         service = Service(settings)
     except OSError as exc:  # e.g. the HTTP port is taken
         print(f"cdc_service: cannot start: {exc}", file=sys.stderr)
         return 1
     return service.run()
+
+
+def _notices(loaded: Loaded) -> list[str]:
+    notice = loaded.no_file_notice(os.getcwd())
+    return [*loaded.warnings, *([notice] if notice else [])]
 
 
 if __name__ == "__main__":

@@ -1,113 +1,248 @@
-"""Settings: loaded once from dynaconf, validated, frozen, passed down.
+"""Settings: declared once, loaded once, validated, frozen, passed down.
 
-Sources, later winning: the defaults below, ``settings.toml``, ``.secrets.toml`` (both looked up in the working
-directory unless ``SETTINGS_FILES_FOR_DYNACONF`` names other files), then environment variables with prefix ``CDC_``
-and ``__`` for nesting (``CDC_NATS__URL``, ``CDC_WORKERS__POOL_SIZE``). This is the only module that reads the
-environment. A bad value raises ``ConfigError`` whose message starts with the setting's dotted name.
+Each setting is one field of a section dataclass below, declared with ``setting(default, doc, **rules)``: its type
+comes from the annotation, its bounds and other rules from the keyword arguments, and whether it is a secret. Parsing,
+validation, masking, the ``config`` output and the settings reference in ``docs/settings.md`` all derive from these
+declarations (``tests/unit/test_settings_model.py`` keeps the docs and the Helm values schema in step). Adding a
+setting is one line here (plus its line in ``settings.toml``).
+
+Sources, later winning key by key (a table in a later file changes only the keys it names):
+1. the defaults declared here;
+2. ``settings.toml`` and 3. ``.secrets.toml`` in the working directory, when present;
+4. the files named by ``CDC_SETTINGS_FILES`` (comma-separated), then those given with ``--config FILE``;
+5. environment variables ``CDC_<SECTION>__<KEY>``. Their values are text: a string setting takes it exactly as
+   written, a number, boolean or list setting parses it.
+dynaconf reads the files. This is the only module that reads the environment. A bad value raises ``ConfigError``
+whose message is one line starting with the setting's dotted name (or the file's path) and never quotes a secret.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 from cdc_service.core.routes import Route, RouteError, compile_route
 from cdc_service.core.subjects import LayoutError, SubjectLayout, covers, token_problem
 
 ENV_PREFIX = "CDC"
+FILES_VARIABLE = "CDC_SETTINGS_FILES"
+LEGACY_FILES_VARIABLE = "SETTINGS_FILES_FOR_DYNACONF"  # what the chart and older deployments set
+DEFAULT_FILES = ("settings.toml", ".secrets.toml")
+FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")  # dynaconf reads these; .py settings files would run code
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+JETSTREAM_MAX_REPLICAS = 5
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """One setting is invalid; ``str()`` is a single line starting with the setting's name."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Declaring a setting
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a declaration says about one setting besides its type and default."""
+
+    doc: str = ""
+    secret: bool = False  # never shown: masked in `config`, in logs and in error lines
+    gt: float | None = None
+    ge: float | None = None
+    le: float | None = None
+    allow: tuple[float, ...] = ()  # numbers allowed outside the bounds (e.g. -1 = unlimited)
+    choices: tuple[str, ...] = ()
+    url: tuple[str, ...] = ()  # a URL (or list of URLs) with one of these schemes; masked when shown
+    file: bool = False  # a path that must name an existing file, when set
+    non_empty: bool = False
+    check: Callable[[Any], str | None] | None = None  # further rule: returns what is wrong, or None
+
+
+_RULE = "cdc_setting"
+_UNDECLARED = Rule()  # a field declared without setting(): type-checked only (the model test asks for a doc)
+
+
+def setting(default: T, doc: str, **rule: Any) -> T:
+    """Declare a setting: its default, one line of documentation, and the rules of ``Rule``."""
+    declared: T = field(default=default, metadata={_RULE: Rule(doc, **rule)})
+    return declared
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _jetstream_name(value: str) -> str | None:
+    return None if _NAME.match(value) else "must be letters, digits, '_' or '-'"
+
+
+def _subjects(value: tuple[str, ...]) -> str | None:
+    for subject in value:
+        if not all(t and not any(c.isspace() for c in t) for t in subject.split(".")):
+            return f"{subject!r} is not a subject"
+    return None
+
+
+def _literal_subject(value: str) -> str | None:
+    return None if all(not token_problem(t) for t in value.split(".")) else f"{value!r} is not a literal subject"
+
+
+def _layout(value: str) -> str | None:
+    try:
+        SubjectLayout(value)
+    except LayoutError as exc:
+        return str(exc)
+    return None
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str | None:
+    return None if value.upper() in _LOG_LEVELS else f"{value!r} is not one of {', '.join(_LOG_LEVELS)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The settings
+
+
 @dataclass(frozen=True)
 class NatsSettings:
-    url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
-    name: str = "cdc_service"
-    connect_timeout: float = 5.0
-    reconnect_wait: float = 2.0
-    ping_interval: float = 20.0
-    max_outstanding_pings: int = 3
-    pending_size_mb: int = 64
-    user: str = ""
-    password: str = ""
-    token: str = ""
-    creds_file: str = ""
-    nkey_seed_file: str = ""
-    tls_ca_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
+    url: tuple[str, ...] = setting(
+        ("nats://127.0.0.1:4222",),
+        "Server URL, or a list (or comma-separated string) for a cluster. Schemes `nats`, `tls`, `ws`, `wss`.",
+        url=NATS_SCHEMES,
+        non_empty=True,
+    )
+    name: str = setting("cdc_service", "Connection name shown by the server.")
+    connect_timeout: float = setting(5.0, "Timeout of one connection attempt; start-up retries without end.", gt=0)
+    reconnect_wait: float = setting(
+        2.0, "Pause between (re)connect attempts. Reconnects never stop; a closed connection exits (status 1).", ge=0
+    )
+    ping_interval: float = setting(20.0, "Seconds between pings; see max_outstanding_pings.", gt=0)
+    max_outstanding_pings: int = setting(
+        3, "Unanswered pings before the link counts as dead (after about ping_interval × this).", gt=0
+    )
+    pending_size_mb: int = setting(
+        64, "Client buffer for publishes and acks while reconnecting; past it publishes fail and are retried.", gt=0
+    )
+    user: str = setting("", "User name; its password is nats.password.")
+    password: str = setting("", "Password for nats.user.", secret=True)
+    token: str = setting("", "Authentication token.", secret=True)
+    creds_file: str = setting("", "JWT credentials file (must exist).", file=True)
+    nkey_seed_file: str = setting("", "NKey seed file (must exist).", file=True)
+    tls_ca_file: str = setting("", "CA bundle for TLS (must exist).", file=True)
+    tls_cert_file: str = setting("", "Client certificate for mutual TLS (must exist).", file=True)
+    tls_key_file: str = setting("", "Client key for mutual TLS (must exist).", file=True)
 
 
 @dataclass(frozen=True)
 class IngestSettings:
-    stream: str = "cdc_events_stream"
-    subjects: tuple[str, ...] = ("cdc.*.*",)
-    subject_layout: str = "cdc.{company}.{table}"
-    durable: str = "cdc_consumers"
-    queue_group: str = "cdc_consumers"
-    deliver_subject: str = "deliver.cdc_consumers"
-    mode: str = "push"
-    ack_wait: float = 30.0
-    max_deliver: int = 3
-    max_ack_pending: int = 5000
-    batch_size: int = 256
-    batch_wait_ms: float = 3.0
-    fetch_timeout_ms: float = 20.0
-    max_payload_bytes: int = 1024 * 1024
-    stream_replicas: int = 1
-    stream_max_age: float = 7 * 86400.0
-    consumer_check_interval: float = 5.0
+    stream: str = setting("cdc_events_stream", "Input stream.", check=_jetstream_name)
+    subjects: tuple[str, ...] = setting(
+        ("cdc.*.*",), "The input stream's subjects (added to an existing stream) and the consumer's filter.",
+        non_empty=True, check=_subjects,
+    )  # fmt: skip
+    subject_layout: str = setting(
+        "cdc.{company}.{table}",
+        "What each token of an inbound subject means: `{company}`, `{table}` (required), `{database}`, `{schema}`, "
+        "`{action}` or literal text; a token may add literal text around one field: `cdc.daisi_{company}.{table}`.",
+        check=_layout,
+    )
+    durable: str = setting("cdc_consumers", "Durable consumer name.", check=_jetstream_name)
+    queue_group: str = setting("cdc_consumers", "Push mode: the queue group.", check=_jetstream_name)
+    deliver_subject: str = setting(
+        "deliver.cdc_consumers",
+        "Push mode: the fixed deliver subject, outside ingest.subjects.",
+        check=_literal_subject,
+    )
+    mode: str = setting("push", "`push` (queue group) or `pull` (shared pull durable).", choices=("push", "pull"))
+    ack_wait: float = setting(30.0, "Consumer AckWait; the keep-alive period is min(5, ack_wait / 3).", gt=0)
+    max_deliver: int = setting(
+        3, "Consumer MaxDeliver; the final attempt dead-letters what still fails. -1 = unlimited.", ge=1, allow=(-1,)
+    )
+    max_ack_pending: int = setting(5000, "Consumer MaxAckPending, shared by all replicas.", gt=0)
+    batch_size: int = setting(256, "Most messages per micro-batch (push buffer; pull fetch size).", gt=0)
+    batch_wait_ms: float = setting(3.0, "Push mode: longest wait for a batch to fill after its first message.", ge=0)
+    fetch_timeout_ms: float = setting(20.0, "Pull mode: how long one fetch waits for messages.", gt=0)
+    max_payload_bytes: int = setting(1024 * 1024, "Larger bodies are dead-lettered unparsed.", gt=0)
+    stream_replicas: int = setting(
+        1, "Replicas of the input stream, when the service creates it.", gt=0, le=JETSTREAM_MAX_REPLICAS
+    )
+    stream_max_age: float = setting(
+        7 * 86400.0, "Max age of the input stream when the service creates it; 0 = unlimited.", ge=0
+    )
+    consumer_check_interval: float = setting(5.0, "Period of the watchdog that recreates a deleted durable.", gt=0)
 
 
 @dataclass(frozen=True)
 class PublishSettings:
-    stream: str = "wa_stream"
-    subjects: tuple[str, ...] = ("wa.>",)
-    duplicate_window: float = 120.0
-    timeout: float = 5.0
-    max_hold: float = 60.0
-    retry_initial: float = 0.2
-    retry_max: float = 5.0
-    stream_replicas: int = 1
-    stream_max_age: float = 86400.0
+    stream: str = setting("wa_stream", "Output stream; also sent as Nats-Expected-Stream.", check=_jetstream_name)
+    subjects: tuple[str, ...] = setting(
+        ("wa.>",), "Output stream subjects; every route's subject must fall under them.", non_empty=True,
+        check=_subjects,
+    )  # fmt: skip
+    duplicate_window: float = setting(
+        120.0, "The output stream's Nats-Msg-Id window; at least 2 × publish.timeout.", gt=0
+    )
+    timeout: float = setting(5.0, "How long one publish attempt waits for its PubAck.", gt=0)
+    max_hold: float = setting(60.0, "How long a failing publish is retried in process before nak(delay).", ge=0)
+    retry_initial: float = setting(0.2, "First in-process retry delay (doubles, plus jitter).", gt=0)
+    retry_max: float = setting(5.0, "Longest in-process retry delay.", gt=0)
+    stream_replicas: int = setting(
+        1, "Replicas of the output and dead-letter streams, when the service creates them.", gt=0,
+        le=JETSTREAM_MAX_REPLICAS,
+    )  # fmt: skip
+    stream_max_age: float = setting(
+        86400.0, "Max age of the output stream when the service creates it; 0 = unlimited.", ge=0
+    )
 
 
 @dataclass(frozen=True)
 class DedupSettings:
-    ttl: int = 300
-    key_prefix: str = "dedup:"
-    mark_timeout: float = 0.5
+    ttl: int = setting(300, "Lifetime in seconds of a dedup marker.", gt=0)
+    key_prefix: str = setting("dedup:", "Redis key prefix of the markers.")
+    mark_timeout: float = setting(0.5, "Longest wait for the marker write before acking anyway.", gt=0)
 
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
-    mode: str = "standalone"
-    password: str = ""
-    socket_timeout: float = 0.5
-    retry_interval: float = 1.0
-    tls_ca_file: str = ""
+    url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "`redis://`, `rediss://` (TLS) or `unix://`; the database is a number (`/0`).",
+        url=REDIS_SCHEMES,
+    )
+    mode: str = setting("standalone", "`standalone` or `cluster` (database 0 only).", choices=("standalone", "cluster"))
+    password: str = setting("", "Redis password.", secret=True)
+    socket_timeout: float = setting(0.5, "Read and connect timeout.", gt=0)
+    retry_interval: float = setting(1.0, "While Redis is degraded, skip it this long after each failure.", gt=0)
+    tls_ca_file: str = setting("", "CA bundle for a rediss:// URL (must exist).", file=True)
 
 
 @dataclass(frozen=True)
 class DlqSettings:
-    enabled: bool = True
-    stream: str = "cdc_dlq_stream"
-    subject_prefix: str = "dlq"
-    max_age_days: float = 14.0
+    enabled: bool = setting(True, "When false, poison messages are only logged, counted and terminated.")
+    stream: str = setting("cdc_dlq_stream", "Dead-letter stream.", check=_jetstream_name)
+    subject_prefix: str = setting("dlq", "Dead-letter subject is <prefix>.<source subject>.", check=_literal_subject)
+    max_age_days: float = setting(14.0, "How long dead letters are kept, when the service creates the stream.", gt=0)
 
 
 @dataclass(frozen=True)
 class WorkersSettings:
-    pool_size: int = 0
-    multiplier: int = 4
-    min_size: int = 2
+    pool_size: int = setting(0, "Worker threads; 0 = available CPUs × multiplier, at least min_size.", ge=0)
+    multiplier: int = setting(4, "Threads per available CPU when pool_size is 0.", gt=0)
+    min_size: int = setting(2, "Fewest threads when pool_size is 0.", gt=0)
 
     def resolved_pool_size(self, cpu_count: int | None) -> int:
         """``pool_size`` when set, else ``cpu_count * multiplier``, never below ``min_size``."""
@@ -118,24 +253,26 @@ class WorkersSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    host: str = "0.0.0.0"
-    port: int = 8080
+    host: str = setting("0.0.0.0", "Address of the probe and metrics listener.")
+    port: int = setting(8080, "Port of the probe and metrics listener.", gt=0, le=65535)
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str = "INFO"
-    summary_interval: float = 60.0
+    level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", check=_log_level)
+    summary_interval: float = setting(60.0, "Period of the one-line summary log.", gt=0)
 
 
 @dataclass(frozen=True)
 class HealthSettings:
-    stall_timeout: float = 120.0
+    stall_timeout: float = setting(
+        120.0, "Liveness fails when messages are in flight and none was acked for this long.", gt=0
+    )
 
 
 @dataclass(frozen=True)
 class ShutdownSettings:
-    grace_seconds: float = 20.0
+    grace_seconds: float = setting(20.0, "Bound of the shutdown sequence; keep below the pod's grace period.", gt=0)
 
 
 DEFAULT_ROUTES: Mapping[str, Mapping[str, str]] = {
@@ -143,8 +280,7 @@ DEFAULT_ROUTES: Mapping[str, Mapping[str, str]] = {
     "chats": {"pk": "chat_id", "subject": "wa.{company}.{agent_id}.chats"},
     "agents": {"pk": "agent_id", "subject": "wa.{company}.{agent_id}.agents"},
 }
-
-SECRET_KEYS = frozenset({"nats.password", "nats.token", "redis.password"})
+ROUTE_KEYS = ("pk", "subject")
 
 
 @dataclass(frozen=True)
@@ -169,165 +305,266 @@ class Settings:
         return SubjectLayout(self.ingest.subject_layout)
 
     def masked(self) -> dict[str, Any]:
-        """The effective settings as plain data, with every secret and URL password replaced by ``***``."""
+        """The effective settings as plain data, with every secret and URL credential replaced by ``***``."""
         out: dict[str, Any] = {}
-        for section in fields(self):
-            value = getattr(self, section.name)
-            if section.name == "routes":
-                out["routes"] = {t: {"pk": r.pk, "subject": r.template} for t, r in value.items()}
-                continue
-            data: dict[str, Any] = {}
-            for item in fields(value):
-                raw = getattr(value, item.name)
-                key = f"{section.name}.{item.name}"
-                if key in SECRET_KEYS and raw:
-                    raw = "***"
-                elif item.name == "url":
-                    raw = [mask_url(u) for u in raw] if isinstance(raw, tuple) else mask_url(raw)
-                elif isinstance(raw, tuple):
-                    raw = list(raw)
-                data[item.name] = raw
-            out[section.name] = data
+        for section in _SECTIONS:
+            values = getattr(self, section)
+            out[section] = {d.name: d.shown(getattr(values, d.name)) for d in _DECLARED[section]}
+        out["routes"] = {t: {"pk": r.pk, "subject": r.template} for t, r in self.routes.items()}
         return out
 
 
-def mask_url(url: str) -> str:
-    """``scheme://user:***@host`` for a URL carrying a password, ``nats://***@host`` for a NATS token URL; other
-    URLs unchanged."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    if ":" not in userinfo:
-        if parts.scheme in ("nats", "tls", "ws", "wss"):  # nats-py sends a user-only URL's user as the auth token
-            return urlunsplit((parts.scheme, f"***@{hostport}", parts.path, parts.query, parts.fragment))
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
+# ---------------------------------------------------------------------------------------------------------------
+# What the declarations add up to
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One declared setting: ``section.name``, its type, default and rules."""
+
+    section: str
+    name: str
+    kind: type[Any]  # bool, int, float, str or tuple (of strings)
+    default: Any
+    rule: Rule
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    def shown(self, value: Any) -> Any:
+        """``value`` as it may be printed: a set secret is ``***``, URL credentials are masked, tuples are lists."""
+        if self.rule.secret:
+            return "***" if value else value
+        if self.rule.url:
+            return [mask_url(u) for u in value] if isinstance(value, tuple) else mask_url(value)
+        return list(value) if isinstance(value, tuple) else value
+
+
+def _declare(section: str, cls: type[Any]) -> tuple[Declared, ...]:
+    hints = typing.get_type_hints(cls)
+    declared = []
+    for item in fields(cls):
+        hint = hints[item.name]
+        kind = tuple if typing.get_origin(hint) is tuple else hint
+        if kind not in (bool, int, float, str, tuple):
+            raise TypeError(f"{section}.{item.name}: settings are bool, int, float, str or tuple[str, ...]")
+        default = item.default if item.default_factory is MISSING else item.default_factory()
+        declared.append(Declared(section, item.name, kind, default, item.metadata.get(_RULE, _UNDECLARED)))
+    return tuple(declared)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    item.name: typing.get_type_hints(Settings)[item.name] for item in fields(Settings) if item.name != "routes"
+}
+_DECLARED: dict[str, tuple[Declared, ...]] = {name: _declare(name, cls) for name, cls in _SECTIONS.items()}
+SECRET_KEYS = frozenset(d.key for ds in _DECLARED.values() for d in ds if d.rule.secret)
+
+
+def declared_settings() -> Iterator[Declared]:
+    """Every declared setting, section by section, in declaration order."""
+    for section in _DECLARED.values():
+        yield from section
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading and validation
+# Masking
+
+_CREDENTIAL_PARAM = re.compile(r"pass|pwd|token|secret|key|auth|credential|signature", re.IGNORECASE)
 
 
-def _lower(value: Any) -> Any:
+def mask_url(url: str) -> str:
+    """``url`` with every credential replaced by ``***``: the password of the user info (``user:***@host``), a
+    user-only user info of a NATS URL (nats-py sends it as the token: ``nats://***@host``), and the value of each
+    query parameter whose name says password, token, secret, key or auth. Works on URLs that do not parse, such as
+    one whose password holds ``/``, ``#`` or ``?``: everything up to the last ``@`` counts as user info."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon and not re.search(r"[/?#]", user):
+            userinfo = f"{user}:***"
+        elif colon or scheme in NATS_SCHEMES or re.search(r"[/?#]", userinfo):
+            userinfo = "***"
+        rest = f"{userinfo}@{rest}"
+    head, question, query = rest.partition("?")
+    if not question:
+        return f"{scheme}://{rest}"
+    query, hash_, fragment = query.partition("#")
+    params = []
+    for pair in query.split("&"):
+        name, equals, _ = pair.partition("=")
+        params.append(f"{name}=***" if equals and _CREDENTIAL_PARAM.search(name) else pair)
+    return f"{scheme}://{head}?{'&'.join(params)}{hash_}{'***' if fragment else ''}"
+
+
+def _kind_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
     if isinstance(value, Mapping):
-        return {str(k).lower(): _lower(v) for k, v in value.items()}
-    return value
+        return "a table"
+    return type(value).__name__
 
 
-def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> str:
+def _quoted(d: Declared, value: str) -> str:
+    """How an invalid text value appears in an error line: never a secret, URLs masked."""
+    if d.rule.secret:
+        return "(value not shown: it is a secret)"
+    return repr(mask_url(value) if "://" in value else value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing and validation
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _from_text(d: Declared, text: str) -> Any:
+    """Parse a text value (an environment variable, or a quoted value in a file) as the setting's type."""
+    if d.kind is str:
+        return text
+    if d.kind is bool:
+        if text.strip().lower() in _TRUE + _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ConfigError(f"{d.key}: expected true or false, got {_quoted(d, text)}")
+    if d.kind is tuple:
+        if text.strip().startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                raise ConfigError(f"{d.key}: expected a JSON list of strings or a comma-separated string") from None
+            return _from_data(d, items)
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        number: float = int(text) if d.kind is int else float(text)
+    except ValueError:
+        kind = "an integer" if d.kind is int else "a number"
+        raise ConfigError(f"{d.key}: expected {kind}, got {_quoted(d, text)}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{d.key}: expected a finite number, got {_quoted(d, text)}")
+    return number
+
+
+def _from_data(d: Declared, raw: Any) -> Any:
+    """Turn a value read from a file (TOML-typed) into the setting's type; text is parsed as from the environment."""
+    if isinstance(raw, str):
+        return _from_text(d, raw)
+    if d.kind is tuple:
+        if not isinstance(raw, list | tuple):
+            raise ConfigError(f"{d.key}: expected a list of strings, got {_kind_name(raw)}")
+        for i, item in enumerate(raw):
+            if not isinstance(item, str) or not item:
+                what = "an empty string" if item == "" else _kind_name(item)
+                raise ConfigError(f"{d.key}[{i}]: expected a non-empty string, got {what}")
+        return tuple(raw)
+    if d.kind is str:
+        hint = " (write it in quotes)" if isinstance(raw, int | float) and not isinstance(raw, bool) else ""
+        raise ConfigError(f"{d.key}: expected a string, got {_kind_name(raw)}{hint}")
+    if d.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise ConfigError(f"{d.key}: expected true or false, got {_kind_name(raw)}")
+    if d.kind is int and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if d.kind is float and isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+        return float(raw)
+    kind = "an integer" if d.kind is int else "a number"
+    raise ConfigError(f"{d.key}: expected {kind}, got {_kind_name(raw)}")
+
+
+def _check(d: Declared, value: Any, check_files: bool) -> None:
+    rule, key = d.rule, d.key
+    if d.kind in (int, float) and value not in rule.allow:
+        also = f" (or {', '.join(f'{a:g}' for a in rule.allow)})" if rule.allow else ""
+        if rule.gt is not None and not value > rule.gt:
+            raise ConfigError(f"{key}: must be greater than {rule.gt:g}{also}, got {value}")
+        if rule.ge is not None and not value >= rule.ge:
+            raise ConfigError(f"{key}: must be at least {rule.ge:g}{also}, got {value}")
+        if rule.le is not None and not value <= rule.le:
+            raise ConfigError(f"{key}: must be at most {rule.le:g}{also}, got {value}")
+    if rule.non_empty and not value:
+        raise ConfigError(f"{key}: at least one value is required")
+    if rule.choices and value not in rule.choices:
+        raise ConfigError(f"{key}: {_quoted(d, value)} is not one of {', '.join(rule.choices)}")
+    if rule.url:
+        for i, url in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            _check_url(key if i is None else f"{key}[{i}]", url, rule.url)
+    if rule.file and value and check_files and not os.path.isfile(value):
+        raise ConfigError(f"{key}: no such file: {value!r}")
+    if rule.check is not None:
+        problem = rule.check(value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+
+
+def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
+    shown = repr(mask_url(url))
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{key}: cannot parse URL {mask_url(url)!r}: {exc}") from None
+    except ValueError:  # its message can quote part of a password: never show it
+        raise ConfigError(
+            f"{key}: cannot parse URL {shown}: check the port, and percent-encode '/', '#', '?' or '@' in a password"
+        ) from None
     if parts.scheme not in schemes or not (parts.hostname or (parts.scheme == "unix" and parts.path)):
-        raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL with a host, got {mask_url(url)!r}")
+        raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL with a host, got {shown}")
     if port == 0:
-        raise ConfigError(f"{key}: port 0 in {mask_url(url)!r}")
-    return url
+        raise ConfigError(f"{key}: port 0 in {shown}")
+    if parts.scheme in ("redis", "rediss", "unix"):
+        db = [v for k, v in parse_qsl(parts.query) if k == "db"]
+        path = "" if parts.scheme == "unix" else parts.path.strip("/")
+        # redis-py reads a path that is not a number, or a bad db parameter, as database 0 without a word.
+        if (path and not path.isdigit()) or any(not v.isdigit() for v in db):
+            raise ConfigError(f"{key}: the database must be a number (redis://host:6379/0), got {shown}")
 
 
-def _coerce(key: str, raw: Any, default: Any) -> Any:
-    """Turn a raw dynaconf value into the type of ``default``, or raise a ``ConfigError`` naming ``key``."""
-    if isinstance(default, bool):
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return raw.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-    if isinstance(default, int):
-        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
-    if isinstance(default, float):
-        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-            raise ConfigError(f"{key}: expected a number, got {raw!r}")
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
-    if isinstance(default, tuple):
-        if isinstance(raw, str):
-            raw = [part.strip() for part in raw.split(",") if part.strip()]
-        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
-            raise ConfigError(f"{key}: expected a list of strings, got {raw!r}")
-        return tuple(raw)
-    if not isinstance(raw, (str, int)) or isinstance(raw, bool):
-        raise ConfigError(f"{key}: expected a string, got {raw!r}")
-    return str(raw)
-
-
-def _section(name: str, cls: type[Any], raw: Any) -> Any:
+def _section(name: str, raw: Any, check_files: bool) -> Any:
+    cls = _SECTIONS[name]
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{name}: expected a table of settings, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    defaults = cls()
+        raise ConfigError(f"{name}: expected a table of settings, got {_kind_name(raw)}")
+    known = {d.name: d for d in _DECLARED[name]}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{name}.{key}: unknown setting; known: {', '.join(sorted(known))}")
-        if f"{name}.{key}" in SECRET_KEYS and (isinstance(value, bool) or not isinstance(value, (str, int))):
-            # _coerce would quote the value in its message: never echo a secret.
-            raise ConfigError(f"{name}.{key}: expected a string (value not shown: it is a secret)")
-        values[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
+            raise ConfigError(f"{name}.{key}: unknown setting; known: {', '.join(known)}")
+        values[key] = _from_data(known[key], value)
+    for d in _DECLARED[name]:
+        _check(d, values.get(d.name, d.default), check_files)
     return cls(**values)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+def _cross_check(s: Settings) -> None:
+    """Rules that span settings."""
 
+    def require(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{key}: {message}")
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _validate(s: Settings) -> None:
-    for key, value in (
-        ("ingest.stream", s.ingest.stream),
-        ("ingest.durable", s.ingest.durable),
-        ("ingest.queue_group", s.ingest.queue_group),
-        ("publish.stream", s.publish.stream),
-        ("dlq.stream", s.dlq.stream),
-    ):
-        _require(bool(_NAME.match(value)), key, f"{value!r} must be letters, digits, '_' or '-'")
-    for i, url in enumerate(s.nats.url):
-        _check_url(f"nats.url[{i}]", url, ("nats", "tls", "ws", "wss"))
-    _require(bool(s.nats.url), "nats.url", "at least one server URL is required")
-    _check_url("redis.url", s.redis.url, ("redis", "rediss", "unix"))
-    _require(
+    require(
         not s.redis.tls_ca_file or s.redis.url.startswith("rediss://"),
         "redis.tls_ca_file",
         "is only used with a rediss:// redis.url",
     )
-    _require(s.redis.mode in ("standalone", "cluster"), "redis.mode", f"{s.redis.mode!r} is not standalone or cluster")
     if s.redis.mode == "cluster":
         parts = urlsplit(s.redis.url)
-        _require(parts.scheme in ("redis", "rediss"), "redis.url", "must be redis:// or rediss:// in cluster mode")
-        _require(
-            parts.path in ("", "/", "/0") and parse_qs(parts.query).get("db", ["0"]) == ["0"],
+        require(parts.scheme in ("redis", "rediss"), "redis.url", "must be redis:// or rediss:// in cluster mode")
+        require(
+            parts.path in ("", "/", "/0") and dict(parse_qsl(parts.query)).get("db", "0") == "0",
             "redis.url",
             "cluster mode has database 0 only: use redis://host:port or redis://host:port/0",
         )
-    _require(s.ingest.mode in ("push", "pull"), "ingest.mode", f"{s.ingest.mode!r} is not push or pull")
-    try:
-        SubjectLayout(s.ingest.subject_layout)
-    except LayoutError as exc:
-        raise ConfigError(f"ingest.subject_layout: {exc}") from None
-    for key, subjects in (("ingest.subjects", s.ingest.subjects), ("publish.subjects", s.publish.subjects)):
-        _require(bool(subjects), key, "at least one subject is required")
-        for subject in subjects:
-            _require(
-                all(t and not any(c.isspace() for c in t) for t in subject.split(".")),
-                key,
-                f"{subject!r} is not a subject",
-            )
     for table, route in s.routes.items():
         # A route outside the output stream's subjects would be rejected on every publish, forever.
         if not any(covers(pattern, route.tokens) for pattern in s.publish.subjects):
@@ -339,74 +576,13 @@ def _validate(s: Settings) -> None:
     if s.ingest.mode == "push" and any(covers(p, deliver.split(".")) for p in s.ingest.subjects):
         # The server refuses a deliver subject that its own stream captures (a delivery cycle).
         raise ConfigError(f"ingest.deliver_subject: {deliver!r} is captured by ingest.subjects; pick one outside them")
-    _require(
-        all(not token_problem(t) for t in deliver.split(".")),
-        "ingest.deliver_subject",
-        f"{deliver!r} is not a literal subject",
-    )
-    prefix = s.dlq.subject_prefix
-    _require(
-        all(not token_problem(t) for t in prefix.split(".")),
-        "dlq.subject_prefix",
-        f"{prefix!r} is not a literal subject",
-    )
-    positive: tuple[tuple[str, float], ...] = (
-        ("ingest.ack_wait", s.ingest.ack_wait),
-        ("ingest.max_ack_pending", s.ingest.max_ack_pending),
-        ("ingest.batch_size", s.ingest.batch_size),
-        ("ingest.fetch_timeout_ms", s.ingest.fetch_timeout_ms),
-        ("ingest.max_payload_bytes", s.ingest.max_payload_bytes),
-        ("ingest.stream_replicas", s.ingest.stream_replicas),
-        ("ingest.consumer_check_interval", s.ingest.consumer_check_interval),
-        ("publish.duplicate_window", s.publish.duplicate_window),
-        ("publish.timeout", s.publish.timeout),
-        ("publish.retry_initial", s.publish.retry_initial),
-        ("publish.retry_max", s.publish.retry_max),
-        ("publish.stream_replicas", s.publish.stream_replicas),
-        ("dedup.ttl", s.dedup.ttl),
-        ("dedup.mark_timeout", s.dedup.mark_timeout),
-        ("redis.socket_timeout", s.redis.socket_timeout),
-        ("redis.retry_interval", s.redis.retry_interval),
-        ("dlq.max_age_days", s.dlq.max_age_days),
-        ("workers.multiplier", s.workers.multiplier),
-        ("workers.min_size", s.workers.min_size),
-        ("nats.connect_timeout", s.nats.connect_timeout),
-        ("nats.ping_interval", s.nats.ping_interval),
-        ("nats.pending_size_mb", s.nats.pending_size_mb),
-        ("log.summary_interval", s.log.summary_interval),
-        ("health.stall_timeout", s.health.stall_timeout),
-        ("shutdown.grace_seconds", s.shutdown.grace_seconds),
-    )
-    for key, number in positive:
-        _require(number > 0, key, f"must be greater than 0, got {number}")
-    non_negative: tuple[tuple[str, float], ...] = (
-        ("ingest.batch_wait_ms", s.ingest.batch_wait_ms),
-        ("workers.pool_size", s.workers.pool_size),
-        ("publish.max_hold", s.publish.max_hold),
-        ("ingest.stream_max_age", s.ingest.stream_max_age),
-        ("publish.stream_max_age", s.publish.stream_max_age),
-        ("nats.reconnect_wait", s.nats.reconnect_wait),
-    )
-    for key, number in non_negative:
-        _require(number >= 0, key, f"must not be negative, got {number}")
-    _require(
-        s.ingest.max_deliver >= 1 or s.ingest.max_deliver == -1,
-        "ingest.max_deliver",
-        f"must be at least 1, or -1 for unlimited, got {s.ingest.max_deliver}",
-    )
-    _require(0 < s.http.port < 65536, "http.port", f"{s.http.port} is not a TCP port")
-    _require(
-        s.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-        "log.level",
-        f"{s.log.level!r} is not a log level",
-    )
-    _require(
+    require(
         s.publish.stream_max_age == 0 or s.publish.stream_max_age >= s.publish.duplicate_window,
         "publish.stream_max_age",
         "must be 0 (unlimited) or at least publish.duplicate_window",
     )
     # JetStream only deduplicates inside the window; a retried publish must still land inside it.
-    _require(
+    require(
         s.publish.duplicate_window >= s.publish.timeout * 2,
         "publish.duplicate_window",
         f"{s.publish.duplicate_window}s is shorter than two publish timeouts",
@@ -414,20 +590,25 @@ def _validate(s: Settings) -> None:
 
 
 def _routes(raw: Any) -> dict[str, Route]:
-    if raw is None:
-        raw = DEFAULT_ROUTES
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"routes: expected a table of tables, got {raw!r}")
+    merged: dict[str, Any] = {t: dict(r) for t, r in DEFAULT_ROUTES.items()}
+    if raw is not None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"routes: expected a table of tables, got {_kind_name(raw)}")
+        # Defaults stay unless a table is redefined; a table can be dropped with routes.<table> = false.
+        for table, spec in raw.items():
+            if spec is False or (isinstance(spec, str) and spec.strip().lower() in _FALSE):
+                merged.pop(table, None)
+            elif isinstance(spec, Mapping):
+                merged[table] = {**merged.get(table, {}), **spec}
+            else:
+                raise ConfigError(f"routes.{table}: expected pk and subject, or false, got {_kind_name(spec)}")
     routes: dict[str, Route] = {}
-    for table, spec in raw.items():
+    for table, spec in merged.items():
         key = f"routes.{table}"
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{key}: expected pk and subject, got {spec!r}")
-        unknown = set(spec) - {"pk", "subject"}
+        unknown = set(spec) - set(ROUTE_KEYS)
         if unknown:
-            raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown setting; known: pk, subject")
-        base = DEFAULT_ROUTES.get(table, {})
-        pk, subject = spec.get("pk", base.get("pk")), spec.get("subject", base.get("subject"))
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(ROUTE_KEYS)}")
+        pk, subject = spec.get("pk"), spec.get("subject")
         if not isinstance(pk, str) or not pk:
             raise ConfigError(f"{key}.pk: a column name is required")
         if not isinstance(subject, str) or not subject:
@@ -440,64 +621,175 @@ def _routes(raw: Any) -> dict[str, Route]:
     return routes
 
 
-_SECTIONS: dict[str, type[Any]] = {
-    "nats": NatsSettings,
-    "ingest": IngestSettings,
-    "publish": PublishSettings,
-    "dedup": DedupSettings,
-    "redis": RedisSettings,
-    "dlq": DlqSettings,
-    "workers": WorkersSettings,
-    "http": HttpSettings,
-    "log": LogSettings,
-    "health": HealthSettings,
-    "shutdown": ShutdownSettings,
-}
+def _lower(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k).lower(): _lower(v) for k, v in value.items()}
+    return value
 
 
-def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
-    """Build and validate ``Settings`` from plain nested data (keys in any case)."""
+def settings_from_mapping(raw: Mapping[str, Any], *, check_files: bool = False) -> Settings:
+    """Build and validate ``Settings`` from plain nested data (keys in any case), as merged from all sources.
+
+    ``check_files``: also require that every file a setting names exists (the loader does; tests of the model need
+    not create them)."""
     data = _lower(raw)
-    sections = {name: _section(name, cls, data.get(name)) for name, cls in _SECTIONS.items()}
-    raw_routes = data.get("routes")
-    if isinstance(raw_routes, Mapping):
-        # Defaults stay unless a table is redefined; a table can be dropped with routes.<table> = false.
-        merged: dict[str, Any] = {t: dict(r) for t, r in DEFAULT_ROUTES.items()}
-        for table, spec in raw_routes.items():
-            if spec is False:
-                merged.pop(table, None)
-            elif isinstance(spec, Mapping):
-                merged[table] = {**merged.get(table, {}), **spec}
-            else:
-                merged[table] = spec
-        raw_routes = merged
-    settings = Settings(**sections, routes=_routes(raw_routes))
-    _validate(settings)
+    unknown = sorted(set(data) - {*_SECTIONS, "routes"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown settings section; known: {', '.join([*_SECTIONS, 'routes'])}")
+    sections = {name: _section(name, data.get(name), check_files) for name in _SECTIONS}
+    settings = Settings(**sections, routes=_routes(data.get("routes")))
+    _cross_check(settings)
     return settings
 
 
-def load_settings() -> Settings:
-    """Load ``settings.toml``, ``.secrets.toml`` and ``CDC_*`` variables; raise ``ConfigError`` on a bad value."""
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: files, then the environment
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The result of ``load``: the settings, the files they came from (in order) and warnings to log."""
+
+    settings: Settings
+    files: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def no_file_notice(self, cwd: str) -> str | None:
+        """The one line to log at start-up when no settings file was found, else ``None``."""
+        if self.files:
+            return None
+        return (
+            f"no settings file found: none of {', '.join(DEFAULT_FILES)} in {cwd}, no --config and no "
+            f"{FILES_VARIABLE}; using the built-in defaults and CDC_* variables"
+        )
+
+
+# Variables Kubernetes creates for each Service of the namespace (enableServiceLinks): <NAME>_SERVICE_HOST,
+# <NAME>_SERVICE_PORT[_<PORT NAME>], <NAME>_PORT and <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]. A Service named
+# cdc-<anything> yields CDC_<ANYTHING>_...; a name never ends in '-', so <NAME> never ends in '_' and CDC_HTTP__PORT
+# cannot match.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]*[A-Z0-9]_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``CDC_<SECTION>__<KEY>`` variables as nested text values. Variables that cannot be settings are ignored:
+    those without ``__`` (``CDC_SETTINGS_FILES``, most service links) and the other service-link shapes. Any other
+    ``CDC_*__*`` variable must name a setting, so a misspelt section or key stops start-up."""
+    data: dict[str, Any] = {}
+    prefix = f"{ENV_PREFIX}_"
+    for name in sorted(environ):
+        if not name.startswith(prefix) or "__" not in name:
+            continue
+        value = environ[name]
+        parts = name[len(prefix) :].lower().split("__")
+        section = parts[0]
+        if section in _SECTIONS and len(parts) == 2 and any(d.name == parts[1] for d in _DECLARED[section]):
+            data.setdefault(section, {})[parts[1]] = value
+        elif section == "routes" and len(parts) == 3 and parts[2] in ROUTE_KEYS and parts[1]:
+            route = data.setdefault("routes", {}).setdefault(parts[1], {})
+            if isinstance(route, dict):
+                route[parts[2]] = value
+        elif section == "routes" and len(parts) == 2 and parts[1] and value.strip().lower() in _FALSE:
+            data.setdefault("routes", {})[parts[1]] = False
+        elif _SERVICE_LINK.fullmatch(name):
+            continue
+        elif section == "routes":
+            raise ConfigError(
+                f"{'.'.join(parts)}: set {name.split('__')[0]}__<TABLE>__PK or __SUBJECT, or <TABLE> to false"
+            )
+        elif section in _SECTIONS:
+            raise ConfigError(f"{'.'.join(parts)}: unknown setting ({name}); known: {_known(section)}")
+        else:
+            known = ", ".join([*_SECTIONS, "routes"])
+            raise ConfigError(f"{section}: unknown settings section ({name}); known: {known}")
+    return data
+
+
+def _known(section: str) -> str:
+    return ", ".join(d.name for d in _DECLARED[section])
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """One settings file through dynaconf, as nested data with lower-case keys."""
     from dynaconf import Dynaconf  # imported here so the pure modules never pull dynaconf in
 
-    files = os.environ.get("SETTINGS_FILES_FOR_DYNACONF")
-    settings_files = [f.strip() for f in files.split(",") if f.strip()] if files else ["settings.toml", ".secrets.toml"]
+    try:
+        path.read_bytes()  # dynaconf skips a file it cannot read; say why instead
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the settings file: {exc.strerror}") from None
+    # One dynaconf instance per file: the layers merge key by key below, and errors can name the file. loaders=[]
+    # keeps dynaconf's own environment loader out (the environment is read once, as text, by _from_environ).
     loader = Dynaconf(
-        envvar_prefix=ENV_PREFIX,
-        settings_files=settings_files,
-        environments=False,
-        load_dotenv=False,
-        root_path=os.getcwd(),
+        settings_files=[str(path)], loaders=[], environments=False, load_dotenv=False, root_path=str(path.parent)
     )
     try:
-        raw = loader.as_dict()
-    except Exception as exc:  # a malformed TOML file or env value
-        raise ConfigError(f"settings: cannot read settings files or CDC_* variables: {exc}") from None
-    known = {*_SECTIONS, "routes"}
-    unknown = sorted(k.lower() for k in raw if k.lower() not in known and k.lower() not in _DYNACONF_KEYS)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown settings section; known: {', '.join(sorted(known))}")
-    return settings_from_mapping({k: v for k, v in raw.items() if k.lower() in known})
+        data = loader.as_dict()
+    except Exception as exc:
+        # A TOML error says where (line, column) without quoting the text; other errors may quote a value.
+        detail = str(exc) if type(exc).__name__ == "TOMLDecodeError" else type(exc).__name__
+        raise ConfigError(f"{path}: not a valid settings file: {detail}") from None
+    return {str(k).lower(): _lower(v) for k, v in data.items() if str(k).lower() not in _DYNACONF_KEYS}
 
 
 _DYNACONF_KEYS = frozenset({"load_dotenv"})  # what dynaconf itself reports among the settings
+
+
+def _merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Deep-merge ``layer`` into ``into``: tables merge key by key, any other value (lists too) replaces."""
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = _lower(value) if isinstance(value, Mapping) else value
+
+
+def _named_files(config_files: Sequence[str | os.PathLike[str]], environ: Mapping[str, str]) -> list[Path]:
+    named: list[tuple[str, str]] = []
+    for variable in (FILES_VARIABLE, LEGACY_FILES_VARIABLE):
+        named += [(variable, f.strip()) for f in environ.get(variable, "").split(",") if f.strip()]
+    named += [("--config", os.fspath(f)) for f in config_files]
+    paths = []
+    for source, name in named:
+        path = Path(name).expanduser().absolute()
+        if not path.is_file():
+            raise ConfigError(f"{source}: no such settings file: {name}")
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise ConfigError(f"{source}: {name}: settings files are {', '.join(FILE_SUFFIXES)}")
+        paths.append(path)
+    return paths
+
+
+def load(config_files: Sequence[str | os.PathLike[str]] = (), environ: Mapping[str, str] | None = None) -> Loaded:
+    """Load the layered settings (see the module docstring); raise ``ConfigError`` on a bad value or file.
+
+    ``config_files`` are the ``--config`` files; ``environ`` defaults to ``os.environ``."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd()
+    paths = [cwd / name for name in DEFAULT_FILES if (cwd / name).is_file()]
+    paths += _named_files(config_files, environ)
+    data: dict[str, Any] = {}
+    warnings: list[str] = []
+    for path in paths:
+        layer = _read_file(path)
+        if "secret" not in path.name.lower():
+            for key in sorted(SECRET_KEYS):
+                section, name = key.split(".")
+                value = layer.get(section, {}).get(name) if isinstance(layer.get(section), Mapping) else None
+                if value:
+                    warnings.append(
+                        f"{key} is set in {path}: keep credentials in .secrets.toml or CDC_* variables, not in a "
+                        "settings file that is committed or shared"
+                    )
+        _merge(data, layer)
+    _merge(data, _from_environ(environ))
+    settings = settings_from_mapping(data, check_files=True)
+    return Loaded(settings, tuple(str(p) for p in paths), tuple(warnings))
+
+
+def load_settings(
+    config_files: Sequence[str | os.PathLike[str]] = (), environ: Mapping[str, str] | None = None
+) -> Settings:
+    """``load(...).settings``: the effective settings, or ``ConfigError``."""
+    return load(config_files, environ).settings
