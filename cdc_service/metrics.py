@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cdc_service import __version__
 from cdc_service.core.outcomes import Reason
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -18,6 +19,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.build_info = Gauge(
+            "cdc_consumer_build_info",
+            "Always 1; the version label is the running package version.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(__version__).set(1)
         self.events = Counter(
             "cdc_consumer_events_total",
             "Inbound messages by table and result (published, duplicate, skipped, dead_lettered, retried).",

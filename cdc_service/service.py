@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
+from cdc_service import __version__
 from cdc_service.adapters.nats_jetstream import (
     PipelinedPublisher,
     ProvisioningError,
@@ -110,6 +111,7 @@ class Service:
         log.info(
             "starting",
             extra={
+                "version": __version__,
                 "nats": [mask_url(u) for u in self.settings.nats.url],
                 "redis": mask_url(self.settings.redis.url),
                 "mode": self.settings.ingest.mode,

@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cdc_service import __version__
 from cdc_service.service import available_cpus
 from tests.integration.helpers import OUTPUT, consumer_settled, ensure_input, feed, wait_count, wait_until
 from tests.sequin import body
@@ -62,6 +63,7 @@ async def test_metrics_after_one_published_event(js, start_service) -> None:
     lookups = {s.labels["result"]: s.value for s in families["cdc_consumer_dedup_lookups"] if s.name.endswith("_total")}
     assert lookups == {"hit": 0, "miss": 1, "error": 0}
     assert svc.metric("cdc_consumer_inflight_messages") == 0
+    assert svc.metric("cdc_consumer_build_info", {"version": __version__}) == 1
     # No per-subject or per-id labels anywhere.
     for samples in families.values():
         for sample in samples:
@@ -136,6 +138,8 @@ async def test_every_stdout_line_is_a_json_log_record(js, start_service) -> None
     messages = [json.loads(line)["message"] for line in lines]
     assert "starting" in messages
     assert "stopped" in messages
+    (starting,) = [json.loads(line) for line in lines if json.loads(line)["message"] == "starting"]
+    assert starting["version"] == __version__
     dead = [json.loads(line) for line in lines if json.loads(line)["message"] == "dead-lettering message"]
     assert len(dead) == 1
     assert dead[0]["level"] == "WARNING"
