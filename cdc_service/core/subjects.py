@@ -2,7 +2,10 @@
 
 A layout such as ``cdc.{company}.{table}`` or ``sequin.changes.{database}.{schema}.{table}.{action}`` names what each
 token of an inbound subject means. Parsing is positional: a subject with a different number of tokens, or a literal
-token that differs, does not fit the layout.
+token that differs, does not fit the layout. A token may put literal text around its field: with
+``cdc.daisi_{company}.{table}`` the subject ``cdc.daisi_acme.messages`` has company ``acme`` (Sequin set-ups that name
+tenant schemas ``daisi_<company>``). ``parse_template`` is the one parser of these templates, for layouts and for the
+output subjects of routes.
 """
 
 from __future__ import annotations
@@ -18,11 +21,50 @@ MAX_TOKEN_BYTES = 256
 # change which subscribers receive it (".", "*", ">"), or that NATS forbids (whitespace, control characters), is
 # rejected rather than cleaned, so one tenant can never be steered into another tenant's subjects.
 _UNSAFE = re.compile(r"[.*>\s\x00-\x1f\x7f-\x9f]")
-_PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
+_FIELD = re.compile(r"^([^{}]*)\{([A-Za-z_][A-Za-z0-9_]*)\}([^{}]*)$")
 
 
 class LayoutError(ValueError):
     """A subject layout that cannot be used; the message says which token is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateToken:
+    """One token of a subject template: literal ``text``, or the field ``name`` with literal text around it."""
+
+    text: str  # the token as written
+    name: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+
+    def render(self, value: str) -> str:
+        return f"{self.prefix}{value}{self.suffix}"
+
+    def value_of(self, token: str) -> str | None:
+        """The field's value in ``token``, or ``None`` when the token lacks the literal text or the value is empty."""
+        if len(token) <= len(self.prefix) + len(self.suffix):
+            return None
+        if not (token.startswith(self.prefix) and token.endswith(self.suffix)):
+            return None
+        return token[len(self.prefix) : len(token) - len(self.suffix)]
+
+
+def parse_template(text: str) -> tuple[TemplateToken, ...]:
+    """Split a subject template into tokens. A token is literal text, or ``{name}`` with optional literal text on
+    either side (``daisi_{company}``); at most one field per token. Raises ``ValueError`` naming the bad token."""
+    tokens: list[TemplateToken] = []
+    for token in text.split("."):
+        match = _FIELD.match(token)
+        if match:
+            prefix, name, suffix = match.groups()
+            if any(literal and token_problem(literal) for literal in (prefix, suffix)):
+                raise ValueError(f"token {token!r}: the text around {{{name}}} is not allowed in a subject")
+            tokens.append(TemplateToken(token, name, prefix, suffix))
+        elif "{" in token or "}" in token or token_problem(token):
+            raise ValueError(f"token {token!r} is neither a literal nor a {{field}} (with optional text around it)")
+        else:
+            tokens.append(TemplateToken(token))
+    return tuple(tokens)
 
 
 def token_problem(value: str) -> str | None:
@@ -58,30 +100,27 @@ class SubjectLayout:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        tokens = text.split(".")
+        try:
+            tokens = parse_template(text)
+        except ValueError as exc:
+            raise LayoutError(f"{exc}; fields: {{{'}, {'.join(sorted(LAYOUT_TOKENS))}}}") from None
         literals: list[tuple[int, str]] = []
-        fields: list[tuple[int, str]] = []
+        fields: list[tuple[int, str, TemplateToken]] = []
         for index, token in enumerate(tokens):
-            match = _PLACEHOLDER.match(token)
-            if match:
-                name = match.group(1)
-                if name not in LAYOUT_TOKENS:
-                    raise LayoutError(f"unknown token {{{name}}}; allowed: {', '.join(sorted(LAYOUT_TOKENS))}")
-                if any(existing == name for _, existing in fields):
-                    raise LayoutError(f"token {{{name}}} appears twice")
-                fields.append((index, name))
-            elif "{" in token or "}" in token or token_problem(token):
-                raise LayoutError(
-                    f"token {token!r} is neither a literal nor one of {{{'}, {'.join(sorted(LAYOUT_TOKENS))}}}"
-                )
-            else:
-                literals.append((index, token))
-        if not any(name == "table" for _, name in fields):
+            if token.name is None:
+                literals.append((index, token.text))
+                continue
+            if token.name not in LAYOUT_TOKENS:
+                raise LayoutError(f"unknown token {{{token.name}}}; allowed: {', '.join(sorted(LAYOUT_TOKENS))}")
+            if any(name == token.name for _, name, _ in fields):
+                raise LayoutError(f"token {{{token.name}}} appears twice")
+            fields.append((index, token.name, token))
+        if not any(name == "table" for _, name, _ in fields):
             raise LayoutError("the layout must contain {table}")
         self._size = len(tokens)
         self._literals = tuple(literals)
         self._fields = tuple(fields)
-        self.has_company = any(name == "company" for _, name in fields)
+        self.has_company = any(name == "company" for _, name, _ in fields)
 
     def parse(self, subject: str) -> SubjectInfo | str:
         """Return the subject's tokens by meaning, or a sentence saying why it does not fit (never raises).
@@ -95,7 +134,16 @@ class SubjectLayout:
         for index, literal in self._literals:
             if tokens[index] != literal:
                 return f"token {index + 1} is {tokens[index]!r}, layout {self.text!r} expects {literal!r}"
-        return SubjectInfo(**{name: tokens[index] for index, name in self._fields})
+        values: dict[str, str] = {}
+        for index, name, field in self._fields:
+            if field.prefix or field.suffix:
+                value = field.value_of(tokens[index])
+                if value is None:
+                    return f"token {index + 1} is {tokens[index]!r}, layout {self.text!r} expects {field.text!r}"
+                values[name] = value
+            else:
+                values[name] = tokens[index]
+        return SubjectInfo(**values)
 
 
 def covers(pattern: str, tokens: Sequence[str | None]) -> bool:

@@ -427,3 +427,27 @@ def test_invalid_json_detail_is_bounded(parser: Any) -> None:
 def test_plan_never_raises(parser: Any, data: bytes) -> None:
     outcome = plan("cdc.acme.messages", data, parser)
     assert isinstance(outcome, DeadLetter)
+
+
+# ------------------------------------------------------------------------------------------ literal text in a token
+
+DAISI = "cdc.daisi_{company}.{table}"
+
+
+def test_tenant_schema_prefix_is_not_part_of_the_company(parser: Any) -> None:
+    # Sequin set-ups name tenant schemas daisi_<company> while record.company_id holds <company>.
+    outcome = published("cdc.daisi_acme.messages", body("messages", company_id="acme"), parser, layout=DAISI)
+    assert outcome.subject == "wa.acme.agent-1.messages.chat-1"
+    assert orjson.loads(outcome.payload)["company_id"] == "acme"
+
+
+def test_a_subject_without_the_literal_text_is_dead_lettered(parser: Any) -> None:
+    outcome = plan("cdc.acme.messages", encode(body("messages", company_id="acme")), parser, layout=DAISI)
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.reason is Reason.INVALID_SUBJECT
+
+
+def test_with_the_prefix_in_the_company_the_tenant_check_still_applies(parser: Any) -> None:
+    outcome = plan("cdc.daisi_acme.messages", encode(body("messages", company_id="daisi_acme")), parser, layout=DAISI)
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.reason is Reason.TENANT_MISMATCH

@@ -23,6 +23,7 @@ MESSAGES = "wa.{company}.{agent_id}.messages.{chat_id}"
         ("agents", "agent_id", "wa.{company}.{agent_id}.agents", ("wa", None, None, "agents"), ("company", "agent_id")),
         ("contacts", "contact_id", "{company}", (None,), ("company",)),
         ("t", "id", "x.{Agent_ID2}.{company}", ("x", None, None), ("Agent_ID2", "company")),
+        ("t", "id", "wa.t_{company}.{agent_id}-x", ("wa", None, None), ("company", "agent_id")),
     ],
 )
 def test_compile_valid(
@@ -44,12 +45,13 @@ def test_compile_valid(
         ("messages", "message_id", "wa.{agent_id}.messages.{chat_id}", "must contain {company}"),
         ("messages", "message_id", "wa.messages", "must contain {company}"),
         ("messages", "message_id", "wa.{Company}.x", "must contain {company}"),  # case-sensitive
-        ("messages", "message_id", "wa.{company}.*", "token '*' is neither a literal nor a {column}"),
+        ("messages", "message_id", "wa.{company}.*", "token '*' is neither a literal nor a {field}"),
         ("messages", "message_id", "wa.{company}.>", "token '>'"),
         ("messages", "message_id", "wa..{company}", "token ''"),
         ("messages", "message_id", "wa.{company}.", "token ''"),
         ("messages", "message_id", "wa.{company", "token '{company'"),
-        ("messages", "message_id", "wa.x{company}", "token 'x{company}'"),
+        ("messages", "message_id", "wa.{company}{agent_id}", "token '{company}{agent_id}'"),
+        ("messages", "message_id", "wa.x*{company}", "token 'x*{company}'"),
         ("messages", "message_id", "wa.{1abc}.{company}", "token '{1abc}'"),
         ("messages", "message_id", "wa.{agent-id}.{company}", "token '{agent-id}'"),
         ("messages", "message_id", "wa.a b.{company}", "token 'a b'"),
@@ -78,6 +80,7 @@ def test_route_error_is_a_value_error() -> None:
         ("{agent_id}.{company}", {"company": "c", "agent_id": "a"}, "a.c"),
         ("{company}", {"company": "only"}, "only"),
         ("{company}.{x}.{company}", {"company": "c", "x": "y"}, "c.y.c"),  # a placeholder may repeat
+        ("wa.daisi_{company}.{agent_id}_a", {"company": "acme", "agent_id": "7"}, "wa.daisi_acme.7_a"),
     ],
 )
 def test_subject_rendering(template: str, values: dict[str, str], subject: str) -> None:

@@ -33,6 +33,11 @@ SEQUIN = "sequin.changes.{database}.{schema}.{table}.{action}"
             SubjectInfo(table="agents", database="chatdb", schema="public", action="delete"),
         ),
         ("{table}", "contacts", SubjectInfo(table="contacts")),
+        # literal text around a field inside its token
+        ("cdc.daisi_{company}.{table}", "cdc.daisi_acme.messages", SubjectInfo(table="messages", company="acme")),
+        ("cdc.daisi_{company}.{table}", "cdc.daisi_daisi_x.chats", SubjectInfo(table="chats", company="daisi_x")),
+        ("cdc.{company}-eu.t_{table}", "cdc.acme-eu.t_agents", SubjectInfo(table="agents", company="acme")),
+        ("cdc.x{table}", "cdc.xx", SubjectInfo(table="x")),
     ],
 )
 def test_parse_match(layout: str, subject: str, expected: SubjectInfo) -> None:
@@ -51,6 +56,14 @@ def test_parse_match(layout: str, subject: str, expected: SubjectInfo) -> None:
         (SEQUIN, "sequin.changes.chatdb.public.messages.insert.x", "subject has 7 tokens"),
         (SEQUIN, "sequin.change.chatdb.public.messages.insert", "token 2 is 'change'"),
         (SEQUIN, "other.changes.chatdb.public.messages.insert", "token 1 is 'other'"),
+        (
+            "cdc.daisi_{company}.{table}",
+            "cdc.acme.messages",
+            "token 2 is 'acme', layout 'cdc.daisi_{company}.{table}' expects 'daisi_{company}'",
+        ),
+        ("cdc.daisi_{company}.{table}", "cdc.daisi_.messages", "token 2 is 'daisi_'"),  # the value may not be empty
+        ("cdc.{company}-eu.{table}", "cdc.acme-us.messages", "token 2 is 'acme-us'"),
+        ("cdc.{company}-eu.{table}", "cdc.-eu.messages", "token 2 is '-eu'"),
     ],
 )
 def test_parse_mismatch_returns_reason(layout: str, subject: str, fragment: str) -> None:
@@ -75,7 +88,7 @@ def test_layout_keeps_text() -> None:
     ("layout", "fragment"),
     [
         ("cdc.{tenant}.{table}", "unknown token {tenant}"),
-        ("cdc.{Company}.{table}", "neither a literal"),
+        ("cdc.{Company}.{table}", "unknown token {Company}"),
         ("cdc.{company}.{company}.{table}", "token {company} appears twice"),
         ("cdc.{table}.{table}", "token {table} appears twice"),
         ("cdc.{company}", "must contain {table}"),
@@ -83,7 +96,10 @@ def test_layout_keeps_text() -> None:
         ("cdc.>", "neither a literal"),
         ("cdc..{table}", "neither a literal"),
         ("cdc.{table", "neither a literal"),
-        ("cdc.x{table}", "neither a literal"),
+        ("cdc.{company}{table}", "neither a literal"),  # one field per token
+        ("cdc.a*{company}.{table}", "the text around {company}"),
+        ("cdc.{company}>.{table}", "the text around {company}"),
+        ("cdc.x{tenant}.{table}", "unknown token {tenant}"),
         ("cdc.a b.{table}", "neither a literal"),
         ("", "neither a literal"),
     ],
