@@ -433,14 +433,27 @@ def test_every_setting_is_reachable_through_values(tmp_path: Path, monkeypatch: 
     settings["routes"] = ROUTES
     docs = render({"settings": settings, "secrets": SECRETS}, tmp=tmp_path)
 
+    # The pod's /etc, under tmp_path: the mounted settings files, and the files that settings name (the loader
+    # refuses a missing creds, key or CA file).
+    def local(path: str) -> str:
+        return path.replace("/etc/", f"{tmp_path}/etc/")
+
     files = {
         "settings.toml": only(docs, "ConfigMap")["data"]["settings.toml"],
         ".secrets.toml": only(docs, "Secret")["stringData"][".secrets.toml"],
     }
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
+        path = Path(local(f"{CONFIG_DIR}/{name}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for key, value in expected.items():
+        if isinstance(value, str) and value.startswith("/etc/"):
+            expected[key] = local(value)
+            Path(expected[key]).parent.mkdir(parents=True, exist_ok=True)
+            Path(expected[key]).write_text("")
     for name, value in env(docs).items():
-        monkeypatch.setenv(name, value.replace(CONFIG_DIR, str(tmp_path)))
+        monkeypatch.setenv(name, local(value))
+    monkeypatch.chdir(tmp_path)
     loaded = config.load_settings()
 
     for key, value in expected.items():

@@ -1,0 +1,98 @@
+"""The Helm path end to end: render the chart, write the rendered ConfigMap and Secret files where the pod mounts
+them, give the process the container's environment plus the service-link variables Kubernetes adds for the
+rendered Service (and for other `cdc-*` Services of the namespace), and run `python -m cdc_service config` from a
+copy of the image's working directory, the way the pod starts. The effective values must be those of the values.
+
+helm as in tests/chart/test_chart.py (skipped without it, an error under CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cdc_service import config
+from tests.chart.test_chart import CHART, CONFIG_DIR, HELM, ROOT, container, helm, only
+from tests.k8s import service_link_variables
+
+if HELM is None:
+    pytestmark = pytest.mark.skip(reason="helm not found: run tools/install_helm.sh (make test does) or set HELM")
+
+SETTINGS_TOML = """\
+[nats]
+url = ["nats://nats-0.nats:4222", "nats://nats-1.nats:4222"]
+user = "cdc"
+
+[redis]
+url = "redis://redis-master:6379/2"
+"""
+PASSWORD = "0x1F/#?pw"  # would change if parsed as TOML, breaks a URL unless encoded
+VALUES = {"settingsToml": SETTINGS_TOML, "secrets": {"nats": {"password": PASSWORD}, "redis": {"password": "r3d"}}}
+# Release names whose Services start with the settings prefix: cdc -> cdc-cdc-service -> CDC_CDC_SERVICE_*.
+RELEASES = ["cdc", "cdc-prod", "cdc-service", "orders"]
+
+
+def _render(release: str, tmp: Path) -> list[dict[str, Any]]:
+    values = tmp / "values.yaml"
+    values.write_text(yaml.safe_dump(VALUES))
+    result = helm("template", release, str(CHART), "--namespace", "cdc", "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _pod(release: str, tmp: Path) -> tuple[Path, dict[str, str]]:
+    """The pod's working directory and environment, with its /etc under ``tmp``."""
+    docs = _render(release, tmp)
+    etc = tmp / "etc" / "cdc-service"
+    etc.mkdir(parents=True)
+    (etc / "settings.toml").write_text(only(docs, "ConfigMap")["data"]["settings.toml"])
+    (etc / ".secrets.toml").write_text(only(docs, "Secret")["stringData"][".secrets.toml"])
+    app = tmp / "app"  # the image's WORKDIR holds the repository's settings.toml and .secrets.toml (Dockerfile)
+    app.mkdir()
+    for name in config.DEFAULT_FILES:
+        (app / name).write_text((ROOT / name).read_text())
+    environ = {e["name"]: e["value"].replace(CONFIG_DIR, str(etc)) for e in container(docs)["env"] if "value" in e}
+    service = only(docs, "Service")
+    environ |= service_link_variables(service["metadata"]["name"], service["spec"]["ports"])
+    # other Services of the namespace whose names start with the prefix
+    environ |= service_link_variables("cdc-redis", [{"name": "redis", "port": 6379}], "10.96.0.11")
+    environ |= service_link_variables("cdc", [{"port": 4222}], "10.96.0.12")
+    return app, environ
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_pod_sees_the_values(release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, environ = _pod(release, tmp_path)
+    assert any(name.startswith("CDC_") and name.endswith("_SERVICE_HOST") for name in environ)
+
+    process_env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
+    result = subprocess.run(
+        [sys.executable, "-m", "cdc_service", "config"],
+        cwd=app,
+        env={**process_env, "PYTHONPATH": str(ROOT), **environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["nats"]["url"] == ["nats://nats-0.nats:4222", "nats://nats-1.nats:4222"]
+    assert printed["nats"]["user"] == "cdc"
+    assert printed["redis"]["url"] == "redis://redis-master:6379/2"
+    assert printed["nats"]["password"] == printed["redis"]["password"] == "***"
+    assert PASSWORD not in result.stdout + result.stderr
+    assert printed["ingest"]["batch_size"] == 256  # from the image's settings.toml, not replaced by the mounted one
+
+    # The secrets themselves, exactly as given (the same loader, in process).
+    monkeypatch.chdir(app)
+    settings = config.load([], environ).settings
+    assert (settings.nats.password, settings.redis.password) == (PASSWORD, "r3d")
+    assert settings.nats.url == ("nats://nats-0.nats:4222", "nats://nats-1.nats:4222")
