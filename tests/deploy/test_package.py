@@ -1,0 +1,156 @@
+"""The package as users install it: `pip install .` into a fresh venv, then the `cdc-service` console script from
+another directory: --version, --help, `config --config FILE`, and `run` logging its version and that no settings
+file was found.
+
+To stay fast, the venv borrows the test venv's installed dependencies (a .pth file) instead of downloading them
+(--no-deps). The build itself is the user's: pip's isolated build environment with the build backend of
+pyproject.toml, which pip fetches (from its cache when it has one). The package is built from a copy of the sources,
+so nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import venv
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cdc_service import __version__
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.package
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bin/ directory of a fresh venv with cdc_service installed from a copy of the sources."""
+    base = tmp_path_factory.mktemp("package")
+    source = base / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "cdc_service", source / "cdc_service", ignore=shutil.ignore_patterns("__pycache__"))
+    target = base / "venv"
+    venv.EnvBuilder(with_pip=False).create(target)  # the test venv's pip installs into it (--python): no ensurepip
+    python = target / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # The dependencies come from the test venv, after the new venv's own site-packages in sys.path.
+    Path(site, "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(source)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=base,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return target / "bin"
+
+
+def _environ() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CDC_", "PYTHON")) and not k.endswith("_FOR_DYNACONF") and k != "VIRTUAL_ENV"
+    }
+
+
+def _run(bin_dir: Path, cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(bin_dir / "cdc-service"), *args], cwd=cwd, env={**_environ(), **env}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_it_runs_the_installed_copy(installed: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(installed / "python"), "-c", "import cdc_service; print(cdc_service.__file__)"],
+        cwd=tmp_path, env=_environ(), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    path = Path(result.stdout.strip())
+    assert installed.parent in path.parents and ROOT not in path.parents
+
+
+def test_version(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cdc_service {__version__}"
+    metadata = subprocess.run(
+        [str(installed / "python"), "-c", "import importlib.metadata as m; print(m.version('cdc_service'))"],
+        cwd=tmp_path, env=_environ(), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert metadata.stdout.strip() == __version__  # pyproject reads the same version
+
+
+def test_help(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: cdc-service")
+    for word in ("run", "config", "dlq", "--config FILE", "--version"):
+        assert word in result.stdout
+
+
+def test_config_from_another_directory(installed: Path, tmp_path: Path) -> None:
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    (tmp_path / "path" / "to" / "settings.toml").write_text('[nats]\nurl = "nats://10.1.2.3:4222"\n')
+    (tmp_path / "work").mkdir()
+    result = _run(installed, tmp_path / "work", "config", "--config", "../path/to/settings.toml")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["nats"]["url"] == ["nats://10.1.2.3:4222"]
+    bad = _run(installed, tmp_path / "work", "config", CDC_INGEST__BATCH_SIZE="0")
+    assert bad.returncode == 2 and bad.stderr.startswith("cdc_service: invalid setting ingest.batch_size:")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def process(installed: Path, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    # No NATS answers on this port: the service keeps trying to connect, alive and not ready, until SIGTERM.
+    env = {"CDC_NATS__URL": f"nats://127.0.0.1:{_free_port()}", "CDC_HTTP__PORT": str(_free_port())}
+    env["CDC_HTTP__HOST"] = "127.0.0.1"
+    proc = subprocess.Popen(
+        [str(installed / "cdc-service"), "run"], cwd=tmp_path, env={**_environ(), **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_run_logs_its_version_and_that_no_settings_file_was_found(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    records: list[dict[str, object]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(r.get("message") == "starting" for r in records):
+        line = process.stdout.readline()
+        if not line:
+            break
+        records.append(json.loads(line))
+    messages = [str(r["message"]) for r in records]
+    assert any(m.startswith("no settings file found") for m in messages), messages
+    starting = next(r for r in records if r["message"] == "starting")
+    assert starting["version"] == __version__
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) in (0, 1)
