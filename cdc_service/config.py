@@ -67,7 +67,8 @@ class Rule:
     url: tuple[str, ...] = ()  # a URL (or list of URLs) with one of these schemes; masked when shown
     file: bool = False  # a path that must name an existing file, when set
     non_empty: bool = False
-    check: Callable[[Any], str | None] | None = None  # further rule: returns what is wrong, or None
+    check: Callable[[Any], str | None] | None = None  # further rule: returns what is wrong, or None; its docstring
+    # names the rule in docs/settings.md
 
 
 _RULE = "cdc_setting"
@@ -84,10 +85,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _jetstream_name(value: str) -> str | None:
+    """letters, digits, `_`, `-`"""
     return None if _NAME.match(value) else "must be letters, digits, '_' or '-'"
 
 
 def _subjects(value: tuple[str, ...]) -> str | None:
+    """NATS subjects (wildcards allowed)"""
     for subject in value:
         if not all(t and not any(c.isspace() for c in t) for t in subject.split(".")):
             return f"{subject!r} is not a subject"
@@ -95,10 +98,12 @@ def _subjects(value: tuple[str, ...]) -> str | None:
 
 
 def _literal_subject(value: str) -> str | None:
+    """a subject without wildcards"""
     return None if all(not token_problem(t) for t in value.split(".")) else f"{value!r} is not a literal subject"
 
 
 def _layout(value: str) -> str | None:
+    """a subject layout"""
     try:
         SubjectLayout(value)
     except LayoutError as exc:
@@ -110,6 +115,7 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _log_level(value: str) -> str | None:
+    """a log level, any case"""
     return None if value.upper() in _LOG_LEVELS else f"{value!r} is not one of {', '.join(_LOG_LEVELS)}"
 
 
@@ -140,11 +146,11 @@ class NatsSettings:
     user: str = setting("", "User name; its password is nats.password.")
     password: str = setting("", "Password for nats.user.", secret=True)
     token: str = setting("", "Authentication token.", secret=True)
-    creds_file: str = setting("", "JWT credentials file (must exist).", file=True)
-    nkey_seed_file: str = setting("", "NKey seed file (must exist).", file=True)
-    tls_ca_file: str = setting("", "CA bundle for TLS (must exist).", file=True)
-    tls_cert_file: str = setting("", "Client certificate for mutual TLS (must exist).", file=True)
-    tls_key_file: str = setting("", "Client key for mutual TLS (must exist).", file=True)
+    creds_file: str = setting("", "JWT credentials file.", file=True)
+    nkey_seed_file: str = setting("", "NKey seed file.", file=True)
+    tls_ca_file: str = setting("", "CA bundle for TLS.", file=True)
+    tls_cert_file: str = setting("", "Client certificate for mutual TLS.", file=True)
+    tls_key_file: str = setting("", "Client key for mutual TLS.", file=True)
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,7 @@ class RedisSettings:
     password: str = setting("", "Redis password.", secret=True)
     socket_timeout: float = setting(0.5, "Read and connect timeout.", gt=0)
     retry_interval: float = setting(1.0, "While Redis is degraded, skip it this long after each failure.", gt=0)
-    tls_ca_file: str = setting("", "CA bundle for a rediss:// URL (must exist).", file=True)
+    tls_ca_file: str = setting("", "CA bundle for a rediss:// URL.", file=True)
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,7 @@ class WorkersSettings:
 @dataclass(frozen=True)
 class HttpSettings:
     host: str = setting("0.0.0.0", "Address of the probe and metrics listener.")
-    port: int = setting(8080, "Port of the probe and metrics listener.", gt=0, le=65535)
+    port: int = setting(8080, "Port of the probe and metrics listener.", ge=1, le=65535)
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,50 @@ def declared_settings() -> Iterator[Declared]:
     """Every declared setting, section by section, in declaration order."""
     for section in _DECLARED.values():
         yield from section
+
+
+def _rules_text(d: Declared) -> str:
+    rule, parts = d.rule, []
+    for bound, sign in ((rule.gt, ">"), (rule.ge, "≥"), (rule.le, "≤")):
+        if bound is not None:
+            parts.append(f"{sign} {bound:g}")
+    parts += [f"or {a:g}" for a in rule.allow]
+    if rule.choices:
+        parts.append(" or ".join(f"`{c}`" for c in rule.choices))
+    if rule.url:
+        parts.append(f"{'/'.join(rule.url)} URL{'s' if d.kind is tuple else ''}")
+    if rule.non_empty:
+        parts.append("not empty")
+    if rule.file:
+        parts.append("existing file")
+    if rule.check is not None and rule.check.__doc__:
+        parts.append(rule.check.__doc__.strip())
+    if rule.secret:
+        parts.append("**secret**")
+    return ", ".join(parts)
+
+
+def _default_text(d: Declared) -> str:
+    if isinstance(d.default, bool):
+        return f"`{str(d.default).lower()}`"
+    if isinstance(d.default, tuple):
+        return f"`{json.dumps(list(d.default))}`"
+    if isinstance(d.default, str):
+        return f"`{json.dumps(d.default)}`"
+    return f"`{d.default!r}`"
+
+
+def settings_reference() -> str:
+    """The settings reference of ``docs/settings.md`` (Markdown), derived from the declarations."""
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", tuple: "list of strings"}
+    lines: list[str] = []
+    for section, declared in _DECLARED.items():
+        lines += [f"**`[{section}]`**", "", "| key | type | default | rules | meaning |", "|---|---|---|---|---|"]
+        for d in declared:
+            doc = d.rule.doc.replace("|", "\\|")
+            lines.append(f"| `{d.name}` | {kinds[d.kind]} | {_default_text(d)} | {_rules_text(d)} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
