@@ -457,13 +457,19 @@ async def test_planted_secrets_appear_in_no_output(stack: Stack, tmp_path: Path)
     assert shown["redis"]["url"] == f"redis://:***@127.0.0.1:{redis_server.port}/0"
     outputs += [config.stdout, config.stderr]
 
-    # Exception messages: settings rejected with the secret in them (a URL with port 0, a password that is a list).
+    # Exception messages: settings rejected with the secret in them (a URL with port 0, a password that is a list or a
+    # table in a settings file; in a variable, the same text is a valid password, taken as written).
+    bad_list, bad_table = tmp_path / "bad-list.secrets.toml", tmp_path / "bad-table.secrets.toml"
+    bad_list.write_text(f'[nats]\ntoken = ["{planted["badcfg"]}"]\n')
+    bad_table.write_text(f'[nats]\ntoken = {{x = "{planted["badcfg"]}"}}\n')
     for override in (
         {"CDC_REDIS__URL": f"redis://:{planted['badcfg']}@127.0.0.1:0/0"},
         {"CDC_NATS__URL": f"nats://svc:{planted['badcfg']}@127.0.0.1:0"},
         {"CDC_NATS__URL": f"nats://{planted['badcfg']}@127.0.0.1:0"},
-        {"CDC_NATS__PASSWORD": f'["{planted["badcfg"]}"]'},
-        {"CDC_REDIS__PASSWORD": f'{{x = "{planted["badcfg"]}"}}'},
+        {"CDC_REDIS__URL": f"redis://:{planted['badcfg']}/x@127.0.0.1:6379/0"},
+        {"CDC_REDIS__URL": f"redis://127.0.0.1:6379/0?password={planted['badcfg']}&db=x"},
+        {"CDC_SETTINGS_FILES": str(bad_list)},
+        {"CDC_SETTINGS_FILES": str(bad_table)},
     ):
         failed = _run_cli({**svc.env, **override}, "config")
         assert failed.returncode == 2 and "invalid setting" in failed.stderr, (override, failed.stderr)
