@@ -804,12 +804,14 @@ def _expand(value: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: variables.get(m.group(1), m.group(0)), value)
 
 
-@pytest.mark.parametrize("password", ["hunter2", "1_000", "0x10", "true", '"quoted"', " lead and trail ", "a$(B)c"])
+@pytest.mark.parametrize(
+    "password", ["hunter2", "1_000", "0x10", "true", '"quoted"', " lead and trail ", "a$(B)c", "@int 5", "@json x"]
+)
 def test_per_key_secret_reaches_the_loader_verbatim(
     password: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Per-key Secret: each key becomes CDC_<SECTION>__<KEY> with the value exactly as stored, even when dynaconf
-    would read it as another type."""
+    """Per-key Secret: each key becomes CDC_<SECTION>__<KEY> with the value exactly as stored, even when it reads as
+    another type or as a dynaconf marker."""
     docs = render(None, CHART / "ci" / "secret-keys-values.yaml")
     spec = pod_spec(docs)
     entries = container(docs)["env"]

@@ -132,8 +132,8 @@ The image reference: repository@digest when image.digest is set (the tag is then
 
 {{/*
 Env entries for secrets.existingSecretKeys. Each key is read into SECRET_<SECTION>_<KEY>, then handed to the service
-as CDC_<SECTION>__<KEY>="@str $(SECRET_...)": the kubelet substitutes the value, and dynaconf's @str marker keeps it a
-string exactly as stored (without it, "1_000" would become the number 1000 and "true" a boolean).
+as CDC_<SECTION>__<KEY>="$(SECRET_...)": the kubelet substitutes the value, and the service takes a string setting
+from a variable exactly as written ("1_000" stays text, "true" is not a boolean).
 */}}
 {{- define "cdc-service.secretKeyEnv" -}}
 {{- $secret := .Values.secrets.existingSecret }}
@@ -147,7 +147,7 @@ string exactly as stored (without it, "1_000" would become the number 1000 and "
       name: {{ $secret }}
       key: {{ $key }}
 - name: {{ printf "CDC_%s__%s" (upper $section) (upper $name) }}
-  value: {{ printf "@str $(%s)" $var | quote }}
+  value: {{ printf "$(%s)" $var | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
