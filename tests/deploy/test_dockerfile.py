@@ -1,5 +1,6 @@
-"""The Dockerfile, read rather than built (no Docker engine here): multi-stage on python:3.11-slim-bookworm, wheels
-built in the builder and installed offline, non-root, nothing written at run time, exec-form entrypoint."""
+"""The Dockerfile, read: multi-stage on python:3.11-slim-bookworm, the lock's wheels built hash-checked in the
+builder and installed offline, build arguments confined to the builder, non-root, nothing written at run time,
+exec-form entrypoint. `make image-test` (tools/image_test.py, run by .ci/run) builds and runs it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import json
 import re
 
 import pytest
+import yaml
 
-from tests.deploy.files import DOCKERFILE, DOCKERIGNORE
+from tests.deploy.files import COMPOSE, DOCKERFILE, DOCKERIGNORE, REPO
+from tests.deploy.lock import parse_lock
+
+BUILD_ARGS = {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "EXTRA_CA_CERTS"}
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -29,33 +34,79 @@ def _instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
-def _stages() -> list[list[tuple[str, str]]]:
+def _global_and_stages() -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
+    """(instructions before the first FROM, the stages)."""
+    preamble: list[tuple[str, str]] = []
     stages: list[list[tuple[str, str]]] = []
     for instruction in _instructions():
         if instruction[0] == "FROM":
             stages.append([])
-        stages[-1].append(instruction)
-    return stages
+        (stages[-1] if stages else preamble).append(instruction)
+    return preamble, stages
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    return _global_and_stages()[1]
 
 
 def test_two_stages_on_python_311_slim_bookworm() -> None:
-    stages = _stages()
-    assert len(stages) == 2
-    assert [s[0][1] for s in stages] == [
-        "python:3.11-slim-bookworm AS builder",
-        "python:3.11-slim-bookworm AS runtime",
-    ]
+    preamble, stages = _global_and_stages()
+    assert preamble == [("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm")]
+    assert [s[0][1] for s in stages] == ["${PYTHON_IMAGE} AS builder", "${PYTHON_IMAGE} AS runtime"]
 
 
-def test_builder_builds_wheels_and_runtime_installs_them_offline() -> None:
-    builder, runtime = _stages()
+def test_no_syntax_directive() -> None:
+    """`# syntax=` makes every build fetch a frontend image from a registry first; Docker's built-in one suffices."""
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M | re.I)
+
+
+def test_builder_builds_the_locked_wheels_hash_checked() -> None:
+    builder, _ = _stages()
     build = " ".join(args for op, args in builder if op == "RUN")
-    assert re.search(r"pip wheel\b.*-r \S*requirements\.txt.*-w /wheels", build), build
+    wheel = re.search(r"pip wheel\b[^;&]*", build)
+    assert wheel, build
+    command = wheel.group(0)
+    assert re.search(r"-r \S*/requirements\.txt\b", command) and "-w /wheels" in command, command
+    assert "--require-hashes" in command
+    # Binary wheels only, but for the named source-only packages, built with the locked backend, no isolation.
+    assert "--only-binary=:all:" in command
+    assert "--no-build-isolation" in command
+    assert re.search(r"pip install --require-hashes\b[^;&]*-r \S*/requirements-build\.txt", build), build
+    no_binary = re.search(r"--no-binary=(\S+)", command)
+    assert no_binary, command
+    locked = parse_lock((REPO / "requirements.txt").read_text())
+    for name in no_binary.group(1).split(","):
+        assert name in locked, f"--no-binary names {name}, which is not in the lock"
+
+
+def test_runtime_installs_exactly_the_builder_wheels_offline() -> None:
+    _, runtime = _stages()
     install = " ".join(args for op, args in runtime if op == "RUN")
-    assert "--mount=type=bind,from=builder,source=/wheels" in install
-    assert re.search(r"pip .*install .*--no-index .*--find-links=/wheels", install), install
-    # The runtime never reaches an index and never carries the wheels.
-    assert not any(op == "COPY" and "/wheels" in args for op, args in runtime)
+    # Bound, not copied, onto a directory the base image has, so no empty mount point stays in the image.
+    assert "--mount=type=bind,from=builder,source=/wheels,target=/mnt" in install
+    assert re.search(r"pip .*install .*--no-index .*--no-deps /mnt/\*\.whl", install), install
+    assert not any(op == "COPY" and ("/wheels" in args or "--from" in args) for op, args in runtime)
+
+
+def test_build_arguments_stay_in_the_builder() -> None:
+    builder, runtime = _stages()
+    declared = {args.split("=", 1)[0] for op, args in builder if op == "ARG"}
+    assert declared == BUILD_ARGS
+    assert not [args for op, args in runtime if op == "ARG"]
+    runtime_text = " ".join(args for _, args in runtime)
+    assert not [name for name in (*BUILD_ARGS, "PIP_CERT") if name in runtime_text]
+
+
+def test_the_runtime_stage_installs_no_packages() -> None:
+    """No compiler or package manager step in the final image; anything native comes as a wheel."""
+    _, runtime = _stages()
+    runs = " ".join(args for op, args in runtime if op == "RUN")
+    assert not re.search(r"\b(apt-get|apt|dpkg|gcc|build-essential)\b", runs), runs
+
+
+def test_compose_passes_only_build_arguments_the_dockerfile_declares() -> None:
+    build = yaml.safe_load(COMPOSE.read_text())["services"]["cdc-service"]["build"]
+    assert set(build["args"]) == BUILD_ARGS | {"PYTHON_IMAGE"}
 
 
 def test_runs_as_non_root_uid_10001() -> None:
@@ -96,7 +147,9 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return ignored
 
 
-@pytest.mark.parametrize("path", ["requirements.txt", "cdc_service", "settings.toml", ".secrets.toml"])
+@pytest.mark.parametrize(
+    "path", ["requirements.txt", "requirements-build.txt", "cdc_service", "settings.toml", ".secrets.toml"]
+)
 def test_build_context_holds_what_the_image_copies(path: str) -> None:
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
     copied = " ".join(args for op, args in _instructions() if op == "COPY" and "--from" not in args)
