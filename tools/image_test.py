@@ -184,11 +184,17 @@ def remove_tree(path: Path) -> None:
 
 
 def dockerfile_base() -> str:
+    """The image the Dockerfile's first FROM names, a build argument's default resolved."""
     text = (REPO / "Dockerfile").read_text()
-    match = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
+    match = re.search(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)", text, re.M)
     if not match:
-        raise CheckFailed("the Dockerfile declares no ARG PYTHON_IMAGE=<default>")
-    return match.group(1)
+        raise CheckFailed("the Dockerfile has no FROM")
+    image = match.group(1)
+    for name, default in re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M):
+        image = image.replace(f"${{{name}}}", default).replace(f"${name}", default)
+    if "$" in image:
+        raise CheckFailed(f"cannot resolve the base image {image!r}: give its build argument a default")
+    return image
 
 
 def debian_mirror() -> str:
@@ -480,8 +486,9 @@ def build_image(docker: Dockerd, workdir: Path, logs: Path, upstream_index: str)
         (logs / "build.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             # The step output only: BuildKit repeats the whole RUN line, build arguments substituted, around it.
-            output = [line for line in (result.stdout + result.stderr).splitlines() if re.match(r"#\d+ \d", line)]
-            tail = "\n".join(output[-25:])
+            lines = (result.stdout + result.stderr).splitlines()
+            steps = [line for line in lines if re.match(r"#\d+ \d", line)]
+            tail = "\n".join(steps[-25:] or lines[-8:])
             raise CheckFailed(f"docker build failed (whole log in {logs / 'build.log'}):\n{tail}")
     say(f"ok   docker build of the committed Dockerfile: {time.monotonic() - started:.0f} s")
     expect(
