@@ -142,6 +142,12 @@ class Dockerd:
     def __call__(self, *args: str, check: bool = True, **kw: Any) -> str:
         return run([self.cli, *args], env=self.env, check=check, **kw)
 
+    def logs(self, container: str) -> str:
+        """The container's stdout and stderr, interleaved."""
+        command = [self.cli, "logs", container]
+        result = subprocess.run(command, check=False, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return result.stdout.decode(errors="replace")
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -154,10 +160,11 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-        # dockerd stops the containerd it started; after a SIGKILL it cannot.
-        if child is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
+                # dockerd stops the containerd it started, unless it was killed: then that one is ours to stop,
+                # if the pid still names it (its command line holds our exec root).
+                with contextlib.suppress(OSError):
+                    if child is not None and str(self.root) in Path(f"/proc/{child}/cmdline").read_text():
+                        os.kill(child, signal.SIGTERM)
         self.proc = None
 
 
@@ -226,7 +233,7 @@ def base_rootfs(cache: Path, workdir: Path) -> tuple[Path, bool]:
         raise CheckFailed("no base image and no debootstrap to make one: apt-get install debootstrap")
     rootfs = workdir / "rootfs"
     mirror = debian_mirror()
-    say(f"debootstrap {BASE_SUITE} from {mirror} (a minute or two, cached afterwards)")
+    say(f"debootstrap {BASE_SUITE} from {mirror} (a few minutes; cached for later runs)")
     args = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", BASE_SUITE, str(rootfs), mirror]
     run(args, timeout=1200)
     run(["chroot", str(rootfs), "/bin/sh", "-c", BASE_SETUP], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -433,16 +440,17 @@ def check_service(docker: Dockerd, nats_url: str, redis_url: str, logs: Path) ->
     try:
         started = time.monotonic()
 
-        def ready() -> bool:
+        def ready_or_exited() -> str | None:
             if docker("inspect", "-f", "{{.State.Running}}", container).strip() != "true":
-                raise CheckFailed(f"the container exited: {docker('logs', container, check=False)[-3000:]}")
+                return "exited"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as response:
-                    return bool(response.status == 200)
+                    return "ready" if response.status == 200 else None
             except (urllib.error.URLError, OSError):
-                return False
+                return None
 
-        wait_for(ready, 60, 0.1, what="/readyz 200")
+        if wait_for(ready_or_exited, 60, 0.1, what="/readyz 200") == "exited":
+            raise CheckFailed(f"the container exited: {docker.logs(container)[-3000:]}")
         expect(True, f"/readyz 200 after {time.monotonic() - started:.1f} s (read-only root, no capabilities)")
         pid = docker("inspect", "-f", "{{.State.Pid}}", container).strip()
         status = Path(f"/proc/{pid}/status").read_text()
@@ -459,9 +467,7 @@ def check_service(docker: Dockerd, nats_url: str, redis_url: str, logs: Path) ->
             f"SIGTERM (docker stop): exit status {exit_code} after {took:.1f} s (grace {GRACE_SECONDS} s)",
         )
     finally:
-        with open(logs / "service.log", "wb") as log:
-            command = [docker.cli, "logs", container]
-            subprocess.run(command, check=False, env=docker.env, stdout=log, stderr=subprocess.STDOUT)
+        (logs / "service.log").write_text(docker.logs(container))
         docker("rm", "-f", container, check=False)
 
 
