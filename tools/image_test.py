@@ -407,10 +407,13 @@ def check_contents(docker: Dockerd, ca_pem: str, trusted_host: str) -> None:
     expect(not found, f"no file of the image holds the build-time CA or index settings (found: {found or 'none'})")
 
 
-def check_commands(docker: Dockerd, nats_url: str, redis_url: str) -> None:
+def check_commands(docker: Dockerd, source: Path, nats_url: str, redis_url: str) -> None:
     base = ["run", "--rm", "--read-only", "--cap-drop", "ALL", "--network", "host"]
     help_text = docker(*base, IMAGE, "--help")
     expect("usage: python -m cdc_service" in help_text, "`--help` prints the usage (read-only root)")
+    version = re.search(r'^__version__ = "([^"]+)"', (source / "cdc_service" / "__init__.py").read_text(), re.M)
+    printed = docker(*base, IMAGE, "--version").strip()
+    expect(bool(version) and printed.endswith(f" {version.group(1) if version else '?'}"), f"`--version`: {printed}")
     env = ["-e", f"CDC_NATS__URL={nats_url}", "-e", f"CDC_REDIS__URL={redis_url}"]
     config = json.loads(docker(*base, *env, IMAGE, "config"))
     # The URL as given, whether the setting holds one server or a list.
@@ -579,7 +582,7 @@ def main() -> int:
         for server in (nats, redis):
             servers.append(server)
             server.start()
-        check_commands(docker, nats.url, redis.url)
+        check_commands(docker, workdir / "src", nats.url, redis.url)
         check_service(docker, nats.url, redis.url, logs)
         failed = False
     except (CheckFailed, TimeoutError, subprocess.TimeoutExpired) as exc:
