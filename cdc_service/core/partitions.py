@@ -100,7 +100,5 @@ def member_id(host: str, pid: int) -> str:
     """A membership key for this process (``<host>.<pid>``): stable across a container restart in one pod (same
     hostname, same pid), distinct for two processes on one host. Characters a KV key cannot hold are written as
     ``=XX`` per UTF-8 byte ('=' itself included), so two hostnames never give one key."""
-    encoded = "".join(
-        c if _MEMBER_SAFE.fullmatch(c) else "".join(f"={b:02X}" for b in c.encode()) for c in host[:100]
-    )
+    encoded = "".join(c if _MEMBER_SAFE.fullmatch(c) else "".join(f"={b:02X}" for b in c.encode()) for c in host[:100])
     return f"{encoded or '=00'}.{pid}"
