@@ -45,6 +45,7 @@ log = logging.getLogger("cdc_service.partitions")
 
 PIN_HEADER = "Nats-Pin-Id"
 _CONSUMER_NOT_FOUND = 10014
+_CONSUMER_EXISTS = 10148  # action "create" on an existing durable with another configuration
 _NANOS = 1_000_000_000
 _API_TIMEOUT = 5.0
 
@@ -176,6 +177,7 @@ class _Partition:
     index: int
     durable: str
     pin: str | None = None  # the pin this replica accepted; None while it holds none
+    floor: int = 0  # highest ack floor seen: where a recreated durable resumes
     running: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -312,9 +314,8 @@ class PartitionedIntake:
                     msgs, status = await self._request(partition, queue, f"{inbox}.{token}")
                     if status == "423":  # someone else holds the pin: wait as a standby until it is released
                         self._lose_pin(partition)
-                    elif status == "503":  # no durable answered: it was deleted
-                        log.warning("partition durable missing; recreating it", extra={"partition": partition.index})
-                        await ensure_partition_consumer(self._nc, self._ingest, partition.index)
+                    elif status == "503":  # no durable answered: deleted, by an operator or by a takeover under way
+                        await self._recreate(partition)
                     if msgs and await self._accept(partition, msgs):
                         for msg in msgs:
                             msg.subject = core.original_subject(msg.subject)
@@ -366,7 +367,7 @@ class PartitionedIntake:
                 continue
             status = (msg.headers or {}).get("Status", "")
             if msg.subject == reply and status != "100":  # 404/408 end a request normally; others too
-                if status not in ("404", "408", "423", "503"):
+                if status not in ("404", "408", "409", "423", "503"):
                     log.warning(
                         "pull request refused",
                         extra={"partition": partition.index, "status": status, "detail": str(msg.headers)[:200]},
@@ -392,15 +393,13 @@ class PartitionedIntake:
     async def _take_over(self, partition: _Partition, pending: int) -> None:
         """Recreate the durable to start after its ack floor: what another owner left unacked is delivered again,
         before anything newer. The messages received under the new pin are dropped unacked with the old durable."""
-        ingest = self._ingest
-        subject = f"{ingest.partition_stream}.{partition.durable}"
-        info = await _api(self._nc, f"$JS.API.CONSUMER.INFO.{subject}")
+        subject = f"{self._ingest.partition_stream}.{partition.durable}"
+        info = await self._info(partition)
         floor = int(info.get("ack_floor", {}).get("stream_seq") or 0)
         configured = int(info.get("config", {}).get("opt_start_seq") or 0)
-        start = max(floor + 1, configured)
         with contextlib.suppress(ApiError):
             await _api(self._nc, f"$JS.API.CONSUMER.DELETE.{subject}")
-        await _api(self._nc, f"$JS.API.CONSUMER.CREATE.{subject}", consumer_request(ingest, partition.index, start))
+        await self._create(partition, max(partition.floor + 1, configured))
         self._lose_pin(partition)
         self._metrics.partition_takeovers.inc()
         log.info(
@@ -413,12 +412,31 @@ class PartitionedIntake:
             partition.pin = None
             self._metrics.partitions_owned.set(len(self.owned()))
 
-    async def _ack_pending(self, partition: _Partition) -> int:
+    async def _recreate(self, partition: _Partition) -> None:
+        log.warning("partition durable missing; recreating it", extra={"partition": partition.index})
+        await self._create(partition, partition.floor + 1)
+
+    async def _create(self, partition: _Partition, start: int) -> None:
+        """Create the durable to deliver from ``start``, unless someone else created it first (a replica taking
+        the partition over at the same moment): that one is kept, replacing it would move its start."""
+        body = consumer_request(self._ingest, partition.index, start)
+        body["action"] = "create"
+        try:
+            await _api(self._nc, f"$JS.API.CONSUMER.CREATE.{self._ingest.partition_stream}.{partition.durable}", body)
+        except ApiError as exc:
+            if exc.code != _CONSUMER_EXISTS:
+                raise
+
+    async def _info(self, partition: _Partition) -> dict[str, Any]:
         info = await _api(self._nc, f"$JS.API.CONSUMER.INFO.{self._ingest.partition_stream}.{partition.durable}")
-        return int(info.get("num_ack_pending") or 0)
+        partition.floor = max(partition.floor, int(info.get("ack_floor", {}).get("stream_seq") or 0))
+        return info
+
+    async def _ack_pending(self, partition: _Partition) -> int:
+        return int((await self._info(partition)).get("num_ack_pending") or 0)
 
     async def _pinned_id(self, partition: _Partition) -> str:
-        info = await _api(self._nc, f"$JS.API.CONSUMER.INFO.{self._ingest.partition_stream}.{partition.durable}")
+        info = await self._info(partition)
         groups = info.get("priority_groups") or []
         return str(groups[0].get("pinned_client_id", "")) if groups else ""
 
