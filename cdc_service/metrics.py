@@ -123,7 +123,7 @@ class Metrics:
         )
         self.partitions_owned = Gauge(
             "cdc_consumer_partitions_owned",
-            "Partitions whose pin this replica holds (ingest.ordering = partitioned; 0 otherwise).",
+            "Partitions this replica pulls, as the membership assigns them (ingest.ordering = partitioned; 0 otherwise).",
             registry=registry,
         )
         self.partition_takeovers = Counter(

@@ -224,8 +224,9 @@ class PartitionedIntake:
         return self._running
 
     def owned(self) -> list[int]:
-        """Partitions whose pin this replica holds."""
-        return [p.index for p in self._partitions.values() if p.pin is not None]
+        """Partitions this replica pulls (the membership gave them to it). The server pins a puller only when it has
+        a message to deliver, so an idle partition has no pin: pulling, not the pin, is what ownership means here."""
+        return [p.index for p in self._partitions.values() if p.running]
 
     async def stop(self) -> None:
         """Leave the membership (others take over at their next look), stop pulling, release the pins held."""
@@ -384,7 +385,6 @@ class PartitionedIntake:
         if len(pins) == 1 and pending <= len(msgs):
             # A new pin and nobody else holds anything unacked: nothing older can arrive behind these.
             partition.pin = pins.pop()
-            self._metrics.partitions_owned.set(len(self.owned()))
             log.info("partition pinned", extra={"partition": partition.index, "member": self.member})
             return True
         await self._take_over(partition, pending)
@@ -408,9 +408,7 @@ class PartitionedIntake:
         )
 
     def _lose_pin(self, partition: _Partition) -> None:
-        if partition.pin is not None:
-            partition.pin = None
-            self._metrics.partitions_owned.set(len(self.owned()))
+        partition.pin = None
 
     async def _recreate(self, partition: _Partition) -> None:
         log.warning("partition durable missing; recreating it", extra={"partition": partition.index})
