@@ -123,7 +123,7 @@ class Metrics:
         )
         self.partitions_owned = Gauge(
             "cdc_consumer_partitions_owned",
-            "Partitions this replica pulls, as the membership assigns them (ingest.ordering = partitioned; 0 otherwise).",
+            "Partitions this replica pulls as the membership assigns them (ordering = partitioned; else 0).",
             registry=registry,
         )
         self.partition_takeovers = Counter(
