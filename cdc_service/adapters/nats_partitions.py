@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -178,6 +179,9 @@ class _Partition:
     durable: str
     pin: str | None = None  # the pin this replica accepted; None while it holds none
     floor: int = 0  # highest ack floor seen: where a recreated durable resumes
+    # Pins of durables this replica deleted in a takeover: their late messages are dropped, as the recreated
+    # durable delivers them again in order (processing one would put it ahead of the ones dropped with it).
+    retired: deque[str] = field(default_factory=lambda: deque(maxlen=32))
     running: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -317,6 +321,8 @@ class PartitionedIntake:
                         self._lose_pin(partition)
                     elif status == "503":  # no durable answered: deleted, by an operator or by a takeover under way
                         await self._recreate(partition)
+                    if partition.retired:
+                        msgs = [m for m in msgs if (m.headers or {}).get(PIN_HEADER) not in partition.retired]
                     if msgs and await self._accept(partition, msgs):
                         for msg in msgs:
                             msg.subject = core.original_subject(msg.subject)
@@ -387,6 +393,9 @@ class PartitionedIntake:
             partition.pin = pins.pop()
             log.info("partition pinned", extra={"partition": partition.index, "member": self.member})
             return True
+        partition.retired.extend(p for p in pins if p)
+        if partition.pin:
+            partition.retired.append(partition.pin)
         await self._take_over(partition, pending)
         return False
 
