@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
+from cdc_service.core.partitions import assign, member_id
 from tests.integration.helpers import OUTPUT, ensure_input, wait_until
 from tests.sequin import body, encode
 from tests.servers import ServiceProcess
@@ -39,7 +42,9 @@ PARTITIONED = {
     "ingest.member_ttl": 1.5,
     "ingest.pin_timeout": 2,
 }
-COMMON = {"ingest.ack_wait": 2, "ingest.batch_size": 64, "ingest.max_ack_pending": 1000}
+# AckWait well above the takeover time (member_ttl + a round): a dead replica's unacked events then come back by
+# redelivery only after newer ones were relayed, unless the takeover restarts the partition from its ack floor.
+COMMON = {"ingest.ack_wait": 10, "ingest.batch_size": 64, "ingest.max_ack_pending": 1000}
 
 
 def event(i: int) -> tuple[str, bytes, str, int]:
@@ -77,7 +82,8 @@ class Run:
 async def read_output(js: JetStreamContext) -> Run:
     """Every event in ``wa_stream`` in stream order, read with one ordered pull (get_msg per event is too slow)."""
     run = Run()
-    sub = await js.pull_subscribe("wa.>", stream=OUTPUT)
+    # No acks: an acked consumer would stop delivering at its max_ack_pending (1000) and the read would end early.
+    sub = await js.pull_subscribe("wa.>", stream=OUTPUT, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
     try:
         while True:
             try:
@@ -121,7 +127,9 @@ async def relay_with_fault(
     await fault(replicas, progress)
     await producer
     await wait_until(lambda: _at_least(js, EVENTS), timeout=120, what="every event relayed")
-    return await read_output(js), replicas
+    run = await read_output(js)
+    assert run.total == await output_count(js), "the read missed part of wa_stream"
+    return run, replicas
 
 
 async def _at_least(js: JetStreamContext, n: int) -> bool:
@@ -131,16 +139,54 @@ async def _at_least(js: JetStreamContext, n: int) -> bool:
         return False
 
 
+Probe = Callable[[JetStreamContext, list[ServiceProcess]], Awaitable[int]]
+
+
 async def kill_one_mid_run(
-    start_service: Callable[..., ServiceProcess], settings: dict[str, Any]
+    js: JetStreamContext,
+    start_service: Callable[..., ServiceProcess],
+    settings: dict[str, Any],
+    received: Probe,
+    enough: int,
 ) -> Callable[[list[ServiceProcess], list[int]], Any]:
+    """SIGKILL replica 1 a third of the way in, holding events it received and never published: it is frozen
+    (SIGSTOP) until ``received`` has grown by ``enough`` since the freeze, then killed; restarted halfway."""
+
     async def fault(replicas: list[ServiceProcess], progress: list[int]) -> None:
         await wait_until(lambda: _true(progress[0] >= EVENTS // 3), timeout=60, what="a third published")
+        replicas[1].signal(signal.SIGSTOP)
+        before = await received(js, replicas)
+        await wait_until(
+            lambda: _at_least_n(received(js, replicas), before + enough), timeout=30, what="deliveries to the frozen"
+        )
         replicas[1].kill()
         await wait_until(lambda: _true(progress[0] >= EVENTS // 2), timeout=60, what="half published")
         replicas[1] = start_service(name="r1-restarted", **COMMON, **settings)
 
     return fault
+
+
+async def _at_least_n(value: Awaitable[int], n: int) -> bool:
+    return await value >= n
+
+
+async def delivered_to_victim_partitions(js: JetStreamContext, replicas: list[ServiceProcess]) -> int:
+    """Deliveries of the partitions replica 1 owns (the assignment every replica computes from the members): while
+    it is frozen and still pinned, only it can receive them."""
+    host = socket.gethostname()
+    members = [member_id(host, r.pid) for r in replicas]
+    mine = [p for p, owner in assign(PARTITIONS, members).items() if owner == members[1]]
+    total = 0
+    for p in mine:
+        info = await js.consumer_info("cdc_events_partitioned", f"cdc_consumers_p{p}")
+        total += info.delivered.consumer_seq or 0
+    return total
+
+
+async def unacked_of_shared_durable(js: JetStreamContext, _replicas: list[ServiceProcess]) -> int:
+    """Unacked events of the shared durable: the live replicas ack theirs within milliseconds, the server keeps
+    pushing to the frozen one, so growth is the frozen replica's."""
+    return (await js.consumer_info("cdc_events_stream", "cdc_consumers")).num_ack_pending or 0
 
 
 async def _true(value: bool) -> bool:
@@ -152,7 +198,7 @@ def owned(replicas: list[ServiceProcess]) -> int:
 
 
 async def test_partitioned_keeps_chat_order_through_a_sigkill(js, start_service) -> None:
-    fault = await kill_one_mid_run(start_service, PARTITIONED)
+    fault = await kill_one_mid_run(js, start_service, PARTITIONED, delivered_to_victim_partitions, 5)
     run, replicas = await relay_with_fault(js, start_service, PARTITIONED, fault)
     print(f"partitioned: {run.total} stored, inversions={run.inversions()}, chats={len(run.order)}")
     assert len(run.order) == CHATS
@@ -166,7 +212,7 @@ async def test_partitioned_keeps_chat_order_through_a_sigkill(js, start_service)
 
 async def test_replica_mode_shows_the_inversions_partitioning_prevents(js, start_service) -> None:
     settings: dict[str, Any] = {}
-    fault = await kill_one_mid_run(start_service, settings)
+    fault = await kill_one_mid_run(js, start_service, settings, unacked_of_shared_durable, 20)
     run, _replicas = await relay_with_fault(js, start_service, settings, fault)
     print(f"replica: {run.total} stored, inversions={run.inversions()}")
     assert run.missing() == 0
