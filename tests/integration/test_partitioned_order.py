@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats
 import orjson
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -45,6 +47,12 @@ PARTITIONED = {
 # AckWait well above the takeover time (member_ttl + a round): a dead replica's unacked events then come back by
 # redelivery only after newer ones were relayed, unless the takeover restarts the partition from its ack floor.
 COMMON = {"ingest.ack_wait": 10, "ingest.batch_size": 64, "ingest.max_ack_pending": 1000}
+
+
+@pytest.fixture
+def js(nc: Client) -> JetStreamContext:
+    """A JetStream context with a long API timeout: three replicas restarting share two cores with this test."""
+    return nc.jetstream(timeout=20)
 
 
 def event(i: int) -> tuple[str, bytes, str, int]:
@@ -103,7 +111,13 @@ async def publish_paced(js: JetStreamContext, progress: list[int]) -> None:
     start = time.monotonic()
     for i in range(EVENTS):
         subject, data, _chat, _lsn = event(i)
-        await js.publish(subject, data)
+        for attempt in range(5):  # a PubAck can be late on a busy machine; the msg id makes a retry harmless
+            try:
+                await js.publish(subject, data, headers={"Nats-Msg-Id": f"in-{i}"})
+                break
+            except nats.errors.TimeoutError:
+                if attempt == 4:
+                    raise
         progress[0] = i + 1
         ahead = (i + 1) / RATE - (time.monotonic() - start)
         if ahead > 0:
