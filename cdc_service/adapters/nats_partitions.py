@@ -365,10 +365,13 @@ class PartitionedIntake:
         deadline = loop.time() + expires + 2.0
         msgs: list[Msg] = []
         while len(msgs) < ingest.batch_size:
-            try:
-                msg = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                return msgs, ""
+            if queue.empty():  # wait_for costs a task per call: only when there is something to wait for
+                try:
+                    msg = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    return msgs, ""
+            else:
+                msg = queue.get_nowait()
             if msg.reply:
                 msgs.append(msg)
                 continue
