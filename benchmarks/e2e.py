@@ -84,6 +84,10 @@ from cdc_service.config import Settings
 from tests.servers import REPO, NatsServer, Process, RedisServer, ServiceProcess, binary
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
+_DEFAULTS = Settings().ingest
+PARTITION_STREAM = _DEFAULTS.partition_stream  # partitioned mode: the stream and durables the service creates
+MEMBER_BUCKET = _DEFAULTS.member_bucket
+PARTITIONS = _DEFAULTS.partitions
 WARMUP_SHARE = 0.05
 
 
@@ -99,7 +103,7 @@ class RunConfig:
     """One process under test: the service (push or pull, batch size, pool size) or a bare relay."""
 
     kind: str = "service"  # service | naive | ceiling
-    mode: str = "push"  # push | pull (service only)
+    mode: str = "push"  # push | pull | partitioned (service only; partitioned pulls, ingest.ordering = partitioned)
     batch: int = 256
     pool: int = 8
 
@@ -126,6 +130,9 @@ class RunConfig:
         }
         if self.mode == "pull":
             values["ingest.durable"] = PULL_DURABLE
+        if self.mode == "partitioned":
+            values["ingest.mode"] = "pull"
+            values["ingest.ordering"] = "partitioned"
         return values
 
 
@@ -187,7 +194,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
             RunConfig(kind="naive", batch=1, pool=0),
             RunConfig(kind="ceiling", batch=256, pool=0),
             RunConfig(mode="pull", batch=base.batch, pool=base.pool),
+            RunConfig(mode="partitioned", batch=base.batch, pool=base.pool),
         ]
+        if args.only_modes:  # e.g. the partitioned-vs-replica comparison alone
+            drains = [base, *(RunConfig(mode=m, batch=base.batch, pool=base.pool) for m in ("pull", "partitioned"))]
+            batches, pools, grid = [], [], False
         if grid:
             sweep = [RunConfig(batch=b, pool=p) for b in batches for p in pools]
         else:
@@ -382,7 +393,7 @@ class Bench:
 
     async def reset(self, output_stream: bool) -> None:
         """Fresh streams (their consumers go with them), an empty Redis, and the input stream created."""
-        for stream in (IN_STREAM, OUT_STREAM, DLQ_STREAM):
+        for stream in (IN_STREAM, OUT_STREAM, DLQ_STREAM, PARTITION_STREAM, f"KV_{MEMBER_BUCKET}"):
             await delete_stream(self.nc, stream)
         assert self._redis_client is not None
         await asyncio.to_thread(self._redis_client.flushall)
@@ -418,7 +429,7 @@ class Bench:
         info: dict[str, Any] | None = None
         with tqdm(total=total, desc=desc, unit="ev", leave=False, dynamic_ncols=True, disable=None) as bar:
             while True:
-                info = await consumer_info(self.nc, IN_STREAM, config.durable)
+                info = await self._consumer(config)
                 if info is not None:
                     settled = total - int(info["num_pending"]) - int(info["num_ack_pending"])
                     bar.update(max(0, settled - bar.n))
@@ -437,6 +448,26 @@ class Bench:
                         f"wa_stream {await stream_count(self.nc, OUT_STREAM)}\n{_tail(proc)}"
                     )
                 await asyncio.sleep(0.05)
+
+    async def _consumer(self, config: RunConfig) -> dict[str, Any] | None:
+        """The durable's info; in partitioned mode the partition durables summed (their sequences are the
+        partitioned stream's, and the last ack is the latest of theirs)."""
+        if not (config.kind == "service" and config.mode == "partitioned"):
+            return await consumer_info(self.nc, IN_STREAM, config.durable)
+        infos = [await consumer_info(self.nc, PARTITION_STREAM, f"{PUSH_DURABLE}_p{p}") for p in range(PARTITIONS)]
+        if any(i is None for i in infos):
+            return None
+        parts = [i for i in infos if i is not None]
+        stored = await stream_count(self.nc, PARTITION_STREAM)
+        acks = [i["ack_floor"]["last_active"] for i in parts if i.get("ack_floor", {}).get("last_active")]
+        return {
+            "num_pending": sum(int(i["num_pending"]) for i in parts),
+            "num_ack_pending": sum(int(i["num_ack_pending"]) for i in parts),
+            "num_redelivered": sum(int(i["num_redelivered"]) for i in parts),
+            # Every event reached the partitioned stream and nothing is pending: all delivered.
+            "delivered": {"stream_seq": stored if all(i["num_pending"] == 0 for i in parts) else 0},
+            "ack_floor": {"last_active": max(acks, key=rfc3339_ns) if acks else ""},
+        }
 
     async def _checks(
         self, config: RunConfig, info: dict[str, Any], total: int, service: ServiceProcess | None
@@ -709,6 +740,11 @@ def summarise(doc: dict[str, Any]) -> None:
             ratios[f"service_to_{relay}"] = round(service["median_events_per_s"] / other["median_events_per_s"], 3)
     if service and pull:
         ratios["pull_to_push"] = round(pull["median_events_per_s"] / service["median_events_per_s"], 3)
+    partitioned = by_label.get(RunConfig(mode="partitioned", batch=default.batch, pool=default.pool).label)
+    if partitioned and pull:
+        ratios["partitioned_to_pull"] = round(partitioned["median_events_per_s"] / pull["median_events_per_s"], 3)
+    if partitioned and service:
+        ratios["partitioned_to_push"] = round(partitioned["median_events_per_s"] / service["median_events_per_s"], 3)
     doc["ratios"] = ratios
 
 
@@ -793,6 +829,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pools", help="comma-separated pool sizes for the drain sweep")
     parser.add_argument("--fixed-batches", help="comma-separated batch sizes for the fixed-rate runs")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None, help="batch x pool grid")
+    parser.add_argument(
+        "--only-modes",
+        action="store_true",
+        help="drain only the service in push, pull and partitioned mode (replica vs partitioned ordering)",
+    )
     parser.add_argument("--no-drain", action="store_true", help="skip the backlog drains")
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate runs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")

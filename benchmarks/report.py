@@ -138,6 +138,8 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
             ("service_to_naive", "service / naive relay"),
             ("service_to_ceiling", "service / ceiling relay"),
             ("pull_to_push", "service pull / service push"),
+            ("partitioned_to_pull", "partitioned ordering / replica ordering (both pull)"),
+            ("partitioned_to_push", "partitioned ordering / service push"),
         ):
             if key in ratios:
                 ratio_rows.append([text, f"{ratios[key]:.2f}"])

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+from cdc_service.core.partitions import PartitionError, ordering_key
+from cdc_service.core.partitions import transform as partition_transform
 from cdc_service.core.routes import Route, RouteError, compile_route
 from cdc_service.core.subjects import LayoutError, SubjectLayout, covers, token_problem
 
@@ -190,6 +192,27 @@ class IngestSettings:
         7 * 86400.0, "Max age of the input stream when the service creates it; 0 = unlimited.", ge=0
     )
     consumer_check_interval: float = setting(5.0, "Period of the watchdog that recreates a deleted durable.", gt=0)
+    ordering: str = setting(
+        "replica",
+        "`replica`: order within one replica only. `partitioned`: order per company (Sequin layout: per schema) "
+        "across replicas, through crashes and rolling updates; needs nats-server 2.11+.",
+        choices=("replica", "partitioned"),
+    )
+    partitions: int = setting(
+        8, "Partitioned mode: partition count; fixed when ingest.partition_stream is created.", ge=1, le=1024
+    )
+    partition_stream: str = setting(
+        "cdc_events_partitioned",
+        "Partitioned mode: the stream sourced from ingest.stream that stores `<partition>.<subject>`.",
+        check=_jetstream_name,
+    )
+    member_bucket: str = setting("cdc_members", "Partitioned mode: KV bucket of live replicas.", check=_jetstream_name)
+    member_ttl: float = setting(
+        10.0, "Partitioned mode: a replica silent this long loses its partitions; keys are rewritten every third.", gt=0
+    )
+    pin_timeout: float = setting(
+        30.0, "Partitioned mode: a partition's pin with no pull request for this long is released.", gt=0
+    )
 
 
 @dataclass(frozen=True)
@@ -595,12 +618,31 @@ def _section(name: str, raw: Any, check_files: bool) -> Any:
     return cls(**values)
 
 
+def _check_partitioning(s: Settings) -> None:
+    """ingest.ordering = partitioned: the layout names the ordering key and every input pattern can be partitioned."""
+    layout = SubjectLayout(s.ingest.subject_layout)  # already checked on its own
+    try:
+        ordering_key(layout)
+    except PartitionError as exc:
+        raise ConfigError(f"ingest.subject_layout: {exc}") from None
+    for pattern in s.ingest.subjects:
+        try:
+            partition_transform(pattern, layout, s.ingest.partitions)
+        except PartitionError as exc:
+            raise ConfigError(f"ingest.subjects: {exc}") from None
+    if s.ingest.partition_stream == s.ingest.stream:
+        raise ConfigError("ingest.partition_stream: must differ from ingest.stream (it is sourced from it)")
+
+
 def _cross_check(s: Settings) -> None:
     """Rules that span settings."""
 
     def require(condition: bool, key: str, message: str) -> None:
         if not condition:
             raise ConfigError(f"{key}: {message}")
+
+    if s.ingest.ordering == "partitioned":
+        _check_partitioning(s)
 
     require(
         not s.redis.tls_ca_file or s.redis.url.startswith("rediss://"),

@@ -121,6 +121,22 @@ class Metrics:
             "Stream sequence below which the durable has everything acked; a recreated durable resumes after it.",
             registry=registry,
         )
+        self.partitions_owned = Gauge(
+            "cdc_consumer_partitions_owned",
+            "Partitions this replica pulls as the membership assigns them (ordering = partitioned; else 0).",
+            registry=registry,
+        )
+        self.partition_takeovers = Counter(
+            "cdc_consumer_partition_takeovers_total",
+            "Times this replica took a partition over while another owner still had messages of it unacked, and "
+            "recreated its durable to resume after the ack floor.",
+            registry=registry,
+        )
+        self.partition_members = Gauge(
+            "cdc_consumer_partition_members",
+            "Live replicas in the partition membership bucket, as this replica last read it.",
+            registry=registry,
+        )
         self.handler_errors = Counter(
             "cdc_consumer_handler_errors_total",
             "Unexpected exceptions while handling messages (a bug): the messages are nak'ed with a delay.",

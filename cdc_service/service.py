@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Coroutine
@@ -29,9 +31,11 @@ from cdc_service.adapters.nats_jetstream import (
     ensure_consumer,
     provision,
 )
+from cdc_service.adapters.nats_partitions import PartitionedIntake, ensure_partitioned_stream
 from cdc_service.adapters.redis_dedup import RedisDedupStore
 from cdc_service.config import Settings, mask_url
 from cdc_service.core.events import EventBuilder
+from cdc_service.core.partitions import MIN_SERVER, member_id, supports_partitions
 from cdc_service.engine import Engine
 from cdc_service.http import HealthServer
 from cdc_service.metrics import Metrics
@@ -43,6 +47,10 @@ T = TypeVar("T")
 _LOOP_STALE_AFTER = 10.0
 _REDIS_PROBE_PERIOD = 2.0
 _STREAM_NOT_FOUND = 10059  # JetStream API error code; 10014 is "consumer not found"
+
+
+class UnsupportedServer(RuntimeError):
+    """A setting needs a newer nats-server; like a bad setting, this ends start-up with status 2."""
 
 
 def available_cpus() -> int:
@@ -95,7 +103,7 @@ class Service:
         self._js: JetStreamContext | None = None
         self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
         self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
-        self._intake: PushIntake | PullIntake | None = None
+        self._intake: PushIntake | PullIntake | PartitionedIntake | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
@@ -115,6 +123,7 @@ class Service:
                 "nats": [mask_url(u) for u in self.settings.nats.url],
                 "redis": mask_url(self.settings.redis.url),
                 "mode": self.settings.ingest.mode,
+                "ordering": self.settings.ingest.ordering,
                 "pool_size": self.pool_size,
                 "batch_size": self.settings.ingest.batch_size,
                 "http_port": self.http.port,
@@ -129,11 +138,14 @@ class Service:
             startup.cancel()
         elif startup.exception() is not None:
             exc = startup.exception()
-            if isinstance(exc, (ConnectionError, ProvisioningError)):
+            if isinstance(exc, UnsupportedServer):
+                print(f"cdc_service: invalid setting {exc}", file=sys.stderr)
+                self._exit_code = 2
+            elif isinstance(exc, (ConnectionError, ProvisioningError)):
                 log.critical("cannot start: %s", exc)
             else:
                 log.critical("cannot start", exc_info=exc)
-            self._exit_code = 1
+            self._exit_code = self._exit_code or 1
             self._stop.set()
         else:
             log.info(
@@ -232,15 +244,29 @@ class Service:
             on_closed=self._on_closed,
         )
         self.metrics.nats_connected.set(1)
+        partitioned = settings.ingest.ordering == "partitioned"
+        version = str(self._nc._server_info.get("version", ""))
+        if partitioned and not supports_partitions(version):
+            raise UnsupportedServer(
+                f"ingest.ordering: partitioned needs nats-server {'.'.join(map(str, MIN_SERVER))} or newer "
+                f"(pull-consumer priority groups); the server is {version or 'of unknown version'}"
+            )
         js = self._js = self._nc.jetstream(timeout=10)
         consumer = await provision(js, settings)
+        if partitioned:
+            await ensure_partitioned_stream(js, settings)
         publisher = PipelinedPublisher(self._nc)
         await publisher.start()
         builder = EventBuilder(settings.layout, settings.routes, settings.ingest.max_payload_bytes)
         prepare = BatchPreparer(builder, self.dedup, self.metrics, max_deliver=settings.ingest.max_deliver)
         self.engine = Engine(settings, prepare, self.dedup, publisher, self._executor, self.metrics)
         await self.engine.start()
-        if settings.ingest.mode == "pull":
+        if partitioned:
+            member = member_id(socket.gethostname(), os.getpid())
+            partitions = PartitionedIntake(self._nc, js, settings, self.metrics, member)
+            await partitions.start(self.engine.on_batch)
+            self._intake = partitions
+        elif settings.ingest.mode == "pull":
             pull = PullIntake(js, settings.ingest)
             await pull.start(self.engine.on_batch)
             self._intake = pull
@@ -248,10 +274,9 @@ class Service:
             push = PushIntake(js, settings.ingest, consumer)
             await push.start(self.engine.on_message)
             self._intake = push
-        self._background = [
-            asyncio.create_task(self._summarise(), name="cdc-summary"),
-            asyncio.create_task(self._watch_consumer(), name="cdc-consumer-watchdog"),
-        ]
+        self._background = [asyncio.create_task(self._summarise(), name="cdc-summary")]
+        if not partitioned:  # each partition's puller recreates its own durable
+            self._background.append(asyncio.create_task(self._watch_consumer(), name="cdc-consumer-watchdog"))
         self._ready = True
 
     async def _stop_async(self, deadline: float) -> None:

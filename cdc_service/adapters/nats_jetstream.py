@@ -230,6 +230,9 @@ async def provision(js: JetStreamContext, settings: Settings) -> ConsumerConfig:
             max_age=dlq.max_age_days * 86400,
             discard=DiscardPolicy.OLD,
         )
+    if settings.ingest.ordering == "partitioned":
+        # One pinned durable per partition instead (adapters/nats_partitions.py); a shared durable would only pile up.
+        return consumer_config(settings.ingest)
     return await ensure_consumer(js, settings.ingest)
 
 

@@ -145,6 +145,10 @@ class SubjectLayout:
                 values[name] = tokens[index]
         return SubjectInfo(**values)
 
+    def position(self, name: str) -> int | None:
+        """Index (0-based) of the token named ``name``, or None when the layout has no such token."""
+        return next((index for index, existing, _ in self._fields if existing == name), None)
+
 
 def covers(pattern: str, tokens: Sequence[str | None]) -> bool:
     """Whether the NATS subject ``pattern`` (with ``*`` and ``>``) matches every subject of this shape.

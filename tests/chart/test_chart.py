@@ -388,6 +388,9 @@ TEXT_SETTINGS: dict[str, Any] = {
     "ingest.queue_group": "cdc_q",
     "ingest.deliver_subject": "deliver.cdc_q",
     "ingest.mode": "pull",
+    "ingest.ordering": "replica",  # partitioned needs a "*" at the schema token, which "sequin.changes.>" lacks
+    "ingest.partition_stream": "cdc_parts",
+    "ingest.member_bucket": "cdc_m",
     "publish.stream": "wa_out",
     "publish.subjects": ["wa.>", "wb.>"],
     "dedup.key_prefix": "dd:",

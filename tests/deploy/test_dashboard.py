@@ -59,6 +59,8 @@ def test_the_issue_panels_are_there() -> None:
         "handler errors": r"sum by \(exception_type\) \(rate\(cdc_consumer_handler_errors_total\{",
         "NATS reconnects": r"increase\(cdc_consumer_nats_reconnects_total\{",
         "consumer re-creations": r"increase\(cdc_consumer_consumer_recreated_total\{",
+        "partitions owned": r"sum by \(instance\) \(cdc_consumer_partitions_owned\{",
+        "partition takeovers": r"increase\(cdc_consumer_partition_takeovers_total\{",
     }
     missing = [what for what, pattern in wanted.items() if not re.search(pattern, exprs)]
     assert not missing, missing

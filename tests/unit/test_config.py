@@ -195,6 +195,17 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     # the server refuses a deliver subject its own stream captures
     ("ingest.deliver_subject", {"ingest": {"deliver_subject": "cdc.deliver.x"}}),
     ("ingest.deliver_subject", {"ingest": {"subjects": [">"]}}),
+    # partitioned ordering
+    ("ingest.ordering", {"ingest": {"ordering": "global"}}),
+    ("ingest.partitions", {"ingest": {"partitions": 0}}),
+    ("ingest.partitions", {"ingest": {"partitions": 5000}}),
+    ("ingest.subjects", {"ingest": {"ordering": "partitioned", "subjects": ["cdc.acme.*"]}}),
+    ("ingest.subjects", {"ingest": {"ordering": "partitioned", "subjects": ["cdc.>"]}}),
+    ("ingest.partition_stream", {"ingest": {"ordering": "partitioned", "partition_stream": "cdc_events_stream"}}),
+    ("ingest.partition_stream", {"ingest": {"partition_stream": "a.b"}}),
+    ("ingest.member_bucket", {"ingest": {"member_bucket": "a b"}}),
+    ("ingest.member_ttl", {"ingest": {"member_ttl": 0}}),
+    ("ingest.pin_timeout", {"ingest": {"pin_timeout": -1}}),
 ]
 
 
