@@ -243,6 +243,12 @@ class DedupSettings:
     ttl: int = setting(300, "Lifetime in seconds of a dedup marker.", gt=0)
     key_prefix: str = setting("dedup:", "Redis key prefix of the markers.")
     mark_timeout: float = setting(0.5, "Longest wait for the marker write before acking anyway.", gt=0)
+    claim_ttl: float = setting(
+        8.0,
+        "Lifetime in seconds of the \"in progress\" claim taken with the lookup; longer than publish.timeout, "
+        "shorter than ingest.ack_wait; 0 turns claims off (lookup only).",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -672,6 +678,13 @@ def _cross_check(s: Settings) -> None:
         s.publish.stream_max_age == 0 or s.publish.stream_max_age >= s.publish.duplicate_window,
         "publish.stream_max_age",
         "must be 0 (unlimited) or at least publish.duplicate_window",
+    )
+    # A claim must outlive one publish attempt, and be gone before AckWait redelivers what a dead replica held.
+    require(
+        s.dedup.claim_ttl == 0 or s.publish.timeout < s.dedup.claim_ttl < s.ingest.ack_wait,
+        "dedup.claim_ttl",
+        f"{s.dedup.claim_ttl}s must be 0 (off) or longer than publish.timeout ({s.publish.timeout}s) and shorter "
+        f"than ingest.ack_wait ({s.ingest.ack_wait}s)",
     )
     # JetStream only deduplicates inside the window; a retried publish must still land inside it.
     require(

@@ -54,6 +54,7 @@ SERVICE_SETTINGS: dict[str, Any] = {
     "ingest.max_deliver": 10,
     "ingest.consumer_check_interval": 1,
     "publish.timeout": 0.5,
+    "dedup.claim_ttl": 1.0,  # between publish.timeout and AckWait
     "publish.retry_initial": 0.1,
     "publish.retry_max": 0.3,
     "nats.reconnect_wait": 0.2,

@@ -202,7 +202,13 @@ async def test_publish_failure_holds_the_message_then_publishes_exactly_once(
     await ensure_input(js)
     svc = start_service(
         **mode.settings(
-            **{"ingest.ack_wait": 2, "publish.timeout": 0.5, "publish.retry_max": 0.3, "publish.max_hold": 30}
+            **{
+                "ingest.ack_wait": 2,
+                "publish.timeout": 0.5,
+                "dedup.claim_ttl": 1,
+                "publish.retry_max": 0.3,
+                "publish.max_hold": 30,
+            }
         )
     )
     await js.delete_stream(OUTPUT)  # the output is gone: every publish gets "no responders"

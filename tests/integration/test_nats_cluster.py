@@ -138,6 +138,7 @@ async def test_killing_the_stream_leader_loses_and_duplicates_nothing(
             "publish.stream_replicas": 3,
             "ingest.ack_wait": 2,
             "publish.timeout": 1,
+            "dedup.claim_ttl": 1.5,
             "nats.reconnect_wait": 0.2,
         }
         for k in range(2):

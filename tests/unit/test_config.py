@@ -181,6 +181,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("log.level", {"log": {"level": "LOUD"}}),
     ("publish.duplicate_window", {"publish": {"duplicate_window": 5.0, "timeout": 5.0}}),
     ("publish.max_hold", {"publish": {"max_hold": -0.5}}),
+    # a claim must outlive a publish attempt and be gone before AckWait redelivers a dead replica's messages
+    ("dedup.claim_ttl", {"dedup": {"claim_ttl": 5.0}, "publish": {"timeout": 5.0}}),
+    ("dedup.claim_ttl", {"dedup": {"claim_ttl": 30.0}}),
+    ("dedup.claim_ttl", {"ingest": {"ack_wait": 2}}),
+    ("dedup.claim_ttl", {"dedup": {"claim_ttl": -1}}),
     ("routes.x.subject", {"routes": {"x": {"pk": "id", "subject": "wa.{agent_id}"}}}),
     ("routes.x.subject", {"routes": {"x": {"pk": "id", "subject": "wa.*.{company}"}}}),
     ("routes.x.subject", {"routes": {"x": {"pk": "id"}}}),
@@ -207,6 +212,13 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("ingest.member_ttl", {"ingest": {"member_ttl": 0}}),
     ("ingest.pin_timeout", {"ingest": {"pin_timeout": -1}}),
 ]
+
+
+def test_claim_ttl_between_publish_timeout_and_ack_wait_or_off() -> None:
+    assert settings_from_mapping({}).dedup.claim_ttl == 8.0
+    short = {"ingest": {"ack_wait": 2}, "publish": {"timeout": 0.5}}
+    assert settings_from_mapping({**short, "dedup": {"claim_ttl": 1}}).dedup.claim_ttl == 1
+    assert settings_from_mapping({**short, "dedup": {"claim_ttl": 0}}).dedup.claim_ttl == 0
 
 
 @pytest.mark.parametrize(("key", "raw"), [pytest.param(k, r, id=f"{k}-{i}") for i, (k, r) in enumerate(BAD_VALUES)])
