@@ -8,6 +8,10 @@ The path of one batch::
 
 Only this thread touches NATS objects. The ack of a published event comes after its PubAck (at-least-once) and the
 publish carries ``Nats-Msg-Id: <event_id>`` so a repeat inside JetStream's window is dropped (exactly-once effect).
+
+Core NATS subscribers see every publish, including those the stream drops as repeats, so a copy of an event is not
+published while the event is in flight: within this replica the in-flight table (``_flights``, loop thread only)
+makes a later copy wait for the first copy's outcome; across replicas the Redis claim taken with the lookup does.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tenacity.stop import stop_base
 
 from cdc_service.config import Settings
 from cdc_service.core.outcomes import (
+    ClaimedElsewhere,
     DeadLetter,
     Duplicate,
     Outcome,
@@ -38,7 +43,7 @@ from cdc_service.core.outcomes import (
 )
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
-from cdc_service.ports import DedupStore, InboundMessage, PubAck, Publisher, delivery_count
+from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count
 
 log = logging.getLogger("cdc_service.engine")
 
@@ -50,6 +55,7 @@ class _Batch:
     open: set[int]  # indexes not yet acked, nak'ed or terminated
     outcomes: asyncio.Future[list[Outcome]] = field(init=False)
     started: bool = False  # a worker has picked it up
+    number: int = 0  # dispatch order, from 1
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (table, result), counted when it closes
 
 
@@ -66,6 +72,24 @@ class _Send:
     error: str = ""
     duplicate: bool = False  # JetStream already held this Nats-Msg-Id
 
+
+@dataclass(eq=False)
+class _Flight:
+    """An event this replica is publishing. Later copies wait on ``result``: True once the stream holds the event
+    (ack them as duplicates), False when the attempt failed for good (then one of them publishes).
+
+    A failed flight leaves the table at once. A published one stays until every batch that was looked up in Redis
+    before its marker write ended has been walked (``marked_at``, a dispatch number): such a batch may have missed
+    the marker, and only this entry tells it that its copy is a duplicate.
+    """
+
+    result: asyncio.Future[bool]
+    waiters: int = 0
+    marked_at: int = 0  # batches dispatched when the marker write ended; 0 until then
+
+
+_RECHECK_FIRST = 0.005  # a claim holder normally finishes (PubAck and marker) within a few ms
+_RECHECK_MAX = 0.25
 
 _HEADER_ROOM = 512  # Nats-Msg-Id and Nats-Expected-Stream count against the server's max_payload
 
@@ -142,6 +166,9 @@ class Engine:
         self._room = asyncio.Event()
         self._room.set()
         self._stopping = False
+        self._dispatched = 0
+        self._flights: dict[str, _Flight] = {}
+        self._marked_flights: deque[tuple[int, str, _Flight]] = deque()
         self.inflight = 0
         self.last_settled = time.monotonic()
         # Until the first ack, "the last ack" is the engine's start: no-acks alerts then measure from there.
@@ -229,7 +256,8 @@ class Engine:
             self._buffer_started = 0.0
 
     def _dispatch(self, messages: list[InboundMessage], received: float) -> None:
-        batch = _Batch(messages, received, set(range(len(messages))))
+        self._dispatched += 1
+        batch = _Batch(messages, received, set(range(len(messages))), number=self._dispatched)
         batch.outcomes = asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_batch, batch)
         self._open_batches.add(batch)
         self._queue.append(batch)
@@ -247,7 +275,16 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ publishing
 
     async def _publish_in_order(self) -> None:
-        """Take batches in receipt order and send their publishes; the waiting happens in per-batch finishers."""
+        """Take batches in receipt order and send their publishes; the waiting happens in per-batch finishers.
+
+        Ordering: this task is the only one that sends a first publish of an event, and it walks batches and their
+        messages in receipt order, so the wire order of events is receipt order, as before the in-flight table. A
+        copy of an event in flight publishes nothing here: it waits beside the walk (``_follow``) and is acked as a
+        duplicate when the first copy is stored. Only when that first copy failed for good does the copy publish,
+        later than its receipt position; the failed copy is nak'ed and would come back out of order in any case, so
+        no order that existed is lost. A copy whose claim another replica holds has no position here at all: its
+        event is placed on the wire by that replica.
+        """
         while True:
             if not self._queue:
                 self._queued.clear()
@@ -266,25 +303,37 @@ class Engine:
             # While the output is failing, later batches wait here so they do not overtake the held one.
             await self._output_ok.wait()
             self._queue.popleft()
+            self._forget_flights(batch.number)
             sends: list[_Send] = []
+            unclaimed: list[str] = []
             limit = self._publisher.max_payload - _HEADER_ROOM
             for index, planned in enumerate(outcomes):
                 outcome = planned
-                if isinstance(planned, Publish) and len(planned.payload) > limit:
+                event = planned.event if isinstance(planned, ClaimedElsewhere) else planned
+                if isinstance(event, Publish) and len(event.payload) > limit:
                     # The server would reject it on every attempt: this is poison, not an outage.
                     outcome = DeadLetter(
-                        planned.table,
+                        event.table,
                         Reason.PAYLOAD_TOO_LARGE,
-                        f"the event would be {len(planned.payload)} bytes; the server accepts {limit}",
+                        f"the event would be {len(event.payload)} bytes; the server accepts {limit}",
                     )
+                    if event.claimed:
+                        unclaimed.append(event.event_id)  # other copies need not wait for the claim to expire
                 if isinstance(outcome, Skip):
                     await self._settle(batch, index, "ack", outcome.table, "skipped")
                 elif isinstance(outcome, Duplicate):
                     await self._settle(batch, index, "ack", outcome.table, "duplicate")
                 elif isinstance(outcome, Publish):
+                    if await self._copy_of_flight(batch, index, outcome):
+                        continue
+                    self._take_off(outcome)
                     sends.append(
                         _Send(index, outcome.subject, outcome.payload, self._event_headers_for(outcome), outcome)
                     )
+                elif isinstance(outcome, ClaimedElsewhere):
+                    self._metrics.copy_waits.labels("other_replica").inc()
+                    if not await self._copy_of_flight(batch, index, outcome.event):
+                        self._spawn(self._claim_and_publish(batch, index, outcome.event, wait=True))
                 elif isinstance(outcome, DeadLetter):
                     send = self._dead_letter_send(batch, index, outcome)
                     if send is None:
@@ -293,12 +342,132 @@ class Engine:
                         sends.append(send)
                 else:
                     await self._nak(batch, index, outcome)
+            if unclaimed:
+                self._release(unclaimed)
             for send in sends:
                 send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
             if sends:
-                task = asyncio.create_task(self._finish(batch, sends))
-                self._finishers.add(task)
-                task.add_done_callback(self._finishers.discard)
+                self._spawn(self._finish(batch, sends))
+
+    def _spawn(self, work: Any) -> None:
+        """A task drain cancels (after handing back what it still holds)."""
+        task = asyncio.create_task(work)
+        self._finishers.add(task)
+        task.add_done_callback(self._finishers.discard)
+
+    # ------------------------------------------------------------------------------------------------ in flight
+
+    def _take_off(self, event: Publish) -> _Flight:
+        """Enter ``event`` in the in-flight table; the caller publishes it next, before awaiting anything else."""
+        flight = _Flight(asyncio.get_running_loop().create_future())
+        self._flights[event.event_id] = flight
+        if not event.claimed:
+            self._metrics.unclaimed_publishes.inc()
+        return flight
+
+    async def _copy_of_flight(self, batch: _Batch, index: int, event: Publish) -> bool:
+        """If this replica is publishing ``event`` already, settle this copy after that outcome and return True.
+
+        Decides without awaiting when it returns False, so a caller may enter the event in the table right after.
+        """
+        flight = self._flights.get(event.event_id)
+        if flight is None:
+            return False
+        self._metrics.copy_waits.labels("this_replica").inc()
+        if flight.result.done():  # in the table and done means stored: failed flights leave at once
+            await self._settle(batch, index, "ack", event.table, "duplicate")
+        else:
+            flight.waiters += 1
+            self._spawn(self._follow(batch, index, event, flight))
+        return True
+
+    async def _follow(self, batch: _Batch, index: int, event: Publish, flight: _Flight) -> None:
+        """A copy of an event in flight here: a duplicate once the first copy is stored, else published itself."""
+        try:
+            stored = await flight.result
+        finally:
+            flight.waiters -= 1
+        if stored:
+            await self._settle(batch, index, "ack", event.table, "duplicate")
+        else:
+            await self._claim_and_publish(batch, index, event, wait=False)
+
+    async def _claim_and_publish(self, batch: _Batch, index: int, event: Publish, *, wait: bool) -> None:
+        """Publish a copy outside the receipt-order walk, once it holds the claim: a copy whose first copy failed
+        here, or one whose claim another replica holds (``wait``: look again after a growing pause). Never drops
+        it: the claim ends as a marker (ack as a duplicate), is released, or expires; at shutdown the copy is
+        handed back."""
+        loop = asyncio.get_running_loop()
+        delay = _RECHECK_FIRST
+        while index in batch.open:
+            if wait:
+                await asyncio.sleep(delay)  # the other replica's publish is under way; it usually ends in ms
+                delay = min(delay * 2, _RECHECK_MAX)
+            wait = True
+            if self._stopping:
+                await self._settle(batch, index, "nak", event.table, "retried")
+                return
+            if await self._copy_of_flight(batch, index, event):
+                return
+            states = await loop.run_in_executor(self._executor, self._dedup.claim, [event.event_id])
+            if index not in batch.open:
+                return
+            state = None if states is None else states[0]
+            if state is Claim.DONE:
+                await self._settle(batch, index, "ack", event.table, "duplicate")
+                return
+            if state is Claim.HELD:
+                continue
+            event.claimed = state is Claim.CLAIMED  # None: Redis unavailable, publish unclaimed (fail open)
+            await self._output_ok.wait()  # behind a hold, like every batch
+            if self._stopping or index not in batch.open:
+                continue
+            if await self._copy_of_flight(batch, index, event):
+                return
+            self._take_off(event)
+            send = _Send(index, event.subject, event.payload, self._event_headers_for(event), event)
+            send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+            self._spawn(self._finish(batch, [send]))
+            return
+
+    def _land(self, sends: list[_Send], stored: bool) -> None:
+        """Tell the copies waiting on these publishes how they ended; a failed claim is released for other
+        replicas unless a copy here takes it over (the claim is this replica's, not the message's)."""
+        release = []
+        for send in sends:
+            event = send.outcome
+            if not isinstance(event, Publish):
+                continue
+            flight = self._flights.get(event.event_id)
+            if flight is None or flight.result.done():
+                continue
+            flight.result.set_result(stored)
+            if not stored:
+                del self._flights[event.event_id]
+                if event.claimed and flight.waiters == 0:
+                    release.append(event.event_id)
+        if release:
+            self._release(release)
+
+    def _marked(self, event_ids: list[str]) -> None:
+        """The marker write of these published events ended (either way): batches dispatched from now on look
+        them up after it, so the table keeps them only until the walk passes today's dispatch number."""
+        for event_id in event_ids:
+            flight = self._flights.get(event_id)
+            if flight is not None and flight.marked_at == 0:
+                flight.marked_at = self._dispatched
+                self._marked_flights.append((self._dispatched, event_id, flight))
+
+    def _forget_flights(self, number: int) -> None:
+        marked = self._marked_flights
+        while marked and marked[0][0] < number:
+            _, event_id, flight = marked.popleft()
+            if self._flights.get(event_id) is flight:
+                del self._flights[event_id]
+
+    def _release(self, event_ids: list[str]) -> None:
+        # Fire and forget: release never raises, and a claim left behind only expires later.
+        asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.release, event_ids)
 
     def _event_headers_for(self, event: Publish) -> dict[str, str]:
         # Nats-Expected-Stream makes JetStream refuse the event if another stream captured the subject.
@@ -339,9 +508,11 @@ class Engine:
             failed = await self._await_acks(sends)
             if failed:
                 failed = await self._hold(failed)
+            self._land(failed, stored=False)
             for send in failed:
                 await self._give_up_send(batch, send)
             published = [s for s in sends if s.future is not None and not s.error]
+            self._land(published, stored=True)
             await self._mark([s.outcome.event_id for s in published if isinstance(s.outcome, Publish)])
             wall = time.time()
             for send in published:
@@ -358,8 +529,10 @@ class Engine:
         except Exception as exc:  # a bug in our own bookkeeping: hand the work back rather than lose track of it
             self._metrics.handler_errors.labels(type(exc).__name__).inc()
             log.exception("finishing a batch failed; nak'ing what is left")
-            for index in list(batch.open):
-                await self._settle(batch, index, "nak", "", "retried", delay=5.0)
+            self._land(sends, stored=False)
+            self._marked([s.outcome.event_id for s in sends if isinstance(s.outcome, Publish)])
+            for send in sends:
+                await self._settle(batch, send.index, "nak", "", "retried", delay=5.0)
 
     async def _await_acks(self, sends: list[_Send]) -> list[_Send]:
         """Wait (bounded) for every PubAck; return the sends that failed or got no answer."""
@@ -475,17 +648,16 @@ class Engine:
         await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
 
     async def _mark(self, event_ids: list[str]) -> None:
-        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway."""
+        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway.
+
+        The in-flight table learns when the write really ended (``_marked``), also when that is after the timeout.
+        """
         if not event_ids:
             return
-        loop = asyncio.get_running_loop()
-        try:
-            ok = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._dedup.mark, event_ids), self._settings.dedup.mark_timeout
-            )
-        except TimeoutError:
-            ok = False
-        if not ok:
+        write = asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.mark, event_ids)
+        write.add_done_callback(lambda _: self._marked(event_ids))
+        done, _ = await asyncio.wait({write}, timeout=self._settings.dedup.mark_timeout)
+        if not (done and write.result()):
             self._metrics.dedup_mark_errors.inc(len(event_ids))
 
     # ------------------------------------------------------------------------------------------------ settling

@@ -52,13 +52,27 @@ class Metrics:
         )
         self.dedup_lookups = Counter(
             "cdc_consumer_dedup_lookups_total",
-            "Redis dedup lookups per event: hit (duplicate), miss, or error (Redis unavailable, failed open).",
+            "Redis dedup lookups per event: hit (duplicate), miss (claimed or free), held (another replica's claim), "
+            "or error (Redis unavailable, failed open).",
             ["result"],
             registry=registry,
         )
         self.dedup_mark_errors = Counter(
             "cdc_consumer_dedup_mark_errors_total",
             "Marker writes that failed or timed out after a successful publish (acked anyway).",
+            registry=registry,
+        )
+        self.copy_waits = Counter(
+            "cdc_consumer_copy_waits_total",
+            "Copies of an event that arrived while it was being published, by holder: this_replica (the copy waited "
+            "for the first one's outcome) or other_replica (another replica's Redis claim; looked up again).",
+            ["holder"],
+            registry=registry,
+        )
+        self.unclaimed_publishes = Counter(
+            "cdc_consumer_unclaimed_publishes_total",
+            "Events published without a Redis claim (Redis unavailable, or dedup.claim_ttl 0): a core NATS "
+            "subscriber may see a repeat of these; the stream still stores each once.",
             registry=registry,
         )
         self.redis_errors = Counter(
@@ -144,8 +158,10 @@ class Metrics:
             registry=registry,
         )
         # Series exist from the start at 0, so rate() and increase() see the first event of each kind.
-        for result in ("hit", "miss", "error"):
+        for result in ("hit", "miss", "held", "error"):
             self.dedup_lookups.labels(result)
+        for holder in ("this_replica", "other_replica"):
+            self.copy_waits.labels(holder)
         for reason in Reason:
             self.dead_letters.labels(reason.value)
 

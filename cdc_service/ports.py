@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 
@@ -21,11 +22,28 @@ class PublishRejected(Exception):
     """The server answered a publish with an error (no stream, wrong stream, limits, ...)."""
 
 
+class Claim(Enum):
+    """What a lookup-and-claim found for one event id."""
+
+    DONE = "done"  # the "done" marker: published before, ack as a duplicate
+    CLAIMED = "claimed"  # this replica holds the claim now (taken by this call, or already its own)
+    HELD = "held"  # another replica's claim: it is publishing this event right now
+    FREE = "free"  # neither marker nor claim, and no claim taken (claims are off)
+
+
 class DedupStore(Protocol):
-    """Long-range duplicate memory (Redis). Both calls fail open: they never raise."""
+    """Long-range duplicate memory (Redis). Every call fails open: none raises."""
 
     def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
         """Which ids were already published; ``None`` when the store cannot be asked (count as misses)."""
+
+    def claim(self, event_ids: Sequence[str]) -> list[Claim] | None:
+        """Look up each id and, where neither a marker nor a claim exists, take a short-lived claim for this replica,
+        in one round trip. A claim says "in progress" and never "done": only ``mark`` says that. ``None`` when the
+        store cannot be asked (publish without a claim)."""
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        """Drop this replica's claims on these ids (their publish failed); others' claims and markers stay."""
 
     def mark(self, event_ids: Sequence[str]) -> bool:
         """Remember ids whose publish was acknowledged; ``False`` when that did not happen."""

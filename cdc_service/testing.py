@@ -1,7 +1,8 @@
 """In-memory fakes of the ports, for unit tests and the in-process benchmark. Not for production use.
 
 ``FakeMessage`` records what the pipeline did with it (``acked``, ``naked``, ``termed``, ``in_progress``);
-``FakePublisher`` resolves every publish at once, or fails while ``failing`` is set; ``FakeDedupStore`` is a set.
+``FakePublisher`` resolves every publish at once, or fails while ``failing`` is set; ``FakeDedupStore`` is a set of
+markers and a dict of claims, which several stores (replicas) may share.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdc_service.ports import PubAck, PublishRejected
+from cdc_service.ports import Claim, PubAck, PublishRejected
 
 
 @dataclass
@@ -100,12 +101,18 @@ class FakePublisher:
 
 @dataclass
 class FakeDedupStore:
-    """A set of marked event ids. ``down`` makes every call fail open like an unreachable Redis."""
+    """A set of marked event ids and a dict of claims (event id -> holder ``token``); pass the same set and dict to
+    two stores for two replicas. Claims never expire here (delete them to act out an expiry). ``down`` makes every
+    call fail open like an unreachable Redis; ``claims_on=False`` acts out ``dedup.claim_ttl = 0``."""
 
     marked: set[str] = field(default_factory=set)
+    claims: dict[str, str] = field(default_factory=dict)
+    token: str = "replica-a"
     down: bool = False
+    claims_on: bool = True
     lookups: int = 0
     marks: int = 0
+    released: list[str] = field(default_factory=list)
 
     @property
     def available(self) -> bool:
@@ -117,11 +124,41 @@ class FakeDedupStore:
             return None
         return [event_id in self.marked for event_id in event_ids]
 
+    def claim(self, event_ids: Sequence[str]) -> list[Claim] | None:
+        self.lookups += 1
+        if self.down:
+            return None
+        states = []
+        for event_id in event_ids:
+            holder = self.claims.get(event_id)
+            if event_id in self.marked:
+                states.append(Claim.DONE)
+            elif holder == self.token:
+                states.append(Claim.CLAIMED)
+            elif holder is not None:
+                states.append(Claim.HELD)
+            elif self.claims_on:
+                self.claims[event_id] = self.token
+                states.append(Claim.CLAIMED)
+            else:
+                states.append(Claim.FREE)
+        return states
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        if self.down:
+            return
+        for event_id in event_ids:
+            if self.claims.get(event_id) == self.token:
+                del self.claims[event_id]
+                self.released.append(event_id)
+
     def mark(self, event_ids: Sequence[str]) -> bool:
         self.marks += 1
         if self.down:
             return False
         self.marked.update(event_ids)
+        for event_id in event_ids:  # the marker replaces the claim
+            self.claims.pop(event_id, None)
         return True
 
 

@@ -1,4 +1,5 @@
-"""Worker-thread side of a micro-batch: parse, route, build, one Redis lookup. Returns outcomes, touches no NATS."""
+"""Worker-thread side of a micro-batch: parse, route, build, one Redis lookup-and-claim. Returns outcomes, touches no
+NATS."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from collections.abc import Sequence
 import simdjson
 
 from cdc_service.core.events import EventBuilder
-from cdc_service.core.outcomes import Duplicate, Outcome, Publish, decide_failure
+from cdc_service.core.outcomes import ClaimedElsewhere, Duplicate, Outcome, Publish, decide_failure
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
-from cdc_service.ports import DedupStore, InboundMessage, delivery_count
+from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count
 
 log = logging.getLogger("cdc_service.worker")
 
@@ -64,21 +65,28 @@ class BatchPreparer:
         if not positions:
             return outcomes
         ids = [outcomes[i].event_id for i in positions]  # type: ignore[union-attr]
-        seen = self._dedup.seen(ids)
+        states = self._dedup.claim(ids)
         lookups = self._metrics.dedup_lookups
-        if seen is None:
-            # Fail open: JetStream's Nats-Msg-Id window still drops a repeat inside it.
+        if states is None:
+            # Fail open, unclaimed: JetStream's Nats-Msg-Id window still keeps a repeat out of the stream.
             lookups.labels("error").inc(len(ids))
             return outcomes
-        hits = 0
-        for i, was_seen in zip(positions, seen, strict=True):
-            if was_seen:
-                event = outcomes[i]
-                assert isinstance(event, Publish)
+        hits = held = 0
+        for i, state in zip(positions, states, strict=True):
+            event = outcomes[i]
+            assert isinstance(event, Publish)
+            if state is Claim.DONE:
                 outcomes[i] = Duplicate(event.table, event.event_id)
                 hits += 1
+            elif state is Claim.HELD:
+                outcomes[i] = ClaimedElsewhere(event.table, event)
+                held += 1
+            elif state is Claim.CLAIMED:
+                event.claimed = True
         if hits:
             lookups.labels("hit").inc(hits)
-        if len(ids) - hits:
-            lookups.labels("miss").inc(len(ids) - hits)
+        if held:
+            lookups.labels("held").inc(held)
+        if len(ids) - hits - held:
+            lookups.labels("miss").inc(len(ids) - hits - held)
         return outcomes

@@ -1,16 +1,22 @@
-"""Redis dedup markers: one round trip per batch to look up, one to mark. Fails open.
+"""Redis dedup markers and claims: one round trip per batch to look up and claim, one to mark. Fails open.
 
-The marker is written only after JetStream acknowledged the publish (see docs/system_architecture.md): a marker
-written before would make a failed publish look like a duplicate on redelivery and lose the event. While Redis is
-unreachable the calls return at once for ``retry_interval`` seconds instead of waiting on a dead socket for every
-batch; JetStream's ``Nats-Msg-Id`` window still deduplicates meanwhile.
+One key per event, ``<prefix><event_id>``, in one of two states: a claim (``claim:<replica token>``, expiring after
+``dedup.claim_ttl``) says "a replica is publishing this right now"; the marker (the empty string, ``dedup.ttl``)
+says "published". The marker is written only after JetStream acknowledged the publish (see
+docs/system_architecture.md): a marker written before would make a failed publish look like a duplicate on
+redelivery and lose the event. A claim never makes anyone ack: a replica that finds another's claim waits and looks
+again. While Redis is unreachable the calls return at once for ``retry_interval`` seconds instead of waiting on a
+dead socket for every batch; JetStream's ``Nats-Msg-Id`` window still deduplicates meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +26,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from cdc_service.config import DedupSettings, RedisSettings, mask_url
+from cdc_service.ports import Claim
 
 log = logging.getLogger("cdc_service.redis")
 
@@ -33,6 +40,45 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+
+CLAIM_PREFIX = b"claim:"
+
+# Look up and claim a batch atomically per key: 0 done (the marker, or any value that is not a claim), 1 claimed by
+# this call or already ours (its TTL renewed), 2 another replica's claim.
+_CLAIM_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if not v then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    out[i] = 1
+  elseif v == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    out[i] = 1
+  elseif string.sub(v, 1, 6) == 'claim:' then
+    out[i] = 2
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+# Compare and delete: only our own claim goes; a marker written meanwhile, or another replica's claim, stays.
+_RELEASE_SCRIPT = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    n = n + redis.call('DEL', key)
+  end
+end
+return n
+"""
+_STATES = (Claim.DONE, Claim.CLAIMED, Claim.HELD)
+
+
+def _is_marker(value: bytes | None) -> bool:
+    return value is not None and not value.startswith(CLAIM_PREFIX)
 
 
 class RedisDedupStore:
@@ -48,6 +94,10 @@ class RedisDedupStore:
     ) -> None:
         self._prefix = dedup_settings.key_prefix
         self._ttl = dedup_settings.ttl
+        self._claim_ms = int(dedup_settings.claim_ttl * 1000)
+        # One token per process: a claim found with it is this replica's own (a copy in flight here, or a retried
+        # call whose first reply was lost), never another's. Host and pid tell an operator who holds a key.
+        self.token = CLAIM_PREFIX + f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}".encode()
         self._retry_interval = redis_settings.retry_interval
         self._cluster = redis_settings.mode == "cluster"
         self._url = mask_url(redis_settings.url)
@@ -67,6 +117,8 @@ class RedisDedupStore:
             common["ssl_ca_certs"] = redis_settings.tls_ca_file
         self._client: Any = None
         self._script: Any = None
+        self._claim_script: Any = None
+        self._release_script: Any = None
         if self._cluster:
             # redis-py's cluster client connects as soon as it is built; build it on first use instead, so an
             # unreachable cluster at start-up fails open like a standalone Redis rather than stopping the service.
@@ -76,6 +128,8 @@ class RedisDedupStore:
                 redis_settings.url, max_connections=pool_size + 4, health_check_interval=30, **common
             )
             self._script = self._client.register_script(_MARK_SCRIPT)
+            self._claim_script = self._client.register_script(_CLAIM_SCRIPT)
+            self._release_script = self._client.register_script(_RELEASE_SCRIPT)
 
     def _cluster_client(self) -> Any:
         with self._lock:
@@ -124,16 +178,82 @@ class RedisDedupStore:
             if self._cluster:
                 pipe = self._cluster_client().pipeline()
                 for key in keys:
-                    pipe.exists(key)
-                values = pipe.execute()
-                found = [bool(v) for v in values]
+                    pipe.get(key)
+                found = [_is_marker(v) for v in pipe.execute()]
             else:
-                found = [v is not None for v in self._client.mget(keys)]
+                found = [_is_marker(v) for v in self._client.mget(keys)]
         except _ERRORS as exc:
             self._failed("lookup", exc)
             return None
         self._succeeded()
         return found
+
+    def claim(self, event_ids: Sequence[str]) -> list[Claim] | None:
+        if not event_ids:
+            return []
+        if self._claim_ms <= 0:
+            seen = self.seen(event_ids)
+            return None if seen is None else [Claim.DONE if s else Claim.FREE for s in seen]
+        if self._skip():
+            if self._on_error:
+                self._on_error("lookup")
+            return None
+        keys = [self._prefix + event_id for event_id in event_ids]
+        try:
+            if self._cluster:
+                states = self._claim_cluster(keys)
+            else:
+                states = [_STATES[int(v)] for v in self._claim_script(keys=keys, args=[self.token, self._claim_ms])]
+        except _ERRORS as exc:
+            self._failed("lookup", exc)
+            return None
+        self._succeeded()
+        return states
+
+    def _claim_cluster(self, keys: list[str]) -> list[Claim]:
+        """A batch spans many slots, and a script only one: per key ``SET NX PX`` and ``GET`` in one pipeline (each
+        key's pair goes to its node in order, so the GET reads the state after our SET)."""
+        client = self._cluster_client()
+        pipe = client.pipeline()
+        for key in keys:
+            pipe.set(key, self.token, nx=True, px=self._claim_ms)
+            pipe.get(key)
+        replies = pipe.execute()
+        states: list[Claim] = []
+        renew: list[str] = []
+        for key, created, value in zip(keys, replies[0::2], replies[1::2], strict=True):
+            if created or value == self.token:
+                states.append(Claim.CLAIMED)
+                if not created:
+                    renew.append(key)
+            elif value is None or value.startswith(CLAIM_PREFIX):
+                states.append(Claim.HELD)  # another's claim; or one that vanished between the two: look again
+            else:
+                states.append(Claim.DONE)
+        if renew:  # rare: a second copy in flight here; keep our claim alive for its attempt too
+            pipe = client.pipeline()
+            for key in renew:
+                pipe.pexpire(key, self._claim_ms)
+            pipe.execute()
+        return states
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        if not event_ids or self._claim_ms <= 0 or self._skip():
+            return
+        keys = [self._prefix + event_id for event_id in event_ids]
+        try:
+            if self._cluster:
+                # Rare (a publish failed for good): one script call per key, since a script sees only one slot.
+                client = self._cluster_client()
+                script = client.register_script(_RELEASE_SCRIPT)
+                for key in keys:
+                    script(keys=[key], args=[self.token])
+            else:
+                self._release_script(keys=keys, args=[self.token])
+        except _ERRORS as exc:
+            self._failed("release", exc)  # the claims expire on their own
+            return
+        self._succeeded()
 
     def mark(self, event_ids: Sequence[str]) -> bool:
         if not event_ids:

@@ -61,6 +61,15 @@ class Publish:
     subject: str
     payload: bytes
     commit_time: float | None  # unix seconds of the source commit, for the lag metric
+    claimed: bool = False  # this replica holds the Redis claim on event_id
+
+
+@dataclass(slots=True)
+class ClaimedElsewhere:
+    """Another replica holds the claim on this event (it is publishing it): wait, look again, never drop."""
+
+    table: str
+    event: Publish
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +90,7 @@ class Retry:
     detail: str
 
 
-Outcome = Skip | Duplicate | Publish | DeadLetter | Retry
+Outcome = Skip | Duplicate | Publish | ClaimedElsewhere | DeadLetter | Retry
 
 
 def retry_delay(num_delivered: int, base: float = 1.0, cap: float = 30.0) -> float:

@@ -19,7 +19,7 @@ from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import Outcome
 from cdc_service.engine import Engine
 from cdc_service.metrics import Metrics
-from cdc_service.ports import PubAck
+from cdc_service.ports import Claim, PubAck
 from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
 from cdc_service.worker import BatchPreparer
 from tests.integration.helpers import wait_until
@@ -584,11 +584,11 @@ async def test_a_failing_batch_is_retried_and_the_loop_keeps_going(executor: Thr
     class BrokenOnce(FakeDedupStore):
         broken = True
 
-        def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
+        def claim(self, event_ids: Sequence[str]) -> list[Claim] | None:
             if self.broken:
                 self.broken = False
                 raise RuntimeError("boom")
-            return super().seen(event_ids)
+            return super().claim(event_ids)
 
     h = harness(executor, dedup=BrokenOnce(), settings=Settings(ingest=IngestSettings(batch_size=2)))
     msgs = chat_messages(4)
