@@ -264,3 +264,16 @@ def test_an_unreachable_cluster_at_start_up_fails_open_instead_of_raising() -> N
     assert store.probe() is False
     assert store.available is False
     store.close()
+
+
+def test_cluster_claims_across_slots(cluster: RedisClusterNodes, cluster_client) -> None:
+    from tests.integration.claim_checks import check_claims, check_claims_expire, check_claims_off, store
+
+    def make(**kw):
+        return store(cluster.url, "cluster", **kw)
+
+    check_claims(make, cluster_client)
+    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    check_claims_expire(make, cluster_client)
+    cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    check_claims_off(make, cluster_client)
