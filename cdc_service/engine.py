@@ -447,7 +447,18 @@ class Engine:
                 if event.claimed and flight.waiters == 0:
                     release.append(event.event_id)
         if release:
+            queued = self._queued_ids()
+            release = [event_id for event_id in release if event_id not in queued]
+        if release:
             self._release(release)
+
+    def _queued_ids(self) -> set[str]:
+        """Events of prepared batches not yet walked (behind a hold): a copy there may hold our claim already."""
+        ids: set[str] = set()
+        for batch in self._queue:
+            if batch.outcomes.done() and not batch.outcomes.cancelled() and batch.outcomes.exception() is None:
+                ids.update(o.event_id for o in batch.outcomes.result() if isinstance(o, Publish) and o.claimed)
+        return ids
 
     def _marked(self, event_ids: list[str]) -> None:
         """The marker write of these published events ended (either way): batches dispatched from now on look
