@@ -61,7 +61,7 @@ async def test_metrics_after_one_published_event(js, start_service) -> None:
     assert svc.metric("cdc_consumer_publish_errors_total") == 0
     assert any(s.name == "cdc_consumer_publish_errors_total" for s in families["cdc_consumer_publish_errors"])
     lookups = {s.labels["result"]: s.value for s in families["cdc_consumer_dedup_lookups"] if s.name.endswith("_total")}
-    assert lookups == {"hit": 0, "miss": 1, "error": 0}
+    assert lookups == {"hit": 0, "miss": 1, "held": 0, "error": 0}
     assert svc.metric("cdc_consumer_inflight_messages") == 0
     assert svc.metric("cdc_consumer_build_info", {"version": __version__}) == 1
     # No per-subject or per-id labels anywhere.
