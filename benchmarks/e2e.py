@@ -106,12 +106,13 @@ class RunConfig:
     mode: str = "push"  # push | pull | partitioned (service only; partitioned pulls, ingest.ordering = partitioned)
     batch: int = 256
     pool: int = 8
+    claims: bool = True  # False: dedup.claim_ttl 0 (lookup only), to measure what the Redis claim costs
 
     @property
     def label(self) -> str:
         if self.kind != "service":
             return f"{self.kind} relay"
-        return f"service {self.mode} b{self.batch} p{self.pool}"
+        return f"service {self.mode} b{self.batch} p{self.pool}" + ("" if self.claims else " no-claims")
 
     @property
     def slug(self) -> str:
@@ -133,6 +134,8 @@ class RunConfig:
         if self.mode == "partitioned":
             values["ingest.mode"] = "pull"
             values["ingest.ordering"] = "partitioned"
+        if not self.claims:
+            values["dedup.claim_ttl"] = 0
         return values
 
 
@@ -188,7 +191,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         seconds=args.seconds or (30.0 if full else 10.0),
         default=base,
     )
-    if not args.no_drain:
+    if args.claims_ab:
+        # The claim's cost in one sitting: the default service with and without it, alternating in every pass.
+        plan.drains = [base, RunConfig(batch=base.batch, pool=base.pool, claims=False)]
+    elif not args.no_drain:
         drains = [
             base,
             RunConfig(kind="naive", batch=1, pool=0),
@@ -745,6 +751,9 @@ def summarise(doc: dict[str, Any]) -> None:
         ratios["partitioned_to_pull"] = round(partitioned["median_events_per_s"] / pull["median_events_per_s"], 3)
     if partitioned and service:
         ratios["partitioned_to_push"] = round(partitioned["median_events_per_s"] / service["median_events_per_s"], 3)
+    unclaimed = by_label.get(RunConfig(batch=default.batch, pool=default.pool, claims=False).label)
+    if service and unclaimed:
+        ratios["claims_to_no_claims"] = round(service["median_events_per_s"] / unclaimed["median_events_per_s"], 3)
     doc["ratios"] = ratios
 
 
@@ -833,6 +842,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only-modes",
         action="store_true",
         help="drain only the service in push, pull and partitioned mode (replica vs partitioned ordering)",
+    )
+    parser.add_argument(
+        "--claims-ab",
+        action="store_true",
+        help="drains of the default service with and without the Redis claim only (dedup.claim_ttl 0)",
     )
     parser.add_argument("--no-drain", action="store_true", help="skip the backlog drains")
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate runs")
