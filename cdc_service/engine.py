@@ -305,7 +305,7 @@ class Engine:
             self._queue.popleft()
             self._forget_flights(batch.number)
             sends: list[_Send] = []
-            unclaimed: list[str] = []
+            to_release: list[str] = []
             limit = self._publisher.max_payload - _HEADER_ROOM
             for index, planned in enumerate(outcomes):
                 outcome = planned
@@ -318,7 +318,7 @@ class Engine:
                         f"the event would be {len(event.payload)} bytes; the server accepts {limit}",
                     )
                     if event.claimed:
-                        unclaimed.append(event.event_id)  # other copies need not wait for the claim to expire
+                        to_release.append(event.event_id)  # other copies need not wait for the claim to expire
                 if isinstance(outcome, Skip):
                     await self._settle(batch, index, "ack", outcome.table, "skipped")
                 elif isinstance(outcome, Duplicate):
@@ -342,8 +342,8 @@ class Engine:
                         sends.append(send)
                 else:
                     await self._nak(batch, index, outcome)
-            if unclaimed:
-                self._release(unclaimed)
+            if to_release:
+                self._release(to_release)
             for send in sends:
                 send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
             if sends:
