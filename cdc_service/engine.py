@@ -84,6 +84,8 @@ class _Flight:
     """
 
     result: asyncio.Future[bool]
+    claimed: bool = False  # this replica's Redis claim covers it: renewed while it is pending
+    claimed_at: float = 0.0  # monotonic time the claim was taken or last renewed
     waiters: int = 0
     marked_at: int = 0  # batches dispatched when the marker write ended; 0 until then
 
@@ -169,6 +171,7 @@ class Engine:
         self._dispatched = 0
         self._flights: dict[str, _Flight] = {}
         self._marked_flights: deque[tuple[int, str, _Flight]] = deque()
+        self._releases: set[asyncio.Future[None]] = set()
         self.inflight = 0
         self.last_settled = time.monotonic()
         # Until the first ack, "the last ack" is the engine's start: no-acks alerts then measure from there.
@@ -185,6 +188,8 @@ class Engine:
             asyncio.create_task(self._publish_in_order(), name="cdc-publisher"),
             asyncio.create_task(self._keep_alive(), name="cdc-keepalive"),
         ]
+        if self._settings.dedup.claim_ttl > 0:
+            self._tasks.append(asyncio.create_task(self._renew_claims(), name="cdc-claims"))
         for task in self._tasks:
             task.add_done_callback(_report_unexpected_end)
 
@@ -223,6 +228,10 @@ class Engine:
                         extra={"subject": msg.subject, "delivered": delivery_count(msg.reply)},
                     )
                 await self._settle(batch, index, "nak", "", "retried")
+        # Claims released by holds that gave up: let them reach Redis before the pool is shut down, so another
+        # replica takes the nak'ed messages at once instead of after dedup.claim_ttl.
+        if self._releases:
+            await asyncio.wait(set(self._releases), timeout=1.0)
         for task in [*self._tasks, *self._finishers]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._finishers, return_exceptions=True)
@@ -359,7 +368,7 @@ class Engine:
 
     def _take_off(self, event: Publish) -> _Flight:
         """Enter ``event`` in the in-flight table; the caller publishes it next, before awaiting anything else."""
-        flight = _Flight(asyncio.get_running_loop().create_future())
+        flight = _Flight(asyncio.get_running_loop().create_future(), event.claimed, time.monotonic())
         self._flights[event.event_id] = flight
         if not event.claimed:
             self._metrics.unclaimed_publishes.inc()
@@ -477,8 +486,28 @@ class Engine:
                 del self._flights[event_id]
 
     def _release(self, event_ids: list[str]) -> None:
-        # Fire and forget: release never raises, and a claim left behind only expires later.
-        asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.release, event_ids)
+        # Not awaited (drain waits for what is left): release never raises, and a claim left behind only expires.
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.release, event_ids)
+        self._releases.add(future)
+        future.add_done_callback(self._releases.discard)
+
+    async def _renew_claims(self) -> None:
+        """Keep the claims of events still in flight (a slow PubAck, a hold) from expiring under them, so a copy at
+        another replica keeps waiting instead of publishing too. Renewing is the lookup-and-claim call itself: our
+        own claim gets its TTL back; one that expired is taken again unless someone else has it by now."""
+        ttl = self._settings.dedup.claim_ttl
+        period = ttl / 3.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            due = time.monotonic() - period
+            renew = []
+            for event_id, flight in self._flights.items():
+                if flight.claimed and not flight.result.done() and flight.claimed_at < due:
+                    flight.claimed_at = time.monotonic()
+                    renew.append(event_id)
+            if renew:
+                await loop.run_in_executor(self._executor, self._dedup.claim, renew)
 
     def _event_headers_for(self, event: Publish) -> dict[str, str]:
         # Nats-Expected-Stream makes JetStream refuse the event if another stream captured the subject.

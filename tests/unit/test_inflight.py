@@ -239,3 +239,22 @@ async def test_claims_off_looks_up_only(executor: ThreadPoolExecutor) -> None:
     assert dedup.claims == {}
     assert dict(engine.totals) == {"published": 1, "duplicate": 1}
     assert h.sample("cdc_consumer_unclaimed_publishes_total") == 1
+
+
+async def test_the_claim_of_an_event_still_in_flight_is_renewed(executor: ThreadPoolExecutor) -> None:
+    """A slow PubAck or a hold outlasting dedup.claim_ttl: the claim is renewed so copies elsewhere keep waiting."""
+    publisher = Gated()
+    settings = Settings(dedup=DedupSettings(claim_ttl=0.15), publish=PublishSettings(timeout=5.0))
+    dedup = FakeDedupStore()
+    h = harness(executor, publisher=publisher, dedup=dedup, settings=settings)
+    engine = h.build()
+    await engine.start()
+    msg = message()
+    await engine.on_message(msg)
+    await wait_until(lambda: publisher.attempts == 1, 5, "sent")
+    await wait_until(lambda: dedup.lookups >= 3, 5, "claim renewed while the PubAck is outstanding")
+    assert dedup.claims == {EVENT: dedup.token}
+    publisher.answer()
+    await engine.drain(time.monotonic() + 5)
+    assert msg.acked == 1
+    assert dedup.claims == {} and dedup.marked == {EVENT}
