@@ -245,7 +245,7 @@ class DedupSettings:
     mark_timeout: float = setting(0.5, "Longest wait for the marker write before acking anyway.", gt=0)
     claim_ttl: float = setting(
         8.0,
-        "Lifetime in seconds of the \"in progress\" claim taken with the lookup; longer than publish.timeout, "
+        'Lifetime in seconds of the "in progress" claim taken with the lookup; longer than publish.timeout, '
         "shorter than ingest.ack_wait; 0 turns claims off (lookup only).",
         ge=0,
     )
