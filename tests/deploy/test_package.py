@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cdc_service import __version__
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.package
@@ -111,17 +111,10 @@ def test_config_from_another_directory(installed: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("cdc_service: invalid setting ingest.batch_size:")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def process(installed: Path, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     # No NATS answers on this port: the service keeps trying to connect, alive and not ready, until SIGTERM.
-    env = {"CDC_NATS__URL": f"nats://127.0.0.1:{_free_port()}", "CDC_HTTP__PORT": str(_free_port())}
+    env = {"CDC_NATS__URL": f"nats://127.0.0.1:{free_port()}", "CDC_HTTP__PORT": str(free_port())}
     env["CDC_HTTP__HOST"] = "127.0.0.1"
     proc = subprocess.Popen(
         [str(installed / "cdc-service"), "run"], cwd=tmp_path, env={**_environ(), **env},
