@@ -270,3 +270,21 @@ def test_cli_help_names_the_sources(tmp_path: Path) -> None:
     assert result.returncode == 0
     for word in ("--config FILE", "--version", "CDC_SETTINGS_FILES", ".secrets.toml"):
         assert word in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dlq", "list", "--config", "bad.toml"),
+        ("dlq", "replay", "--config", "bad.toml"),
+        ("dlq", "--config", "bad.toml", "list"),
+        ("--config", "bad.toml", "dlq", "list", "--config", "ok.toml"),
+    ],
+)
+def test_cli_dlq_takes_the_config_option_where_the_other_commands_do(tmp_path: Path, args: tuple[str, ...]) -> None:
+    # The file is read wherever the option stands (its bad value stops the command before any connection).
+    (tmp_path / "bad.toml").write_text("[ingest]\nbatch_size = 0\n")
+    (tmp_path / "ok.toml").write_text("[http]\nport = 9300\n")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("cdc_service: invalid setting ingest.batch_size:"), result.stderr
