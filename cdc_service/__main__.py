@@ -39,27 +39,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cdc_service {__version__}")
     config_help = f"a settings file layered over settings.toml, .secrets.toml and {FILES_VARIABLE} (repeatable)"
-    parser.add_argument("--config", action="append", default=[], metavar="FILE", help=config_help)
-    # The option also works after the command (`cdc-service config --config FILE`); its own dest keeps argparse from
-    # resetting the top-level value with the subcommand's default.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config", action="append", dest="command_config", default=[], metavar="FILE", help=config_help
-    )
+
+    def config_option(into: argparse.ArgumentParser, dest: str) -> None:
+        into.add_argument("--config", action="append", dest=dest, default=[], metavar="FILE", help=config_help)
+
+    # The option also works after a command (`cdc-service config --config FILE`, `cdc-service dlq list --config
+    # FILE`). A subcommand copies its whole namespace, defaults included, over its parent's: each level has its own
+    # dest so that an empty list there never replaces the files named before it.
+    config_option(parser, "config")
     commands = parser.add_subparsers(dest="command", metavar="{run,config,dlq}", help="what to do (default: run)")
-    commands.add_parser("run", parents=[common], help="run the service (the default)")
-    commands.add_parser("config", parents=[common], help="print the effective settings, secrets masked")
+    config_option(commands.add_parser("run", help="run the service (the default)"), "command_config")
+    config_option(commands.add_parser("config", help="print the effective settings, secrets masked"), "command_config")
     dlq.add_parser(commands)
-    commands.choices["dlq"].add_argument(
-        "--config", action="append", dest="command_config", default=[], metavar="FILE", help=config_help
-    )
+    dlq_parser = commands.choices["dlq"]
+    config_option(dlq_parser, "command_config")
+    dlq_actions = next(a for a in dlq_parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action_parser in dlq_actions.choices.values():
+        config_option(action_parser, "action_config")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        loaded = load([*args.config, *getattr(args, "command_config", [])])
+        loaded = load([*args.config, *getattr(args, "command_config", []), *getattr(args, "action_config", [])])
     except ConfigError as exc:
         print(f"cdc_service: invalid setting {exc}", file=sys.stderr)
         return 2

@@ -154,6 +154,17 @@ class RedisServer(Process):
             raise RuntimeError(f"redis-server exited: {self.output()[-2000:]}")
 
 
+def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m cdc_service ARGS`` run to completion in ``cwd`` with ``env`` on top of a clean environment (no
+    inherited ``CDC_*`` or dynaconf variables); this checkout is importable from any ``cwd``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
+    environ |= {"PYTHONPATH": str(REPO), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_service", *args], cwd=cwd, env=environ, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
 def service_env(nats_url: str, redis_url: str, http_port: int, **overrides: Any) -> dict[str, str]:
     """Environment for ``python -m cdc_service``: the test's servers and short timings, plus ``overrides``.
 

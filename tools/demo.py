@@ -32,6 +32,7 @@ import nats
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cdc_service.config import ENV_PREFIX, SECRET_KEYS  # noqa: E402
 from cdc_service.testing import sample_record, sequin_message  # noqa: E402
 from tools.localservers import answers, free_port, nats_command, redis_command  # noqa: E402
 
@@ -266,8 +267,9 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
         env.update(
             {
-                # The committed defaults only (no .secrets.toml), pointed at the demo's own servers.
-                "SETTINGS_FILES_FOR_DYNACONF": str(REPO / "settings.toml"),
+                # The checkout's settings.toml (the service runs in REPO), pointed at the demo's own servers, which
+                # have no credentials: the ones a developer keeps in .secrets.toml are overridden with empty values.
+                **{f"{ENV_PREFIX}_{key.upper().replace('.', '__')}": "" for key in SECRET_KEYS},
                 "CDC_NATS__URL": nats_url,
                 "CDC_REDIS__URL": redis_url,
                 "CDC_HTTP__HOST": "127.0.0.1",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cdc_service.core.subjects import TemplateToken, parse_template, token_problem
+from cdc_service.core.subjects import parse_template, token_problem
 
 COMPANY = "company"
 
@@ -31,11 +31,13 @@ class Route:
     placeholders: tuple[str, ...]  # placeholder names in token order (``company`` included)
     row_fields: tuple[str, ...]  # row columns needed as ids, in output order: subject placeholders, then the pk
     subject_fields: frozenset[str]  # the row columns among them that go into the subject
-    parts: tuple[TemplateToken, ...]
 
     def subject(self, values: dict[str, str]) -> str:
-        """Render the target subject from already validated placeholder values."""
-        return ".".join(t.text if t.name is None else t.render(values[t.name]) for t in self.parts)
+        """Render the target subject from already validated placeholder values (``KeyError`` when one is missing).
+
+        A compiled template is a format string whose fields are bare names (``parse_template`` refuses braces in
+        literal text), so ``format_map`` renders it; per event, it is the cheapest way."""
+        return self.template.format_map(values)
 
 
 def compile_route(table: str, pk: str, template: str) -> Route:
@@ -56,4 +58,4 @@ def compile_route(table: str, pk: str, template: str) -> Route:
     if pk not in row_fields:
         row_fields.append(pk)
     subject_fields = frozenset(placeholders) - {COMPANY}
-    return Route(table, pk, template, tuple(tokens), tuple(placeholders), tuple(row_fields), subject_fields, parts)
+    return Route(table, pk, template, tuple(tokens), tuple(placeholders), tuple(row_fields), subject_fields)

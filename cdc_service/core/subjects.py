@@ -37,9 +37,6 @@ class TemplateToken:
     prefix: str = ""
     suffix: str = ""
 
-    def render(self, value: str) -> str:
-        return f"{self.prefix}{value}{self.suffix}"
-
     def value_of(self, token: str) -> str | None:
         """The field's value in ``token``, or ``None`` when the token lacks the literal text or the value is empty."""
         if len(token) <= len(self.prefix) + len(self.suffix):

@@ -9,9 +9,6 @@ helm as in tests/chart/test_chart.py (skipped without it, an error under CI).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import yaml
 from cdc_service import config
 from tests.chart.test_chart import CHART, CONFIG_DIR, HELM, ROOT, container, helm, only
 from tests.k8s import service_link_variables
+from tests.servers import run_cli
 
 if HELM is None:
     pytestmark = pytest.mark.skip(reason="helm not found: run tools/install_helm.sh (make test does) or set HELM")
@@ -72,16 +70,7 @@ def test_the_pod_sees_the_values(release: str, tmp_path: Path, monkeypatch: pyte
     app, environ = _pod(release, tmp_path)
     assert any(name.startswith("CDC_") and name.endswith("_SERVICE_HOST") for name in environ)
 
-    process_env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
-    result = subprocess.run(
-        [sys.executable, "-m", "cdc_service", "config"],
-        cwd=app,
-        env={**process_env, "PYTHONPATH": str(ROOT), **environ},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(app, "config", **environ)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert printed["nats"]["url"] == ["nats://nats-0.nats:4222", "nats://nats-1.nats:4222"]

@@ -14,11 +14,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cdc_service import __version__
+from tests.servers import Process, free_port, running, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.package
@@ -111,46 +110,32 @@ def test_config_from_another_directory(installed: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("cdc_service: invalid setting ingest.batch_size:")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-def process(installed: Path, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+def process(installed: Path, tmp_path: Path) -> Iterator[Process]:
     # No NATS answers on this port: the service keeps trying to connect, alive and not ready, until SIGTERM.
-    env = {"CDC_NATS__URL": f"nats://127.0.0.1:{_free_port()}", "CDC_HTTP__PORT": str(_free_port())}
+    env = {"CDC_NATS__URL": f"nats://127.0.0.1:{free_port()}", "CDC_HTTP__PORT": str(free_port())}
     env["CDC_HTTP__HOST"] = "127.0.0.1"
-    proc = subprocess.Popen(
-        [str(installed / "cdc-service"), "run"], cwd=tmp_path, env={**_environ(), **env},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    service = Process(
+        [str(installed / "cdc-service"), "run"], tmp_path / "service.log", {**_environ(), **env}, tmp_path
+    )
+    with running(service):
+        yield service
 
 
-def test_run_logs_its_version_and_that_no_settings_file_was_found(process: subprocess.Popen[str]) -> None:
-    assert process.stdout is not None
-    records: list[dict[str, object]] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(r.get("message") == "starting" for r in records):
-        line = process.stdout.readline()
-        if not line:
-            break
-        records.append(json.loads(line))
+def _records(process: Process) -> list[dict[str, object]]:
+    """The JSON log records written so far (complete lines only)."""
+    return [json.loads(line) for line in process.output().rpartition("\n")[0].splitlines()]
+
+
+def test_run_logs_its_version_and_that_no_settings_file_was_found(process: Process) -> None:
+    def started_or_exited() -> bool:
+        return not process.alive() or any(r.get("message") == "starting" for r in _records(process))
+
+    wait_for(started_or_exited, 30, what="the starting log line")
+    records = _records(process)
     messages = [str(r["message"]) for r in records]
     assert any(m.startswith("no settings file found") for m in messages), messages
     starting = next(r for r in records if r["message"] == "starting")
     assert starting["version"] == __version__
-    process.send_signal(signal.SIGTERM)
+    process.signal(signal.SIGTERM)
     assert process.wait(timeout=30) in (0, 1)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from cdc_service.config import (
     settings_from_mapping,
 )
 from cdc_service.core.routes import compile_route
+from tests.servers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -377,22 +375,8 @@ def test_masked_with_override_ingest() -> None:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
-    environ.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_service", *args],
-        cwd=REPO,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_cli_bad_setting_exits_2_with_one_line() -> None:
-    result = _run(CDC_INGEST__BATCH_SIZE="-1")
+    result = run_cli(REPO, CDC_INGEST__BATCH_SIZE="-1")
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -401,7 +385,7 @@ def test_cli_bad_setting_exits_2_with_one_line() -> None:
 
 
 def test_cli_config_masks_secrets() -> None:
-    result = _run("config", CDC_NATS__PASSWORD="hunter2", CDC_HTTP__PORT="9191")
+    result = run_cli(REPO, "config", CDC_NATS__PASSWORD="hunter2", CDC_HTTP__PORT="9191")
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout
     printed = json.loads(result.stdout)
@@ -410,7 +394,7 @@ def test_cli_config_masks_secrets() -> None:
 
 
 def test_cli_help() -> None:
-    result = _run("--help")
+    result = run_cli(REPO, "--help")
     assert result.returncode == 0
     assert "config" in result.stdout
     assert "run" in result.stdout

@@ -81,6 +81,7 @@ def test_route_error_is_a_value_error() -> None:
         ("{company}", {"company": "only"}, "only"),
         ("{company}.{x}.{company}", {"company": "c", "x": "y"}, "c.y.c"),  # a placeholder may repeat
         ("wa.daisi_{company}.{agent_id}_a", {"company": "acme", "agent_id": "7"}, "wa.daisi_acme.7_a"),
+        ("wa.{company}.{x}", {"company": "{x}", "x": "{0}"}, "wa.{x}.{0}"),  # values are never read as templates
     ],
 )
 def test_subject_rendering(template: str, values: dict[str, str], subject: str) -> None:

@@ -8,15 +8,13 @@ on its working directory (the installed console script is tested in tests/deploy
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cdc_service.config import ConfigError, load_settings, mask_url, settings_from_mapping
+from tests.servers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t"
@@ -25,21 +23,6 @@ SECRET = "s3cr3t"
 def _write(directory: Path, settings: str, secrets: str | None = None) -> None:
     (directory / "settings.toml").write_text(settings)
     (directory / ".secrets.toml").write_text(secrets if secrets is not None else (REPO / ".secrets.toml").read_text())
-
-
-def _run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
-    environ["PYTHONPATH"] = str(REPO)
-    environ.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_service", *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +124,7 @@ def test_mask_url_hides_every_credential(url: str) -> None:
 
 
 def test_config_output_masks_a_password_query_parameter(tmp_path: Path) -> None:
-    result = _run(tmp_path, "config", CDC_REDIS__URL=f"redis://r:6379/0?password={SECRET}")
+    result = run_cli(tmp_path, "config", CDC_REDIS__URL=f"redis://r:6379/0?password={SECRET}")
     assert result.returncode == 0, result.stderr
     assert SECRET not in result.stdout + result.stderr
     assert json.loads(result.stdout)["redis"]["url"] == "redis://r:6379/0?password=***"
@@ -173,7 +156,7 @@ def test_error_lines_never_quote_a_credential(raw: dict[str, Any]) -> None:
 
 
 def test_cli_error_line_hides_the_password(tmp_path: Path) -> None:
-    result = _run(tmp_path, "config", CDC_REDIS__URL=f"redis://:pa/{SECRET}@h:6379/0")
+    result = run_cli(tmp_path, "config", CDC_REDIS__URL=f"redis://:pa/{SECRET}@h:6379/0")
     assert result.returncode == 2
     assert SECRET not in result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "redis.url" in result.stderr
@@ -211,7 +194,7 @@ def test_a_missing_creds_file_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     _write(tmp_path, "[nats\nurl = 1\n")
-    result = _run(tmp_path, "config")
+    result = run_cli(tmp_path, "config")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert "settings.toml" in result.stderr and "line 1" in result.stderr
@@ -219,7 +202,7 @@ def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
 
 def test_a_password_in_settings_toml_is_warned_about(tmp_path: Path) -> None:
     _write(tmp_path, f'[nats]\npassword = "{SECRET}"\n')
-    result = _run(tmp_path, "config")
+    result = run_cli(tmp_path, "config")
     assert result.returncode == 0, result.stderr
     assert "nats.password" in result.stderr and "settings.toml" in result.stderr
     assert SECRET not in result.stdout + result.stderr
@@ -230,7 +213,7 @@ def test_a_password_in_settings_toml_is_warned_about(tmp_path: Path) -> None:
 
 
 def test_no_settings_file_is_reported(tmp_path: Path) -> None:
-    result = _run(tmp_path, "config")
+    result = run_cli(tmp_path, "config")
     assert result.returncode == 0, result.stderr
     assert "no settings file found" in result.stderr
 
@@ -238,6 +221,6 @@ def test_no_settings_file_is_reported(tmp_path: Path) -> None:
 def test_version(tmp_path: Path) -> None:
     from cdc_service import __version__
 
-    result = _run(tmp_path, "--version")
+    result = run_cli(tmp_path, "--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"cdc_service {__version__}"

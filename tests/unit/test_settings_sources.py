@@ -5,9 +5,6 @@ links) next to misspelt ones that must still be refused."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import pytest
 
 from cdc_service.config import ConfigError, load
 from tests.k8s import service_link_variables
+from tests.servers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -241,22 +239,13 @@ def test_variables_without_a_double_underscore_are_not_settings(
 # The command line, from another directory
 
 
-def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
-    environ |= {"PYTHONPATH": str(REPO), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_service", *args], cwd=cwd, env=environ, capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
-
-
 def test_cli_config_option_before_and_after_the_command(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "a.toml").write_text('[nats]\nurl = "nats://10.1.2.3:4222"\n')
     (tmp_path / "etc" / "b.toml").write_text("[http]\nport = 9100\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = _cli(elsewhere, "--config", "../etc/a.toml", "config", "--config", str(tmp_path / "etc" / "b.toml"))
+    result = run_cli(elsewhere, "--config", "../etc/a.toml", "config", "--config", str(tmp_path / "etc" / "b.toml"))
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert (printed["nats"]["url"], printed["http"]["port"]) == (["nats://10.1.2.3:4222"], 9100)
@@ -265,19 +254,37 @@ def test_cli_config_option_before_and_after_the_command(tmp_path: Path) -> None:
 
 def test_cli_settings_files_variable(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text("[http]\nport = 9200\n")
-    result = _cli(REPO / "docs", "config", CDC_SETTINGS_FILES=str(tmp_path / "a.toml"))
+    result = run_cli(REPO / "docs", "config", CDC_SETTINGS_FILES=str(tmp_path / "a.toml"))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["http"]["port"] == 9200
 
 
 def test_cli_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = _cli(tmp_path, "config", "--config", "nope.toml")
+    result = run_cli(tmp_path, "config", "--config", "nope.toml")
     assert result.returncode == 2
     assert result.stderr == "cdc_service: invalid setting --config: no such settings file: nope.toml\n"
 
 
 def test_cli_help_names_the_sources(tmp_path: Path) -> None:
-    result = _cli(tmp_path, "--help")
+    result = run_cli(tmp_path, "--help")
     assert result.returncode == 0
     for word in ("--config FILE", "--version", "CDC_SETTINGS_FILES", ".secrets.toml"):
         assert word in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dlq", "list", "--config", "bad.toml"),
+        ("dlq", "replay", "--config", "bad.toml"),
+        ("dlq", "--config", "bad.toml", "list"),
+        ("--config", "bad.toml", "dlq", "list", "--config", "ok.toml"),
+    ],
+)
+def test_cli_dlq_takes_the_config_option_where_the_other_commands_do(tmp_path: Path, args: tuple[str, ...]) -> None:
+    # The file is read wherever the option stands (its bad value stops the command before any connection).
+    (tmp_path / "bad.toml").write_text("[ingest]\nbatch_size = 0\n")
+    (tmp_path / "ok.toml").write_text("[http]\nport = 9300\n")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("cdc_service: invalid setting ingest.batch_size:"), result.stderr

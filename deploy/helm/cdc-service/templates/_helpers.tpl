@@ -88,7 +88,8 @@ The port of /metrics and the probes: the effective http.port (8080 when unset).
 
 {{/*
 The `settings` overrides as env entries CDC_<SECTION>__<KEY>[__<KEY>...]. Strings are passed as they are, every
-other value as JSON (numbers without exponent, lists as JSON arrays), which dynaconf parses back to its type.
+other value as JSON (numbers without exponent, lists as JSON arrays), which the service parses as the setting's
+declared type.
 Called with (dict "prefix" "CDC_" "values" .Values.settings).
 */}}
 {{- define "cdc-service.settingsEnv" -}}
