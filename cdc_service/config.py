@@ -185,6 +185,9 @@ class IngestSettings:
     batch_wait_ms: float = setting(3.0, "Push mode: longest wait for a batch to fill after its first message.", ge=0)
     fetch_timeout_ms: float = setting(20.0, "Pull mode: how long one fetch waits for messages.", gt=0)
     max_payload_bytes: int = setting(1024 * 1024, "Larger bodies are dead-lettered unparsed.", gt=0)
+    max_inflight_mb: int = setting(
+        256, "Intake waits while this many MiB of payload are in flight (a memory bound by bytes).", gt=0
+    )
     stream_replicas: int = setting(
         1, "Replicas of the input stream, when the service creates it.", gt=0, le=JETSTREAM_MAX_REPLICAS
     )
@@ -271,6 +274,11 @@ class DlqSettings:
     stream: str = setting("cdc_dlq_stream", "Dead-letter stream.", check=_jetstream_name)
     subject_prefix: str = setting("dlq", "Dead-letter subject is <prefix>.<source subject>.", check=_literal_subject)
     max_age_days: float = setting(14.0, "How long dead letters are kept, when the service creates the stream.", gt=0)
+    advisory_stream: str = setting(
+        "cdc_max_deliveries",
+        "Stream capturing the durable's MAX_DELIVERIES advisories; each such message is dead-lettered.",
+        check=_jetstream_name,
+    )
 
 
 @dataclass(frozen=True)
@@ -302,6 +310,9 @@ class LogSettings:
 class HealthSettings:
     stall_timeout: float = setting(
         120.0, "Liveness fails when messages are in flight and none was acked for this long.", gt=0
+    )
+    nats_ping_timeout: float = setting(
+        3.0, "Readiness fails when nothing moved this long and nats-server does not answer a ping within it.", gt=0
     )
 
 

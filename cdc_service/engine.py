@@ -40,6 +40,7 @@ from cdc_service.core.outcomes import (
     Skip,
     TransientError,
     decide_failure,
+    is_permanent_rejection,
 )
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
@@ -56,6 +57,7 @@ class _Batch:
     outcomes: asyncio.Future[list[Outcome]] = field(init=False)
     started: bool = False  # a worker has picked it up
     number: int = 0  # dispatch order, from 1
+    nbytes: int = 0  # payload bytes of the messages still open (the in-flight memory bound counts these)
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (table, result), counted when it closes
 
 
@@ -70,6 +72,7 @@ class _Send:
     outcome: Publish | DeadLetter
     future: asyncio.Future[PubAck] | None = None
     error: str = ""
+    exc: BaseException | None = None  # what the last failed attempt raised, classified by decide_failure
     duplicate: bool = False  # JetStream already held this Nats-Msg-Id
 
 
@@ -167,12 +170,17 @@ class Engine:
         self._idle.set()
         self._room = asyncio.Event()
         self._room.set()
+        self._backpressure = True  # off once intake stops, so a draining subscription never waits for room
         self._stopping = False
         self._dispatched = 0
         self._flights: dict[str, _Flight] = {}
         self._marked_flights: deque[tuple[int, str, _Flight]] = deque()
         self._releases: set[asyncio.Future[None]] = set()
+        self._dead_letters_held = 0  # messages whose dead letter waits for the dead-letter stream (no gate)
         self.inflight = 0
+        self.inflight_bytes = 0
+        self._max_inflight_bytes = settings.ingest.max_inflight_mb * 1024 * 1024
+        self.last_received = time.monotonic()
         self.last_settled = time.monotonic()
         # Until the first ack, "the last ack" is the engine's start: no-acks alerts then measure from there.
         self._last_settled_wall = time.time()
@@ -200,7 +208,18 @@ class Engine:
         and would only spend delivery attempts; the publish-errors alert reports that state instead.
         """
         now = time.monotonic() if now is None else now
-        return self.inflight > 0 and self._holds == 0 and now - self.last_settled > self._settings.health.stall_timeout
+        waiting = self.inflight - self._dead_letters_held  # a held dead letter waits on its stream, like a hold
+        return waiting > 0 and self._holds == 0 and now - self.last_settled > self._settings.health.stall_timeout
+
+    def release_intake(self) -> None:
+        """Stop back-pressure for good: intake is stopping and what it still hands over must not wait for room."""
+        self._backpressure = False
+        self._room.set()
+
+    def _has_room(self) -> bool:
+        return not self._backpressure or (
+            self.inflight < self._settings.ingest.max_ack_pending and self.inflight_bytes < self._max_inflight_bytes
+        )
 
     async def drain(self, deadline: float) -> None:
         """Finish everything received (intake must already be stopped) until ``deadline`` (monotonic).
@@ -239,7 +258,11 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ intake
 
     async def on_message(self, msg: Any) -> None:
-        """Push-subscription callback: buffer the message; the batch goes out when full or after batch_wait_ms."""
+        """Push-subscription callback: buffer the message; the batch goes out when full or after batch_wait_ms.
+
+        Waits while ``ingest.max_inflight_mb`` is in flight: the server's ``max_ack_pending`` bounds push by count
+        only. What arrives meanwhile waits in the subscription's own bounded queue (see ``PushIntake``).
+        """
         buffer = self._buffer
         buffer.append(msg)
         if len(buffer) >= self._batch_size:
@@ -247,11 +270,18 @@ class Engine:
         elif len(buffer) == 1:
             self._buffer_started = time.monotonic()
             self._timer = asyncio.get_running_loop().call_later(self._batch_wait, self._flush)
+        if self.inflight_bytes >= self._max_inflight_bytes and self._backpressure:
+            self._flush()
+            await self._wait_for_room()
 
     async def on_batch(self, messages: list[Any]) -> None:
-        """Pull-loop callback: one fetched batch. Waits while too much is in flight (the pull back-pressure)."""
+        """Pull-loop callback: one fetched batch. Waits while too much is in flight, by count or by bytes (the pull
+        back-pressure: nothing more is fetched, so nothing waits outside the engine)."""
         self._dispatch(messages, time.monotonic())
-        if self.inflight >= self._settings.ingest.max_ack_pending:
+        await self._wait_for_room()
+
+    async def _wait_for_room(self) -> None:
+        while not self._has_room():
             self._room.clear()
             await self._room.wait()
 
@@ -266,7 +296,10 @@ class Engine:
 
     def _dispatch(self, messages: list[InboundMessage], received: float) -> None:
         self._dispatched += 1
-        batch = _Batch(messages, received, set(range(len(messages))), number=self._dispatched)
+        nbytes = sum(len(m.data) for m in messages)
+        batch = _Batch(messages, received, set(range(len(messages))), number=self._dispatched, nbytes=nbytes)
+        self.inflight_bytes += batch.nbytes
+        self.last_received = time.monotonic()
         batch.outcomes = asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_batch, batch)
         self._open_batches.add(batch)
         self._queue.append(batch)
@@ -546,10 +579,17 @@ class Engine:
     async def _finish(self, batch: _Batch, sends: list[_Send]) -> None:
         try:
             failed = await self._await_acks(sends)
+            # Dead letters wait for their stream outside the output gate (they need no order with events), and an
+            # event the output refuses for good is dead-lettered at once: neither may stop the valid traffic.
+            for send in [s for s in failed if isinstance(s.outcome, DeadLetter)]:
+                self._spawn(self._hold_dead_letter(batch, send))
+            failed = [s for s in failed if isinstance(s.outcome, Publish)]
+            refused = [s for s in failed if is_permanent_rejection(s.exc or TransientError(s.error))]
+            failed = [s for s in failed if s not in refused]
             if failed:
                 failed = await self._hold(failed)
-            self._land(failed, stored=False)
-            for send in failed:
+            self._land(refused + failed, stored=False)
+            for send in refused + failed:
                 await self._give_up_send(batch, send)
             published = [s for s in sends if s.future is not None and not s.error]
             self._land(published, stored=True)
@@ -586,10 +626,13 @@ class Engine:
                 if future is not None:
                     future.cancel()
                 send.error = "no PubAck within publish.timeout"
+                send.exc = None
             elif future.exception() is not None:
-                send.error = str(future.exception())
+                send.exc = future.exception()
+                send.error = str(send.exc)
             else:
                 send.error = ""
+                send.exc = None
                 send.duplicate = future.result().duplicate
                 continue
             failed.append(send)
@@ -619,6 +662,7 @@ class Engine:
                     extra={"count": len(failed), "error": failed[0].error[:300], "max_hold": publish.max_hold},
                 )
                 remaining = failed
+                refused: list[_Send] = []
                 try:
                     async for attempt in AsyncRetrying(
                         stop=stop_after_delay(publish.max_hold) | stop_when(lambda: self._stopping),
@@ -632,6 +676,9 @@ class Engine:
                             for send in remaining:
                                 send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
                             remaining = await self._await_acks(remaining)
+                            # A permanent refusal leaves the hold at once: waiting cannot fix it.
+                            refused.extend(s for s in remaining if s.exc is not None and is_permanent_rejection(s.exc))
+                            remaining = [s for s in remaining if s not in refused]
                             if remaining:
                                 raise _StillFailing()
                 except _StillFailing:
@@ -639,17 +686,18 @@ class Engine:
                     log.warning("giving up the hold; nak'ing with a delay", extra={"count": len(remaining)})
                 else:
                     log.info("publishing works again", extra={"count": len(failed)})
-                return remaining
+                return refused + remaining
         finally:
             self._holds -= 1
             if self._holds == 0:
                 self._output_ok.set()
 
     async def _give_up_send(self, batch: _Batch, send: _Send) -> None:
-        """A publish still fails after its hold: nak it, or on the final delivery dead-letter it."""
+        """A publish still fails after its hold, or was refused for good: ``decide_failure`` says whether to nak it
+        or dead-letter it (a permanent refusal, or the final delivery)."""
         msg = batch.messages[send.index]
         outcome = decide_failure(
-            TransientError(send.error),
+            send.exc or TransientError(send.error),
             table=send.outcome.table,
             num_delivered=delivery_count(msg.reply),
             max_deliver=self._max_deliver,
@@ -667,25 +715,53 @@ class Engine:
         await self._settle(batch, index, "nak", outcome.table, "retried", delay=delay)
 
     async def _dead_letter_final(self, batch: _Batch, index: int, outcome: DeadLetter) -> None:
-        """Dead-letter a message on its final delivery attempt.
-
-        The server will not redeliver it after this, so the dead-letter stream is the only place left that keeps
-        it: hold until that stream takes it, however long, and give up only at shutdown.
-        """
+        """Dead-letter a message (a permanent refusal, or its final delivery attempt) and terminate it once the
+        dead-letter stream has it; while that stream fails, hold it there (``_hold_dead_letter``)."""
         send = self._dead_letter_send(batch, index, outcome)
-        if send is not None:
-            send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
-            failed = await self._await_acks([send])
-            while failed and not self._stopping:
-                failed = await self._hold(failed)
-            if failed:
+        if send is None:
+            await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+            return
+        send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+        if await self._await_acks([send]):
+            await self._hold_dead_letter(batch, send)
+        else:
+            await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+
+    async def _hold_dead_letter(self, batch: _Batch, send: _Send) -> None:
+        """Retry one dead letter with backoff until its stream takes it, then terminate the message.
+
+        Runs beside the output gate, not through it: while the dead-letter stream is full or missing, events keep
+        flowing and only this message waits (kept alive by ``_keep_alive``, so it spends no delivery attempt). It is
+        handed back only at shutdown; if that was its final delivery, the max-deliveries advisory brings it back.
+        """
+        publish = self._settings.publish
+        outcome = send.outcome
+        assert isinstance(outcome, DeadLetter)
+        self._dead_letters_held += 1
+        delay = publish.retry_initial
+        log.warning(
+            "dead-letter stream refuses the dead letter; holding it while events keep flowing",
+            extra={"error": send.error[:300], "reason": outcome.reason.value},
+        )
+        try:
+            while send.error and not self._stopping:
+                await asyncio.sleep(delay)  # back-off between attempts against a failing stream
+                delay = min(publish.retry_max, delay * 2)
+                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                await self._await_acks([send])
+        finally:
+            self._dead_letters_held -= 1
+        if send.error:
+            msg = batch.messages[send.index]
+            if 0 < self._max_deliver <= delivery_count(msg.reply):
                 log.critical(
-                    "could not dead-letter a message on its final delivery; it remains only in the source stream",
-                    extra={"subject": batch.messages[index].subject, "reason": outcome.reason.value},
+                    "could not dead-letter a message on its final delivery; its max-deliveries advisory will",
+                    extra={"subject": msg.subject, "reason": outcome.reason.value},
                 )
-                await self._settle(batch, index, "nak", outcome.table, "retried")
-                return
-        await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
+            await self._settle(batch, send.index, "nak", outcome.table, "retried")
+            return
+        log.info("dead-letter stream took the held dead letter", extra={"reason": outcome.reason.value})
+        await self._settle(batch, send.index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
 
     async def _mark(self, event_ids: list[str]) -> None:
         """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway.
@@ -718,6 +794,9 @@ class Engine:
             return
         batch.open.discard(index)
         msg = batch.messages[index]
+        size = len(msg.data)
+        batch.nbytes -= size
+        self.inflight_bytes -= size
         try:
             if action == "ack":
                 await msg.ack()
@@ -753,11 +832,13 @@ class Engine:
                 )
             counter.inc(n)
         self._metrics.inflight.set(self.inflight)
+        self._metrics.inflight_bytes.set(self.inflight_bytes)
         self._metrics.last_ack.set(self._last_settled_wall)
         if self.inflight <= 0:
             self.inflight = 0
+            self.inflight_bytes = 0
             self._idle.set()
-        if self.inflight < self._settings.ingest.max_ack_pending:
+        if self._has_room():
             self._room.set()
 
     async def _keep_alive(self) -> None:

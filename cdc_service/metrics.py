@@ -11,6 +11,8 @@ from cdc_service.core.outcomes import Reason
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RESULTS = ("published", "duplicate", "skipped", "dead_lettered", "retried")
+ADVISORY_RESULTS = ("dead_lettered", "already_published", "no_route", "gone", "retried")
+DRIFT_FIELDS = ("filter_subjects", "ack_wait", "max_deliver", "max_ack_pending", "ack_policy", "deliver_subject")
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
@@ -106,6 +108,11 @@ class Metrics:
             "Messages received and not yet acked, nak'ed or terminated.",
             registry=registry,
         )
+        self.inflight_bytes = Gauge(
+            "cdc_consumer_inflight_bytes",
+            "Payload bytes of the messages in flight; intake waits at ingest.max_inflight_mb.",
+            registry=registry,
+        )
         self.pool_size = Gauge("cdc_consumer_pool_size", "Worker threads in the pool.", registry=registry)
         self.pool_queue = Gauge(
             "cdc_consumer_pool_queue_depth",
@@ -122,6 +129,20 @@ class Metrics:
         self.consumer_recreated = Counter(
             "cdc_consumer_consumer_recreated_total",
             "Times the durable consumer was found deleted while running and created again.",
+            registry=registry,
+        )
+        self.consumer_drift = Counter(
+            "cdc_consumer_consumer_drift_total",
+            "Times the consumer watchdog found the durable's configuration differing from the settings and restored "
+            "it, by field.",
+            ["field"],
+            registry=registry,
+        )
+        self.max_delivery_advisories = Counter(
+            "cdc_consumer_max_delivery_advisories_total",
+            "MAX_DELIVERIES advisories handled, by result: dead_lettered, already_published (Redis marker), "
+            "no_route, gone (no longer in the input stream), retried.",
+            ["result"],
             registry=registry,
         )
         self.backlog = Gauge(
@@ -164,6 +185,10 @@ class Metrics:
             self.copy_waits.labels(holder)
         for reason in Reason:
             self.dead_letters.labels(reason.value)
+        for result in ADVISORY_RESULTS:
+            self.max_delivery_advisories.labels(result)
+        for name in DRIFT_FIELDS:
+            self.consumer_drift.labels(name)
 
     def declare_tables(self, tables: Iterable[str]) -> None:
         """Create the per-table series of the routed tables at 0."""

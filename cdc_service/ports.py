@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
+from cdc_service.core.outcomes import PublishRejected
+
+__all__ = ["DedupStore", "InboundMessage", "PubAck", "PublishRejected", "Publisher", "delivery_count"]
+
 
 @dataclass(frozen=True, slots=True)
 class PubAck:
@@ -16,10 +20,6 @@ class PubAck:
     stream: str
     seq: int
     duplicate: bool = False
-
-
-class PublishRejected(Exception):
-    """The server answered a publish with an error (no stream, wrong stream, limits, ...)."""
 
 
 class Claim(Enum):

@@ -230,7 +230,7 @@ class Service:
             return False, {**detail, "reason": self._consumer_problem}
         detail["nats"] = "connected"
         if redis_state == "degraded":
-            detail["redis_detail"] = "unreachable; deduplicating with JetStream's window only"
+            detail["redis_detail"] = self.dedup.problem or "degraded"
         return True, detail
 
     # ---------------------------------------------------------------------------------------------- loop thread
@@ -363,6 +363,7 @@ class Service:
             **dict(engine.totals),
             "inflight": engine.inflight,
             "redis": "ok" if self.dedup.available else "degraded",
+            **({"redis_detail": self.dedup.problem} if self.dedup.problem else {}),
         }
 
     async def _on_disconnected(self) -> None:

@@ -304,8 +304,12 @@ class PipelinedPublisher:
             return
         error = reply.get("error") if isinstance(reply, dict) else {"description": "not a JSON object"}
         if error:
+            code = error.get("err_code")
             future.set_exception(
-                PublishRejected(f"{error.get('description', 'rejected')} (code {error.get('err_code', '?')})")
+                PublishRejected(
+                    f"{error.get('description', 'rejected')} (code {code if code is not None else '?'})",
+                    code if isinstance(code, int) else None,
+                )
             )
         else:
             future.set_result(PubAck(reply.get("stream", ""), int(reply.get("seq", 0)), bool(reply.get("duplicate"))))

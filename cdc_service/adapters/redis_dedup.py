@@ -104,6 +104,10 @@ class RedisDedupStore:
         self._on_error = on_error
         self._retry_at = 0.0  # while Redis is down, calls before this time skip it
         self._was_down = False
+        # A read-only replica or a full Redis (noeviction) answers reads and refuses writes: only a write that
+        # succeeds clears this, never a read.
+        self._write_problem: str | None = None
+        self._probe_key = f"{self._prefix}__probe__"
         self._lock = threading.Lock()
         common: dict[str, Any] = {
             "socket_timeout": redis_settings.socket_timeout,
@@ -140,31 +144,48 @@ class RedisDedupStore:
 
     @property
     def available(self) -> bool:
-        """The last call's verdict: False from a failure until a call (or ``probe``) succeeds again."""
-        return not self._was_down
+        """False from a failure until a call (or ``probe``) succeeds again, and from a failed write until a write
+        succeeds again."""
+        return not self._was_down and self._write_problem is None
+
+    @property
+    def problem(self) -> str | None:
+        """What fails, naming the operation (``mark``, ``probe``, ``lookup``); None while all works."""
+        if self._write_problem is not None:
+            return f"writes fail ({self._write_problem}); markers are not stored"
+        if self._was_down:
+            return "unreachable; deduplicating with JetStream's window only"
+        return None
 
     def _skip(self) -> bool:
         return self._was_down and time.monotonic() < self._retry_at
 
-    def _failed(self, what: str, exc: Exception) -> None:
+    def _failed(self, what: str, exc: Exception, *, write: bool = False) -> None:
         with self._lock:
             self._retry_at = time.monotonic() + self._retry_interval
-            first = not self._was_down
+            first = not self._was_down and (not write or self._write_problem is None)
             self._was_down = True
+            if write:
+                self._write_problem = f"{what}: {type(exc).__name__}: {exc}"[:300]
         if first:
             log.warning(
-                "redis unavailable, deduplicating with JetStream's window only",
+                "redis refuses writes, markers are not stored; deduplicating with JetStream's window only"
+                if write
+                else "redis unavailable, deduplicating with JetStream's window only",
                 extra={"operation": what, "error": f"{type(exc).__name__}: {exc}"[:300], "redis_url": self._url},
             )
         if self._on_error:
             self._on_error(what)
 
-    def _succeeded(self) -> None:
-        if self._was_down:
+    def _succeeded(self, *, write: bool = False) -> None:
+        if self._was_down or (write and self._write_problem is not None):
             with self._lock:
-                recovered, self._was_down = self._was_down, False
+                recovered = self._was_down and (write or self._write_problem is None)
+                self._was_down = False
+                if write:
+                    self._write_problem = None
             if recovered:
-                log.info("redis reachable again", extra={"redis_url": self._url})
+                log.info("redis reachable again", extra={"redis_url": self._url, "writes": write})
 
     def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
         if not event_ids:
@@ -272,19 +293,23 @@ class RedisDedupStore:
                     pipe.set(key, b"", ex=self._ttl)
                 pipe.execute()
         except _ERRORS as exc:
-            self._failed("mark", exc)
+            self._failed("mark", exc, write=True)
             return False
-        self._succeeded()
+        self._succeeded(write=True)
         return True
 
     def probe(self) -> bool:
-        """Ping Redis so readiness reflects an outage (or its end) even while no events flow."""
+        """Write a short-lived probe key so readiness reflects an outage (or its end) even while no events flow.
+
+        A write, not a PING: a read-only replica or a Redis out of memory under ``noeviction`` answers PING and
+        reads while refusing every marker.
+        """
         try:
-            (self._cluster_client() if self._cluster else self._client).ping()
+            (self._cluster_client() if self._cluster else self._client).set(self._probe_key, b"", ex=10)
         except _ERRORS as exc:
-            self._failed("ping", exc)
+            self._failed("probe", exc, write=True)
             return False
-        self._succeeded()
+        self._succeeded(write=True)
         return True
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ class Reason(StrEnum):
     TABLE_MISMATCH = "table_mismatch"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     MAX_DELIVERIES = "max_deliveries"
+    OUTPUT_REJECTED = "output_rejected"
 
 
 class PoisonError(Exception):
@@ -35,6 +36,32 @@ class PoisonError(Exception):
 
 class TransientError(Exception):
     """A dependency failed in a way that may heal (timeout, lost connection): retry later, never drop."""
+
+
+class PublishRejected(Exception):
+    """JetStream answered a publish with an error; ``code`` is its ``err_code`` when the reply carried one."""
+
+    def __init__(self, detail: str, code: int | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+# JetStream errors that will not clear for this message however long it is retried: the output's limits refuse this
+# message itself (its size, its headers, or its subject's quota under discard_new_per_subject). 10077 is the generic
+# "store failed" whose text names the limit: "maximum messages exceeded" or "maximum bytes exceeded" (a full stream
+# with discard=new) clear as consumers or max_age remove messages, so they stay transient.
+_PERMANENT_CODES = frozenset({10054, 10097})  # message size exceeds maximum; header size exceeds maximum
+_PERMANENT_STORE_FAILURES = ("per subject", "too large", "exceeds maximum")
+
+
+def is_permanent_rejection(exc: BaseException) -> bool:
+    """True for a publish rejection that retrying cannot fix (see ``_PERMANENT_CODES``)."""
+    if not isinstance(exc, PublishRejected) or exc.code is None:
+        return False
+    if exc.code in _PERMANENT_CODES:
+        return True
+    text = str(exc).lower()
+    return exc.code == 10077 and any(marker in text for marker in _PERMANENT_STORE_FAILURES)
 
 
 @dataclass(slots=True)
@@ -101,13 +128,16 @@ def retry_delay(num_delivered: int, base: float = 1.0, cap: float = 30.0) -> flo
 def decide_failure(exc: BaseException, *, table: str, num_delivered: int, max_deliver: int) -> Outcome:
     """Map an exception raised while handling one message to its outcome.
 
-    Poison input is dead-lettered at once. Anything else is retried with a delay, except on the final delivery
-    attempt, where the consumer would silently skip the message after us: then it is dead-lettered
+    Poison input is dead-lettered at once, and so is a publish the output refuses for good
+    (``is_permanent_rejection``: reason ``output_rejected``). Anything else is retried with a delay, except on the
+    final delivery attempt, where the consumer would silently skip the message after us: then it is dead-lettered
     (``max_deliveries``) so that nothing disappears without a trace.
     """
     if isinstance(exc, PoisonError):
         return DeadLetter(table, exc.reason, exc.detail)
     detail = f"{type(exc).__name__}: {exc}"[:300]
+    if is_permanent_rejection(exc):
+        return DeadLetter(table, Reason.OUTPUT_REJECTED, f"the output stream refuses this event: {exc}"[:300])
     if max_deliver > 0 and num_delivered >= max_deliver:
         return DeadLetter(
             table, Reason.MAX_DELIVERIES, f"failed on delivery {num_delivered} of {max_deliver}: {detail}"

@@ -9,6 +9,7 @@ from cdc_service.core.outcomes import (
     PoisonError,
     Reason,
     Retry,
+    PublishRejected,
     TransientError,
     decide_failure,
     retry_delay,
@@ -109,5 +110,34 @@ def test_reason_codes_are_stable() -> None:
         "table_mismatch",
         "payload_too_large",
         "max_deliveries",
+        "output_rejected",
     }
     assert Reason.INVALID_JSON == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("exc", "permanent"),
+    [
+        (PublishRejected("maximum messages per subject exceeded (code 10077)", 10077), True),
+        (PublishRejected("message size exceeds maximum allowed (code 10054)", 10054), True),
+        (PublishRejected("header size exceeds maximum allowed of 64k (code 10097)", 10097), True),
+        (PublishRejected("maximum messages exceeded (code 10077)", 10077), False),  # full stream, discard=new
+        (PublishRejected("maximum bytes exceeded (code 10077)", 10077), False),
+        (PublishRejected("insufficient storage resources available (code 10047)", 10047), False),
+        (PublishRejected("invalid operation on sealed stream (code 10109)", 10109), False),
+        (PublishRejected("expected stream does not match (code 10060)", 10060), False),
+        (PublishRejected("no stream answered the publish (503)"), False),
+        (PublishRejected("maximum messages per subject exceeded"), False),  # no code: not from JetStream
+        (TransientError("no PubAck within publish.timeout"), False),
+    ],
+)
+@pytest.mark.parametrize("delivered", [1, 3])
+def test_publish_rejections_are_classified(exc: Exception, permanent: bool, delivered: int) -> None:
+    outcome = decide_failure(exc, table="messages", num_delivered=delivered, max_deliver=3)
+    if permanent:
+        assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.OUTPUT_REJECTED
+        assert str(exc) in outcome.detail
+    elif delivered == 3:
+        assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.MAX_DELIVERIES
+    else:
+        assert isinstance(outcome, Retry)

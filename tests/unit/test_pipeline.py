@@ -19,7 +19,7 @@ from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import Outcome
 from cdc_service.engine import Engine
 from cdc_service.metrics import Metrics
-from cdc_service.ports import Claim, PubAck
+from cdc_service.ports import Claim, PubAck, PublishRejected
 from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
 from cdc_service.worker import BatchPreparer
 from tests.integration.helpers import wait_until
@@ -462,13 +462,64 @@ async def test_final_delivery_is_held_while_the_dlq_fails_and_handed_back_at_shu
     assert good.acked == 1
 
 
-async def test_non_final_delivery_naks_when_the_dlq_fails(executor: ThreadPoolExecutor) -> None:
+async def test_a_dead_letter_waits_outside_the_output_gate_while_the_dlq_fails(executor: ThreadPoolExecutor) -> None:
+    """Issue 17 item 4: the poison's dead letter is held on its own; the events after it are not held behind it."""
     publisher = FailingFor("dlq.")
     h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
     poison = FakeMessage("cdc.acme.messages", b"nope", seq=1, delivered=1)
-    await h.run([poison])
-    assert poison.termed == 0
-    assert len(poison.naked) == 1 and poison.naked[0]
+    good = [message(seq=i, lsn=i, message_id=f"m{i}") for i in range(2, 40)]
+    await h.run([poison, *good], deadline=1.0)
+    assert all(m.acked == 1 for m in good)
+    assert poison.termed == 0 and poison.naked == [None]  # held until shutdown, then handed back at once
+    assert publisher.attempts > 3 + len(good)  # the dead letter was retried meanwhile
+    assert h.sample("cdc_consumer_events_total", {"table": "messages", "result": "published"}) == len(good)
+
+
+class Refusing(FakePublisher):
+    """Refuses publishes to ``subject`` with a JetStream error, like a stream whose per-subject limit is reached."""
+
+    def __init__(self, subject: str, detail: str, code: int) -> None:
+        super().__init__()
+        self.subject, self.detail, self.code = subject, detail, code
+        self.refusals = 0
+
+    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        if subject != self.subject:
+            return await super().publish(subject, payload, headers)
+        self.refusals += 1
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        future.set_exception(PublishRejected(f"{self.detail} (code {self.code})", self.code))
+        return future
+
+
+async def test_a_permanent_refusal_is_dead_lettered_at_once(executor: ThreadPoolExecutor) -> None:
+    """Issue 17 item 5: error 10077 'maximum messages per subject exceeded' is not an outage: no hold, no retry."""
+    refused = message(seq=1, lsn=1, message_id="m1", chat_id="c1")
+    subject = "wa.acme.agent-1.messages.c1"
+    publisher = Refusing(subject, "maximum messages per subject exceeded", 10077)
+    # a long max_hold: holding the refusal would show as a drain that runs into its deadline
+    h = harness(executor, publisher=publisher, settings=Settings(publish=PublishSettings(max_hold=30, timeout=0.2)))
+    others = [message(seq=i, lsn=i, message_id=f"m{i}", chat_id="c2") for i in range(2, 6)]
+    started = time.monotonic()
+    engine = await h.run([refused, *others], deadline=20)
+    assert time.monotonic() - started < 10
+    assert publisher.refusals == 1
+    assert refused.termed == 1 and refused.naked == []
+    [dead] = [p for p in publisher.published if p.subject.startswith("dlq.")]
+    assert dead.headers["Cdc-Error-Reason"] == "output_rejected"
+    assert "per subject" in dead.headers["Cdc-Error-Detail"]
+    assert all(m.acked == 1 for m in others)
+    assert engine.totals == {"dead_lettered": 1, "published": 4}
+
+
+async def test_a_full_output_stream_is_still_an_outage(executor: ThreadPoolExecutor) -> None:
+    """'maximum messages exceeded' (discard=new on a full stream) clears as messages age out: hold and nak."""
+    msg = message(seq=1, lsn=1, message_id="m1", chat_id="c1")
+    publisher = Refusing("wa.acme.agent-1.messages.c1", "maximum messages exceeded", 10077)
+    h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    await h.run([msg])
+    assert publisher.refusals > 1 and msg.termed == 0 and len(msg.naked) == 1
+    assert not [p for p in publisher.published if p.subject.startswith("dlq.")]
 
 
 async def test_final_delivery_keeps_its_reason_when_the_dlq_recovers(executor: ThreadPoolExecutor) -> None:
