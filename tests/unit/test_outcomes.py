@@ -7,9 +7,9 @@ import pytest
 from cdc_service.core.outcomes import (
     DeadLetter,
     PoisonError,
+    PublishRejected,
     Reason,
     Retry,
-    PublishRejected,
     TransientError,
     decide_failure,
     retry_delay,
