@@ -131,6 +131,46 @@ def _header_text(text: str, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else " " for c in text)[:limit]
 
 
+def dead_letter(
+    settings: Settings,
+    max_payload: int,
+    *,
+    source_subject: str,
+    data: bytes,
+    stream: str,
+    seq: int,
+    delivered: int,
+    outcome: DeadLetter,
+) -> tuple[str, bytes, dict[str, str]]:
+    """Subject, body and headers of the dead letter of stream message ``seq``.
+
+    ``Nats-Msg-Id: dlq:<stream>:<seq>`` makes every way of dead-lettering one message (the engine on its final
+    delivery, any replica handling its max-deliveries advisory) land in the dead-letter stream once.
+    """
+    dlq = settings.dlq
+    headers = {
+        "Nats-Msg-Id": dead_letter_id(stream, seq),
+        "Nats-Expected-Stream": dlq.stream,
+        "Cdc-Error-Reason": outcome.reason.value,
+        "Cdc-Error-Detail": _header_text(outcome.detail),
+        "Cdc-Source-Subject": source_subject,
+        "Cdc-Source-Stream": stream,
+        "Cdc-Source-Seq": str(seq),
+        "Cdc-Delivered": str(delivered),
+    }
+    room = max_payload - _header_bytes(headers) - 64
+    if len(data) > room:
+        # The server closes the connection on a message larger than max_payload, headers included. Keep what
+        # fits; the whole original stays in the source stream at Cdc-Source-Seq.
+        headers["Cdc-Body-Truncated"] = str(len(data))
+        data = data[: max(0, room - 64)]
+    return f"{dlq.subject_prefix}.{source_subject}", data, headers
+
+
+def dead_letter_id(stream: str, seq: int) -> str:
+    return f"dlq:{stream}:{seq}"
+
+
 class Engine:
     """Runs on the loop thread. ``on_message`` (push) or ``on_batch`` (pull) feed it; ``drain`` empties it."""
 
@@ -547,33 +587,23 @@ class Engine:
         return {"Nats-Msg-Id": event.event_id, "Nats-Expected-Stream": self._output_stream}
 
     def _dead_letter_send(self, batch: _Batch, index: int, outcome: DeadLetter) -> _Send | None:
-        dlq = self._settings.dlq
         msg = batch.messages[index]
         metadata = msg.metadata
         seq = metadata.sequence.stream
-        stream = metadata.stream
         with bound(subject=msg.subject, table=outcome.table, stream_seq=seq, reason=outcome.reason.value):
             log.warning("dead-lettering message", extra={"detail": outcome.detail, "delivered": metadata.num_delivered})
-        if not dlq.enabled:
+        if not self._settings.dlq.enabled:
             return None
-        headers = {
-            "Nats-Msg-Id": f"dlq:{stream}:{seq}",
-            "Nats-Expected-Stream": dlq.stream,
-            "Cdc-Error-Reason": outcome.reason.value,
-            "Cdc-Error-Detail": _header_text(outcome.detail),
-            "Cdc-Source-Subject": msg.subject,
-            "Cdc-Source-Stream": stream,
-            "Cdc-Source-Seq": str(seq),
-            "Cdc-Delivered": str(metadata.num_delivered),
-        }
-        data = msg.data
-        subject = f"{dlq.subject_prefix}.{msg.subject}"
-        room = self._publisher.max_payload - _header_bytes(headers) - 64
-        if len(data) > room:
-            # The server closes the connection on a message larger than max_payload, headers included. Keep what
-            # fits; the whole original stays in the source stream at Cdc-Source-Seq.
-            headers["Cdc-Body-Truncated"] = str(len(data))
-            data = data[: max(0, room - 64)]
+        subject, data, headers = dead_letter(
+            self._settings,
+            self._publisher.max_payload,
+            source_subject=msg.subject,
+            data=msg.data,
+            stream=metadata.stream,
+            seq=seq,
+            delivered=metadata.num_delivered,
+            outcome=outcome,
+        )
         return _Send(index, subject, data, headers, outcome)
 
     async def _finish(self, batch: _Batch, sends: list[_Send]) -> None:

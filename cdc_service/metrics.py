@@ -11,7 +11,7 @@ from cdc_service.core.outcomes import Reason
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RESULTS = ("published", "duplicate", "skipped", "dead_lettered", "retried")
-ADVISORY_RESULTS = ("dead_lettered", "already_published", "no_route", "gone", "retried")
+ADVISORY_RESULTS = ("dead_lettered", "already_dead_lettered", "already_published", "no_route", "gone", "retried")
 DRIFT_FIELDS = ("filter_subjects", "ack_wait", "max_deliver", "max_ack_pending", "ack_policy", "deliver_subject")
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
@@ -140,8 +140,8 @@ class Metrics:
         )
         self.max_delivery_advisories = Counter(
             "cdc_consumer_max_delivery_advisories_total",
-            "MAX_DELIVERIES advisories handled, by result: dead_lettered, already_published (Redis marker), "
-            "no_route, gone (no longer in the input stream), retried.",
+            "MAX_DELIVERIES advisories handled, by result: dead_lettered, already_dead_lettered, already_published "
+            "(Redis marker), no_route, gone (no longer in the input stream), retried.",
             ["result"],
             registry=registry,
         )

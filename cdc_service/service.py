@@ -28,11 +28,14 @@ from cdc_service.adapters.nats_jetstream import (
     PullIntake,
     PushIntake,
     connect,
+    consumer_config,
+    consumer_drift,
     ensure_consumer,
     provision,
 )
 from cdc_service.adapters.nats_partitions import PartitionedIntake, ensure_partitioned_stream
 from cdc_service.adapters.redis_dedup import RedisDedupStore
+from cdc_service.advisories import MaxDeliveriesWatcher
 from cdc_service.config import Settings, mask_url
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.partitions import MIN_SERVER, member_id, supports_partitions
@@ -102,8 +105,10 @@ class Service:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
+        self._nats_problem: str | None = None  # set while nats-server does not answer pings (see _probe_nats)
         self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
         self._intake: PushIntake | PullIntake | PartitionedIntake | None = None
+        self._advisories: MaxDeliveriesWatcher | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
@@ -228,6 +233,8 @@ class Service:
             return False, {**detail, "reason": "not bound to the consumer"}
         if self._consumer_problem is not None:
             return False, {**detail, "reason": self._consumer_problem}
+        if self._nats_problem is not None:
+            return False, {**detail, "reason": self._nats_problem}
         detail["nats"] = "connected"
         if redis_state == "degraded":
             detail["redis_detail"] = self.dedup.problem or "degraded"
@@ -261,6 +268,11 @@ class Service:
         prepare = BatchPreparer(builder, self.dedup, self.metrics, max_deliver=settings.ingest.max_deliver)
         self.engine = Engine(settings, prepare, self.dedup, publisher, self._executor, self.metrics)
         await self.engine.start()
+        if settings.dlq.enabled and not partitioned:
+            self._advisories = MaxDeliveriesWatcher(
+                js, settings, prepare, self.dedup, publisher, self._executor, self.metrics
+            )
+            await self._advisories.start()
         if partitioned:
             member = member_id(socket.gethostname(), os.getpid())
             partitions = PartitionedIntake(self._nc, js, settings, self.metrics, member)
@@ -274,7 +286,10 @@ class Service:
             push = PushIntake(js, settings.ingest, consumer)
             await push.start(self.engine.on_message)
             self._intake = push
-        self._background = [asyncio.create_task(self._summarise(), name="cdc-summary")]
+        self._background = [
+            asyncio.create_task(self._summarise(), name="cdc-summary"),
+            asyncio.create_task(self._probe_nats(), name="cdc-nats-probe"),
+        ]
         if not partitioned:  # each partition's puller recreates its own durable
             self._background.append(asyncio.create_task(self._watch_consumer(), name="cdc-consumer-watchdog"))
         self._ready = True
@@ -282,8 +297,12 @@ class Service:
     async def _stop_async(self, deadline: float) -> None:
         # Order matters: stop intake, finish in-flight work (publish, mark, ack), then flush and close. Draining the
         # connection first would also drain the PubAck inbox and fail the work still in flight.
+        if self.engine is not None:
+            self.engine.release_intake()
         if self._intake is not None:
             await self._intake.stop()
+        if self._advisories is not None:
+            await self._advisories.stop()
         if self.engine is not None:
             await self.engine.drain(deadline)
         tasks = [t for t in (*self._background, self._tick_task, self._probe_task) if t is not None]
@@ -311,8 +330,44 @@ class Service:
             self.metrics.redis_up.set(1 if up else 0)
             await asyncio.sleep(_REDIS_PROBE_PERIOD)
 
+    async def _probe_nats(self) -> None:
+        """Readiness must not trust the connection while nothing moves: a frozen nats-server keeps the TCP link up
+        and nats-py notices only after ``ping_interval * max_outstanding_pings``. So when nothing was received or
+        acked for ``health.nats_ping_timeout``, ping; no answer within that time makes the replica not ready."""
+        timeout = self.settings.health.nats_ping_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout))
+            nc, engine = self._nc, self.engine
+            if nc is None or engine is None or not nc.is_connected:
+                self._nats_problem = None  # readiness reports the disconnection itself
+                continue
+            quiet = time.monotonic() - max(engine.last_received, engine.last_settled)
+            if quiet < timeout:
+                self._nats_problem = None
+                continue
+            try:
+                await nc.flush(timeout=math.ceil(timeout))  # nats-py takes whole seconds
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self._nats_problem is None:
+                    log.error(
+                        "nats-server does not answer pings; not ready",
+                        extra={"ping_timeout": timeout, "quiet_seconds": round(quiet, 1), "inflight": engine.inflight},
+                    )
+                    self.metrics.nats_connected.set(0)
+                self._nats_problem = (
+                    f"nats-server did not answer a ping within {timeout:g}s; nothing received or acked for {quiet:.0f}s"
+                )
+            else:
+                if self._nats_problem is not None:
+                    log.info("nats-server answers pings again")
+                    self.metrics.nats_connected.set(1)
+                self._nats_problem = None
+
     async def _watch_consumer(self) -> None:
-        """Recreate the durable if someone deletes it while we run; without this the replica idles forever."""
+        """Recreate the durable if someone deletes it while we run, and restore its configuration if someone edits
+        it; without this the replica idles forever or skips events for good."""
         while True:
             await asyncio.sleep(self.settings.ingest.consumer_check_interval)
             try:
@@ -327,6 +382,11 @@ class Service:
         assert js is not None
         try:
             info = await js.consumer_info(ingest.stream, ingest.durable)
+            drift = consumer_drift(consumer_config(ingest), info.config)
+            if drift:
+                await self._restore_consumer(drift)
+                return
+            # Only an ack floor reached under the configured filter is a safe place to resume from.
             self._ack_floor = max(self._ack_floor, int(info.ack_floor.stream_seq or 0))
             self.metrics.ack_floor.set(self._ack_floor)
             self.metrics.backlog.set(info.num_pending or 0)
@@ -349,6 +409,29 @@ class Service:
         self.metrics.consumer_recreated.inc()
         self._consumer_problem = None
         log.info("durable consumer recreated", extra={"consumer": ingest.durable})
+
+    async def _restore_consumer(self, drift: list[str]) -> None:
+        """Bring an edited durable back to the settings.
+
+        A changed filter let the durable's floor move past the events it no longer matched: those would be skipped
+        for good, so the durable is recreated to resume after the last ack floor seen under the configured filter
+        (what comes again and was already published is dropped by the dedup windows). Other fields are updated in
+        place, which keeps the delivery state.
+        """
+        ingest, js = self.settings.ingest, self._js
+        assert js is not None
+        for name in drift:
+            self.metrics.consumer_drift.labels(name).inc()
+        log.critical(
+            "the durable consumer's configuration was changed outside this service; restoring the settings",
+            extra={"consumer": ingest.durable, "fields": drift, "resume_after": self._ack_floor},
+        )
+        if "filter_subjects" in drift:
+            await js.delete_consumer(ingest.stream, ingest.durable)
+            await ensure_consumer(js, ingest, resume_after=self._ack_floor)
+        else:
+            await ensure_consumer(js, ingest)
+        log.info("durable consumer restored", extra={"consumer": ingest.durable, "fields": drift})
 
     async def _summarise(self) -> None:
         while True:

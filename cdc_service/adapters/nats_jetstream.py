@@ -174,6 +174,25 @@ def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
     return config
 
 
+def _filters(config: ConsumerConfig) -> list[str]:
+    return sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+
+
+def consumer_drift(expected: ConsumerConfig, actual: ConsumerConfig) -> list[str]:
+    """The fields (names as in ``metrics.DRIFT_FIELDS``) in which the server's durable differs from ``expected``."""
+    drift = []
+    if _filters(expected) != _filters(actual):
+        drift.append("filter_subjects")
+    if abs(float(expected.ack_wait or 0) - float(actual.ack_wait or 0)) > 0.001:
+        drift.append("ack_wait")
+    for name in ("max_deliver", "max_ack_pending", "ack_policy"):
+        if getattr(expected, name) != getattr(actual, name):
+            drift.append(name)
+    if (expected.deliver_subject, expected.deliver_group) != (actual.deliver_subject, actual.deliver_group):
+        drift.append("deliver_subject")
+    return drift
+
+
 async def ensure_consumer(
     js: JetStreamContext, ingest: IngestSettings, *, resume_after: int | None = None
 ) -> ConsumerConfig:
@@ -230,10 +249,52 @@ async def provision(js: JetStreamContext, settings: Settings) -> ConsumerConfig:
             max_age=dlq.max_age_days * 86400,
             discard=DiscardPolicy.OLD,
         )
+        if settings.ingest.ordering != "partitioned":
+            await ensure_advisory_capture(js, settings)
     if settings.ingest.ordering == "partitioned":
         # One pinned durable per partition instead (adapters/nats_partitions.py); a shared durable would only pile up.
         return consumer_config(settings.ingest)
     return await ensure_consumer(js, settings.ingest)
+
+
+def advisory_subject(stream: str, durable: str) -> str:
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}"
+
+
+def advisory_durable(durable: str) -> str:
+    return f"{durable}_max_deliveries"
+
+
+async def ensure_advisory_capture(js: JetStreamContext, settings: Settings) -> None:
+    """The stream that keeps the durable's max-deliveries advisories, and the shared pull durable that reads it.
+
+    A stream, not a core subscription: JetStream publishes an advisory once, when the message runs out of
+    deliveries, and it must not be lost when no replica is listening at that moment (all restarting, OOM-killed).
+    See ``cdc_service.advisories``.
+    """
+    ingest, dlq = settings.ingest, settings.dlq
+    await ensure_stream(
+        js,
+        dlq.advisory_stream,
+        [advisory_subject(ingest.stream, ingest.durable)],
+        replicas=settings.publish.stream_replicas,
+        max_age=dlq.max_age_days * 86400,
+        discard=DiscardPolicy.OLD,
+    )
+    config = ConsumerConfig(
+        durable_name=advisory_durable(ingest.durable),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,  # an advisory is the last trace of its message: retry it until it is handled
+        max_ack_pending=1000,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    try:
+        await js.add_consumer(dlq.advisory_stream, config)
+    except BadRequestError as exc:
+        raise ProvisioningError(
+            f"cannot create or update consumer {config.durable_name} on {dlq.advisory_stream}: {exc.description}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +402,9 @@ class PushIntake:
             cb=on_message,
             manual_ack=True,
             pending_msgs_limit=max(65536, self._settings.max_ack_pending * 2),
-            pending_bytes_limit=512 * 1024 * 1024,
+            # What waits here while the engine holds ingest.max_inflight_mb: past it nats-py drops messages (they
+            # come back after AckWait, one delivery spent). Pull mode has no such second buffer.
+            pending_bytes_limit=max(64, self._settings.max_inflight_mb) * 1024 * 1024,
         )
 
     @property

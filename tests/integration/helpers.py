@@ -54,6 +54,8 @@ async def read_all(js: JetStreamContext, stream: str) -> list[Any]:
         info = await js.stream_info(stream)
     except NotFoundError:
         return []
+    if not info.state.messages:
+        return []
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         try:

@@ -1,0 +1,204 @@
+"""Max-deliveries advisories: no message is left behind when its deliveries run out out of this service's sight.
+
+A message whose every delivery went to a replica that could not finish it (frozen, OOM-killed, killed while holding
+``max_ack_pending`` messages) reaches ``ingest.max_deliver`` without the service seeing the final attempt. JetStream
+then stops delivering it, the ack floor moves past it, and its only trace is the advisory
+``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<durable>`` (JSON with ``stream_seq`` and ``deliveries``).
+
+``dlq.advisory_stream`` captures those advisories, so none is missed while no replica is running (a core
+subscription would be), and a shared pull durable hands each to one replica. That replica reads the message from
+the input stream by sequence and dead-letters it with reason ``max_deliveries`` (a poison message keeps its own
+reason). It is idempotent across replicas and redeliveries: the dead letter carries ``Nats-Msg-Id:
+dlq:<stream>:<seq>`` (the same id the engine uses on a final delivery) and a Redis marker of that id is checked
+first, for repeats beyond the dead-letter stream's duplicate window. An event whose Redis marker says it was
+published, or whose table has no route, is not dead-lettered.
+
+Dead letters here never go through the engine's output gate: a failing dead-letter stream naks the advisory with a
+delay (the advisory durable has no delivery limit) and events keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import orjson
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from cdc_service.adapters.nats_jetstream import advisory_durable
+from cdc_service.config import Settings
+from cdc_service.core.outcomes import DeadLetter, Duplicate, Outcome, Publish, Reason, Retry, Skip
+from cdc_service.engine import dead_letter, dead_letter_id
+from cdc_service.logs import bound
+from cdc_service.metrics import Metrics
+from cdc_service.ports import DedupStore, Publisher
+
+log = logging.getLogger("cdc_service.advisories")
+
+_FETCH = 32
+_RETRY_DELAY = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Sequence:
+    stream: int
+    consumer: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Metadata:
+    stream: str
+    sequence: _Sequence
+    num_delivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message read back from the input stream, shaped like a delivery for the batch preparer (never acked)."""
+
+    subject: str
+    data: bytes
+    metadata: _Metadata
+    reply: str = ""
+
+
+class MaxDeliveriesWatcher:
+    """Fetches advisories from ``dlq.advisory_stream`` and dead-letters the messages they name. Loop thread only."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: Settings,
+        prepare: Callable[[Sequence[Any]], list[Outcome]],
+        dedup: DedupStore,
+        publisher: Publisher,
+        executor: Executor,
+        metrics: Metrics,
+    ) -> None:
+        self._js = js
+        self._settings = settings
+        self._prepare = prepare
+        self._dedup = dedup
+        self._publisher = publisher
+        self._executor = executor
+        self._metrics = metrics
+        self._psub: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        durable = advisory_durable(self._settings.ingest.durable)
+        self._psub = await self._js.pull_subscribe_bind(durable, stream=self._settings.dlq.advisory_stream)
+        self._task = asyncio.create_task(self._loop(), name="cdc-max-deliveries")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._psub is not None:
+            try:
+                await self._psub.unsubscribe()
+            except Exception:
+                pass
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                msgs = await self._psub.fetch(_FETCH, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnected, durable gone: ask again shortly
+                log.debug("advisory fetch failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+                await asyncio.sleep(1.0)  # back-off before the next fetch
+                continue
+            for msg in msgs:
+                try:
+                    result = await self.handle(msg.data)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug or a lost connection: the advisory comes back after the delay
+                    log.exception("handling a max-deliveries advisory failed")
+                    result = "retried"
+                self._metrics.max_delivery_advisories.labels(result).inc()
+                try:
+                    if result == "retried":
+                        await msg.nak(delay=_RETRY_DELAY)
+                    else:
+                        await msg.ack()
+                except Exception:  # the connection is gone: the advisory is redelivered after its AckWait
+                    pass
+
+    async def handle(self, advisory: bytes) -> str:
+        """Dead-letter the message one advisory names; return the result label (see ``Metrics``)."""
+        info = orjson.loads(advisory)
+        stream = str(info.get("stream") or self._settings.ingest.stream)
+        seq = int(info["stream_seq"])
+        deliveries = int(info.get("deliveries") or 0)
+        marker = dead_letter_id(stream, seq)
+        loop = asyncio.get_running_loop()
+        with bound(stream_seq=seq, delivered=deliveries):
+            try:
+                raw = await self._js.get_msg(stream, seq)
+            except NotFoundError:
+                log.error("a message ran out of deliveries and is no longer in the input stream")
+                return "gone"
+            subject, data = str(raw.subject or ""), bytes(raw.data or b"")
+            seen = await loop.run_in_executor(self._executor, self._dedup.seen, [marker])
+            if seen and seen[0]:
+                return "already_dead_lettered"  # another replica (or an earlier attempt) did it
+            stored = StoredMessage(subject, data, _Metadata(stream, _Sequence(seq, 0), deliveries))
+            [outcome] = await loop.run_in_executor(self._executor, self._prepare, [stored])
+            if isinstance(outcome, Skip):
+                return "no_route"
+            if isinstance(outcome, Duplicate):
+                log.info("a message ran out of deliveries after it was published; nothing to do")
+                return "already_published"
+            if isinstance(outcome, (Publish, Retry)):
+                outcome = DeadLetter(
+                    outcome.table,
+                    Reason.MAX_DELIVERIES,
+                    f"JetStream stopped delivering it after {deliveries} deliveries that no replica finished",
+                )
+            assert isinstance(outcome, DeadLetter)
+            if not self._settings.dlq.enabled:
+                log.critical(
+                    "a message ran out of deliveries and the dead-letter stream is disabled; it stays only in the "
+                    "input stream",
+                    extra={"subject": subject, "reason": outcome.reason.value},
+                )
+                return "gone"
+            dlq_subject, body, headers = dead_letter(
+                self._settings,
+                self._publisher.max_payload,
+                source_subject=subject,
+                data=data,
+                stream=stream,
+                seq=seq,
+                delivered=deliveries,
+                outcome=outcome,
+            )
+            future = await self._publisher.publish(dlq_subject, body, headers)
+            try:
+                await asyncio.wait_for(future, self._settings.publish.timeout)
+            except (TimeoutError, Exception) as exc:
+                self._metrics.publish_errors.inc()
+                log.warning(
+                    "could not dead-letter a message that ran out of deliveries; retrying",
+                    extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
+                return "retried"
+            await loop.run_in_executor(self._executor, self._dedup.mark, [marker])
+            self._metrics.dead_letters.labels(outcome.reason.value).inc()
+            log.warning(
+                "dead-lettered a message that ran out of deliveries",
+                extra={"subject": subject, "reason": outcome.reason.value},
+            )
+            return "dead_lettered"
