@@ -95,7 +95,7 @@ async def test_an_advisory_handled_twice_dead_letters_once(js, start_service, re
     frozen = start_service(name="frozen", **settings)
     frozen.signal(signal.SIGSTOP)
     try:
-        seq = await feed(js, "cdc.acme.messages", _event(1))
+        await feed(js, "cdc.acme.messages", _event(1))
 
         async def exhausted() -> bool:
             return await count(js, ADVISORIES) >= 1
@@ -167,7 +167,7 @@ async def test_an_edited_durable_is_restored_and_the_skipped_range_resumed(js, s
 
 async def test_poison_does_not_stall_valid_traffic_while_the_dead_letter_stream_is_missing(js, start_service) -> None:
     await ensure_input(js)
-    service = start_service(**{"publish.max_hold": 5, "ingest.ack_wait": 2, "ingest.max_deliver": 3})
+    start_service(**{"publish.max_hold": 5, "ingest.ack_wait": 2, "ingest.max_deliver": 3})
     await js.delete_stream(DLQ)
     await feed(js, "cdc.acme.messages", b"{not json")
     for i in range(50):
