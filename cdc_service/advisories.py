@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from nats.js.errors import NotFoundError
 
 from cdc_service.adapters.nats_jetstream import advisory_durable
 from cdc_service.config import Settings
-from cdc_service.core.outcomes import DeadLetter, Duplicate, Outcome, Publish, Reason, Retry, Skip
-from cdc_service.engine import dead_letter, dead_letter_id
+from cdc_service.core.outcomes import DeadLetter, Duplicate, Outcome, Publish, Reason, Retry, Skip, dead_letter_id
+from cdc_service.engine import dead_letter
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
 from cdc_service.ports import DedupStore, Publisher
@@ -120,6 +121,10 @@ class MaxDeliveriesWatcher:
                 await asyncio.sleep(1.0)  # back-off before the next fetch
                 continue
             for msg in msgs:
+                wait = self._too_early(msg)
+                if wait > 0:
+                    await self._nak(msg, wait)
+                    continue
                 try:
                     result = await self.handle(msg.data)
                 except asyncio.CancelledError:
@@ -128,13 +133,34 @@ class MaxDeliveriesWatcher:
                     log.exception("handling a max-deliveries advisory failed")
                     result = "retried"
                 self._metrics.max_delivery_advisories.labels(result).inc()
-                try:
-                    if result == "retried":
-                        await msg.nak(delay=_RETRY_DELAY)
-                    else:
+                if result == "retried":
+                    await self._nak(msg, _RETRY_DELAY)
+                else:
+                    try:
                         await msg.ack()
-                except Exception:  # the connection is gone: the advisory is redelivered after its AckWait
-                    pass
+                    except Exception:  # the connection is gone: the advisory is redelivered after its AckWait
+                        pass
+
+    def _too_early(self, msg: Any) -> float:
+        """Seconds until the advisory may be acted on.
+
+        The server gives up on a message when its final delivery's AckWait expires, but a replica may still hold
+        that delivery (queued in its client, or slowed down) and publish it a little later. Waiting one more
+        AckWait lets such a replica finish (its Redis marker then says "already published") or, later still, see
+        the dead-letter marker and drop its copy (``BatchPreparer``).
+        """
+        try:
+            stored = float(msg.metadata.timestamp.timestamp())
+        except Exception:  # no JetStream metadata: act now
+            return 0.0
+        return stored + self._settings.ingest.ack_wait + 1.0 - time.time()
+
+    @staticmethod
+    async def _nak(msg: Any, delay: float) -> None:
+        try:
+            await msg.nak(delay=delay)
+        except Exception:  # the connection is gone: the advisory is redelivered after its AckWait
+            pass
 
     async def handle(self, advisory: bytes) -> str:
         """Dead-letter the message one advisory names; return the result label (see ``Metrics``)."""

@@ -39,6 +39,7 @@ from cdc_service.core.outcomes import (
     Retry,
     Skip,
     TransientError,
+    dead_letter_id,
     decide_failure,
     is_permanent_rejection,
 )
@@ -165,10 +166,6 @@ def dead_letter(
         headers["Cdc-Body-Truncated"] = str(len(data))
         data = data[: max(0, room - 64)]
     return f"{dlq.subject_prefix}.{source_subject}", data, headers
-
-
-def dead_letter_id(stream: str, seq: int) -> str:
-    return f"dlq:{stream}:{seq}"
 
 
 class Engine:

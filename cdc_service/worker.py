@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import simdjson
 
 from cdc_service.core.events import EventBuilder
-from cdc_service.core.outcomes import ClaimedElsewhere, Duplicate, Outcome, Publish, decide_failure
+from cdc_service.core.outcomes import ClaimedElsewhere, Duplicate, Outcome, Publish, dead_letter_id, decide_failure
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
 from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count
@@ -58,13 +58,27 @@ class BatchPreparer:
                 redelivered += 1
         if redelivered:
             self._metrics.redeliveries.inc(redelivered)
-        return self._drop_known_duplicates(outcomes)
+        return self._drop_known_duplicates(outcomes, messages)
 
-    def _drop_known_duplicates(self, outcomes: list[Outcome]) -> list[Outcome]:
+    def _drop_known_duplicates(self, outcomes: list[Outcome], messages: Sequence[InboundMessage]) -> list[Outcome]:
         positions = [i for i, o in enumerate(outcomes) if isinstance(o, Publish)]
         if not positions:
             return outcomes
         ids = [outcomes[i].event_id for i in positions]  # type: ignore[union-attr]
+        # A final delivery that was held past its AckWait may already have been dead-lettered from its
+        # max-deliveries advisory (cdc_service.advisories): then publishing it too would make it both.
+        finals = [i for i in positions if 0 < self._max_deliver <= delivery_count(messages[i].reply)]
+        if finals:
+            dead = [dead_letter_id(messages[i].metadata.stream, messages[i].metadata.sequence.stream) for i in finals]
+            for i, was_dead in zip(finals, self._dedup.seen(dead) or [False] * len(finals), strict=True):
+                if was_dead:
+                    event = outcomes[i]
+                    assert isinstance(event, Publish)
+                    outcomes[i] = Duplicate(event.table, event.event_id)
+            positions = [i for i in positions if isinstance(outcomes[i], Publish)]
+            if not positions:
+                return outcomes
+            ids = [outcomes[i].event_id for i in positions]  # type: ignore[union-attr]
         states = self._dedup.claim(ids)
         lookups = self._metrics.dedup_lookups
         if states is None:

@@ -120,6 +120,12 @@ class Retry:
 Outcome = Skip | Duplicate | Publish | ClaimedElsewhere | DeadLetter | Retry
 
 
+def dead_letter_id(stream: str, seq: int) -> str:
+    """The ``Nats-Msg-Id`` of stream message ``seq``'s dead letter, and the key of its Redis marker: one per message,
+    however many replicas or paths dead-letter it."""
+    return f"dlq:{stream}:{seq}"
+
+
 def retry_delay(num_delivered: int, base: float = 1.0, cap: float = 30.0) -> float:
     """Back-off for ``nak``: grows with each delivery attempt so a broken dependency is not hammered."""
     return float(min(cap, base * (2 ** max(0, num_delivered - 1))))

@@ -45,6 +45,20 @@ COMPANIES = 5
 
 SCENARIOS = ("nats_kill", "redis_kill", "replica_kill", "output_reject", "rolling_restart")
 ALL = "all"
+# Faults of the environment (issue 17), run one at a time with their own timings, not part of ``all``.
+ENVIRONMENT = ("frozen_replica", "oom_loop", "edited_durable", "dlq_outage")
+ADVISORIES = "cdc_max_deliveries"
+# Scenarios that legitimately exhaust deliveries: their messages must then be dead-lettered as max_deliveries
+# (accounted for, not lost).
+EXHAUSTING = ("frozen_replica", "oom_loop")
+# max_deliver 3 as in production, so that a frozen or repeatedly killed replica really burns deliveries.
+SCENARIO_SETTINGS: dict[str, dict[str, Any]] = {
+    "frozen_replica": {"ingest.max_deliver": 3},
+    "oom_loop": {"ingest.max_deliver": 3},
+    "dlq_outage": {"publish.max_hold": 2},
+}
+# The OOM loop restarts one pod: with a second replica, redeliveries would mostly go to the healthy one.
+SCENARIO_REPLICAS = {"oom_loop": 1}
 
 # Short timings so that a run takes seconds: AckWait 2 s, PubAck wait 0.5 s, retries every ≤ 0.3 s.
 # max_deliver is raised from 3 so that a message caught by several faults in a row (a killed replica, then a
@@ -128,6 +142,11 @@ class Result:
     dead_lettered: int
     poison: int
     unexpected_dead_letters: list[str]
+    exhausted: list[str]  # good events dead-lettered as max_deliveries (only in EXHAUSTING scenarios)
+    # Good events both in wa_stream and dead-lettered as max_deliveries: a replica killed between an event's PubAck
+    # and its Redis marker leaves nothing that tells the advisory handler it was published. Not a duplicate in
+    # wa_stream; a replay of the dead letter is dropped by the dedup windows.
+    also_dead_lettered: list[str]
     num_pending: int
     num_ack_pending: int
     num_redelivered: int
@@ -141,6 +160,8 @@ class Result:
         return (
             f"events={self.events} faults={self.faults} lost={len(self.lost)} "
             f"duplicated={len(self.duplicated)} dead_lettered={self.dead_lettered}"
+            + (f" max_deliveries={len(self.exhausted)}" if self.exhausted else "")
+            + (f" also_published={len(self.also_dead_lettered)}" if self.also_dead_lettered else "")
         )
 
     @property
@@ -150,7 +171,7 @@ class Result:
             and not self.duplicated
             and not self.unexpected
             and not self.unexpected_dead_letters
-            and self.dead_lettered == self.poison
+            and self.dead_lettered == self.poison + len(self.exhausted)
             and self.num_pending == 0
             and self.num_ack_pending == 0
         )
@@ -158,7 +179,7 @@ class Result:
     def fault_problems(self) -> list[str]:
         """Ways in which the injected fault did not do what it should (so a pass would prove nothing)."""
         problems = []
-        expected_faults = {"rolling_restart": 2, ALL: len(SCENARIOS) + 1}.get(self.scenario, 1)
+        expected_faults = {"rolling_restart": 2, "oom_loop": 6, ALL: len(SCENARIOS) + 1}.get(self.scenario, 1)
         if self.faults != expected_faults:
             problems.append(f"{self.faults} faults injected, expected {expected_faults}")
         if self.scenario in ("output_reject", ALL):
@@ -166,6 +187,12 @@ class Result:
                 problems.append("the output never refused a publish")
             if self.stats.get("reject_max_redelivered", 0) != 0:
                 problems.append("messages were redelivered while the output refused publishes (AckWait expired)")
+        if self.scenario in EXHAUSTING and self.stats.get("advisories", 0) <= 0:
+            problems.append("no message ran out of deliveries: the fault did not burn any")
+        if self.scenario == "edited_durable" and self.stats.get("drift_restored", 0) <= 0:
+            problems.append("the edited durable was not restored")
+        if self.scenario == "dlq_outage" and self.stats.get("dlq_outage_poison", 0) <= 0:
+            problems.append("no poison arrived while the dead-letter stream was missing")
         if self.scenario in ("rolling_restart", ALL):
             for index in (0, 1):
                 if self.stats.get(f"sigterm_exit_{index}") != 0:
@@ -178,7 +205,8 @@ class Result:
             f"ack_pending={self.num_ack_pending} redelivered={self.num_redelivered} "
             f"lost[:10]={self.lost[:10]} duplicated[:10]={list(self.duplicated.items())[:10]} "
             f"unexpected[:10]={self.unexpected[:10]} unexpected_dlq[:10]={self.unexpected_dead_letters[:10]} "
-            f"notes={self.notes} fault_problems={self.fault_problems()} logs={self.workdir}"
+            f"exhausted={len(self.exhausted)} also_dead_lettered[:10]={self.also_dead_lettered[:10]} "
+            f"notes={self.notes} stats={self.stats} fault_problems={self.fault_problems()} logs={self.workdir}"
         )
 
 
@@ -217,6 +245,7 @@ class Chaos:
         self.faults = 0
         self.notes: list[str] = []
         self.stats: dict[str, float] = {}
+        self.extra_poison = 0  # poison published by an injector (not in the producer's list)
         self._starts = 0
 
     # -------------------------------------------------------------------- lifecycle
@@ -431,7 +460,125 @@ class Chaos:
         )
         return float(sum(values))
 
+    async def freeze_replica(self, index: int = 0, freeze: float | None = None) -> None:
+        """SIGSTOP one replica for longer than its messages' deliveries last, then SIGKILL it (as kubelet would
+        after failed probes) and start a successor. Measures the healthy replica's rate meanwhile (issue 17 item 6).
+        """
+        ack_wait, max_deliver = float(self.settings["ingest.ack_wait"]), int(self.settings["ingest.max_deliver"])
+        freeze = freeze if freeze is not None else ack_wait * (max_deliver + 1) + 1
+        victim, healthy = self.replicas[index], self.replicas[1 - index] if len(self.replicas) > 1 else None
+        before = await asyncio.to_thread(healthy.metric, "cdc_consumer_events_total") if healthy else 0.0
+        produced = self.published
+        victim.signal(19)  # SIGSTOP
+        self.faults += 1
+        started = time.monotonic()
+        await asyncio.sleep(freeze)  # the length of the freeze
+        elapsed = time.monotonic() - started
+        if healthy is not None:
+            after = await asyncio.to_thread(healthy.metric, "cdc_consumer_events_total")
+            self.stats["healthy_rate"] = (after - before) / elapsed
+            self.stats["offered_rate"] = (self.published - produced) / elapsed
+        await asyncio.to_thread(victim.kill)
+        self.retired.append(victim)
+        self.replicas[index] = self._new_replica(index)
+        await self._replicas_ready()
+        self.stats["advisories"] = await self._count(ADVISORIES)
+        self.notes.append(
+            f"replica{index} frozen {elapsed:.1f}s then SIGKILL; healthy replica settled "
+            f"{self.stats.get('healthy_rate', 0):.0f}/s of {self.stats.get('offered_rate', 0):.0f}/s offered; "
+            f"advisories={self.stats['advisories']:.0f}"
+        )
+
+    async def crash_loop(self, index: int = 0, kills: int = 6) -> None:
+        """Stand-in for an OOM-kill loop: SIGKILL one replica each time it holds messages, restart it like a pod.
+
+        Each kill hands back what the replica held (up to max_ack_pending) and spends one delivery of each.
+        """
+        for _ in range(kills):
+            victim = self.replicas[index]
+            await _poll(
+                lambda v=victim: asyncio.to_thread(v.metric, "cdc_consumer_inflight_messages"), 10, "messages in flight"
+            )
+            await asyncio.to_thread(victim.kill)
+            self.faults += 1
+            self.retired.append(victim)
+            self.replicas[index] = self._new_replica(index)
+            await self._replicas_ready()
+        self.stats["advisories"] = await self._count(ADVISORIES)
+        self.notes.append(f"replica{index} killed {kills} times while holding messages")
+
+    async def edit_durable(self) -> None:
+        """Narrow the durable's filter to one tenant and shorten its ack_wait, as an operator might by mistake."""
+        js = self.js
+        config = (await js.consumer_info(INPUT, DURABLE)).config
+        config.filter_subject = "cdc.co0.*"
+        config.ack_wait = 1.0
+        await js.add_consumer(INPUT, config)
+        self.faults += 1
+        edited = time.monotonic()
+
+        async def restored() -> bool:
+            info = await js.consumer_info(INPUT, DURABLE)
+            return info.config.filter_subject == "cdc.*.*" and info.config.ack_wait == float(
+                self.settings["ingest.ack_wait"]
+            )
+
+        await _poll(restored, 30, "durable restored")
+        drift = await asyncio.gather(
+            *(asyncio.to_thread(r.metric, "cdc_consumer_consumer_drift_total") for r in self.replicas)
+        )
+        self.stats["drift_restored"] = sum(drift)
+        self.notes.append(f"durable edited; restored after {time.monotonic() - edited:.1f}s")
+
+    async def dlq_outage(self, outage: float | None = None) -> None:
+        """Make the dead-letter stream refuse publishes (full, discard=new) for > 2 x AckWait while poison arrives,
+        then relieve it. (Deleting it would be the other outage; it would also delete the earlier dead letters that
+        the verifier counts.)"""
+        outage = outage if outage is not None else 2 * float(self.settings["ingest.ack_wait"]) + 2.0
+        js = self.js
+        info = await js.stream_info(DLQ)
+        config = info.config
+        config.max_msgs = max(1, int(info.state.messages))
+        config.discard = DiscardPolicy.NEW
+        if not info.state.messages:  # an empty stream cannot be "full": hold one placeholder that it must refuse
+            raise RuntimeError("dlq_outage needs a dead letter before the outage; inject it later")
+        await js.update_stream(config)
+        self.faults += 1
+        produced = self.published
+        nc = await self._connect()
+        try:
+            poison_js = nc.jetstream(timeout=2)
+            for i in range(2):  # poison during the outage, whatever the producer's pacing
+                await poison_js.publish("cdc.co1.messages", b'{"outage poison %d"' % i)
+        finally:
+            await nc.close()
+        self.extra_poison += 2
+        await asyncio.sleep(outage)  # the length of the outage
+        config.max_msgs = -1
+        config.discard = DiscardPolicy.OLD
+        await js.update_stream(config)
+        self.stats["dlq_outage_poison"] = 2
+        self.notes.append(f"dead-letter stream full {outage:.1f}s; {self.published - produced} events meanwhile")
+
+    async def _count(self, stream: str) -> float:
+        try:
+            return float((await self.js.stream_info(stream)).state.messages)
+        except NotFoundError:
+            return 0.0
+
     async def inject(self, scenario: str) -> None:
+        if scenario == "frozen_replica":
+            await self.freeze_replica(0)
+            return
+        if scenario == "oom_loop":
+            await self.crash_loop(0)
+            return
+        if scenario == "edited_durable":
+            await self.edit_durable()
+            return
+        if scenario == "dlq_outage":
+            await self.dlq_outage()
+            return
         if scenario == "nats_kill":
             await self.kill_nats()
         elif scenario == "redis_kill":
@@ -458,6 +605,19 @@ class Chaos:
             info = await _poll(settled, settle, "consumer settled", interval=0.05)
         except TimeoutError:
             info = await js.consumer_info(INPUT, DURABLE)
+
+        async def advisories_handled() -> bool:
+            # messages that ran out of deliveries are dead-lettered from their advisories (cdc_service.advisories)
+            try:
+                adv = await js.consumer_info(ADVISORIES, f"{DURABLE}_max_deliveries")
+            except NotFoundError:
+                return True
+            return adv.num_pending == 0 and adv.num_ack_pending == 0
+
+        try:
+            await _poll(advisories_handled, settle, "advisories handled", interval=0.1)
+        except TimeoutError:
+            self.notes.append("advisories not all handled at the deadline")
         redeliveries = await asyncio.gather(
             *(asyncio.to_thread(r.metric, "cdc_consumer_redeliveries_total") for r in self.replicas)
         )
@@ -468,16 +628,29 @@ class Chaos:
         poison = {e.data for e in events if e.event_id is None}
         counts = Counter(ids)
         expected_set = set(expected)
+        by_body = {e.data: e.event_id for e in events if e.event_id is not None}
+        exhausted = [
+            str(by_body[data])
+            for data, reason in dlq_bodies
+            if data in by_body and reason == "max_deliveries" and scenario in EXHAUSTING
+        ]
+        accounted = set(counts) | set(exhausted)
         return Result(
             scenario=scenario,
             events=len(events),
             faults=self.faults,
-            lost=[i for i in expected if i not in counts],
+            lost=[i for i in expected if i not in accounted],
             duplicated={i: n for i, n in counts.items() if n > 1},
             unexpected=sorted(i for i in counts if i not in expected_set),
             dead_lettered=len(dlq_bodies),
-            poison=sum(1 for e in events if e.event_id is None),
-            unexpected_dead_letters=[reason for data, reason in dlq_bodies if data not in poison],
+            poison=sum(1 for e in events if e.event_id is None) + self.extra_poison,
+            unexpected_dead_letters=[
+                reason
+                for data, reason in dlq_bodies
+                if data not in poison and not data.startswith(b'{"outage poison') and by_body.get(data) not in exhausted
+            ],
+            exhausted=exhausted,
+            also_dead_lettered=[i for i in exhausted if i in counts],
             num_pending=int(info.num_pending or 0),
             num_ack_pending=int(info.num_ack_pending or 0),
             num_redelivered=int(info.num_redelivered or 0),
@@ -529,13 +702,20 @@ class Chaos:
 
 
 async def run_scenario(
-    scenario: str, workdir: Path, events: int = 2000, rate: float = 400.0, poison: int = 5, at: float = 0.3
+    scenario: str,
+    workdir: Path,
+    events: int = 2000,
+    rate: float = 400.0,
+    poison: int = 5,
+    at: float = 0.3,
+    settings: dict[str, Any] | None = None,
 ) -> Result:
     """Start a fresh cluster, produce ``events`` at ``rate``/s, inject ``scenario`` (or ``all``, one after the
-    other) once ``at`` of them were published, then verify."""
+    other) once ``at`` of them were published, then verify. ``settings`` override the service settings."""
     scenarios = list(SCENARIOS) if scenario == ALL else [scenario]
     batch = make_events(events, poison)
-    async with Chaos(workdir) as chaos:
+    overrides = {**SCENARIO_SETTINGS.get(scenario, {}), **(settings or {})}
+    async with Chaos(workdir, overrides, replicas=SCENARIO_REPLICAS.get(scenario, 2)) as chaos:
         wall_start = time.monotonic()
         faults_done = asyncio.Event()
 
@@ -564,15 +744,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=20000, help="events per scenario (default 20000)")
     parser.add_argument("--rate", type=float, default=2000.0, help="producer events per second (default 2000)")
     parser.add_argument("--poison", type=int, default=10, help="poison events per scenario (default 10)")
-    parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, ALL], help="default: each, then all")
+    parser.add_argument(
+        "--scenario", action="append", choices=[*SCENARIOS, *ENVIRONMENT, ALL], help="default: each, then all"
+    )
+    parser.add_argument("--mode", choices=["push", "pull"], default="push", help="ingest.mode of the replicas")
     parser.add_argument("--keep", action="store_true", help="keep the working directories (logs) even on success")
     parser.add_argument("--verbose", action="store_true", help="also print the details of each run to stderr")
     args = parser.parse_args(argv)
     failed = 0
-    for scenario in args.scenario or [*SCENARIOS, ALL]:
+    for scenario in args.scenario or [*SCENARIOS, *ENVIRONMENT, ALL]:
         workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{scenario}-"))
-        result = asyncio.run(run_scenario(scenario, workdir, args.events, args.rate, args.poison))
+        result = asyncio.run(
+            run_scenario(scenario, workdir, args.events, args.rate, args.poison, settings={"ingest.mode": args.mode})
+        )
         print(f"{scenario:<16} {result.summary} wall={result.wall:.1f}s", flush=True)
+        if "healthy_rate" in result.stats:
+            print(f"  {result.notes[0]}", flush=True)
         if not result.ok or result.fault_problems():
             failed += 1
             print(f"  FAILED {result.evidence()}", file=sys.stderr, flush=True)

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from cdc_service.config import HttpSettings, Settings
+from cdc_service.adapters.nats_jetstream import consumer_config, consumer_drift
+from cdc_service.config import HttpSettings, IngestSettings, Settings
 from cdc_service.service import Service
 
 
@@ -27,7 +28,12 @@ class FakeJs:
     async def consumer_info(self, stream: str, durable: str) -> Any:
         if self.error is not None:
             raise self.error
-        return SimpleNamespace(name=durable, ack_floor=SimpleNamespace(stream_seq=0), num_pending=0)
+        return SimpleNamespace(
+            name=durable,
+            ack_floor=SimpleNamespace(stream_seq=0),
+            num_pending=0,
+            config=consumer_config(self.service.settings.ingest),  # as configured: no drift
+        )
 
     async def add_consumer(self, stream: str, config: Any) -> Any:
         self.readiness_while_creating = self.service.readiness()
@@ -102,3 +108,21 @@ def test_a_stall_fails_liveness_and_is_logged_critically_once(caplog: pytest.Log
     assert [r.levelname for r in caplog.records].count("CRITICAL") == 1
     stuck = False
     assert service.liveness() == (True, {})
+
+
+@pytest.mark.parametrize(
+    ("edit", "fields"),
+    [
+        ({}, []),
+        ({"filter_subject": "cdc.acme.*"}, ["filter_subjects"]),
+        ({"filter_subject": None, "filter_subjects": ["cdc.*.*"]}, []),  # the same filter, spelled as a list
+        ({"ack_wait": 1.0}, ["ack_wait"]),
+        ({"max_deliver": 10, "max_ack_pending": 1}, ["max_deliver", "max_ack_pending"]),
+        ({"deliver_subject": "elsewhere"}, ["deliver_subject"]),
+        ({"deliver_group": "other"}, ["deliver_subject"]),
+    ],
+)
+def test_consumer_drift_names_the_edited_fields(edit: dict[str, Any], fields: list[str]) -> None:
+    expected = consumer_config(IngestSettings())
+    actual = dataclasses.replace(expected, **edit)
+    assert consumer_drift(expected, actual) == fields
