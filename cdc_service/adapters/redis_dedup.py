@@ -161,6 +161,9 @@ class RedisDedupStore:
         return self._was_down and time.monotonic() < self._retry_at
 
     def _failed(self, what: str, exc: Exception, *, write: bool = False) -> None:
+        # Only a write the server answered with a refusal (READONLY, OOM, an ACL) is a write problem; a lost
+        # connection or a wrong password is an outage, cleared by any call that succeeds.
+        write = write and isinstance(exc, redis.ResponseError)
         with self._lock:
             self._retry_at = time.monotonic() + self._retry_interval
             first = not self._was_down and (not write or self._write_problem is None)

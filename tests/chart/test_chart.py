@@ -399,6 +399,7 @@ TEXT_SETTINGS: dict[str, Any] = {
     "redis.mode": "cluster",
     "dlq.stream": "dlq_out",
     "dlq.subject_prefix": "dead",
+    "dlq.advisory_stream": "adv_out",
     "http.host": "::",
     "log.level": "DEBUG",
 }
