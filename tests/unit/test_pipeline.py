@@ -766,3 +766,53 @@ async def test_a_hold_is_not_a_stall(executor: ThreadPoolExecutor) -> None:
     await wait_until(lambda: engine._holds == 1, timeout=5, what="the hold to begin")
     assert engine.stalled(time.monotonic() + 60) is False
     await engine.drain(time.monotonic() + 0.2)
+
+
+class Gated(FakePublisher):
+    """Answers publishes only once ``release`` is set, like an output that is slow to acknowledge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        answer = await super().publish(subject, payload, headers)
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+
+        async def later() -> None:
+            await self.release.wait()
+            future.set_result(answer.result())
+
+        _pending.add(asyncio.ensure_future(later()))
+        return future
+
+
+_pending: set[asyncio.Future[None]] = set()
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+async def test_intake_waits_while_the_in_flight_bytes_are_at_their_bound(
+    executor: ThreadPoolExecutor, mode: str
+) -> None:
+    """max_ack_pending bounds messages, not bytes: large rows must not run the service out of memory (issue 17)."""
+    publisher = Gated()
+    settings = Settings(
+        ingest=IngestSettings(max_inflight_mb=1, batch_size=1),
+        publish=PublishSettings(timeout=30, max_hold=30),
+    )
+    h = harness(executor, publisher=publisher, settings=settings)
+    engine = h.build()
+    await engine.start()
+    big = [message(seq=i, lsn=i, message_id=f"m{i}", body={"text": "x" * 700_000}) for i in range(1, 4)]
+    feed = engine.on_batch if mode == "pull" else (lambda msgs: engine.on_message(msgs[0]))
+    await asyncio.wait_for(feed([big[0]]), 5)  # 0.7 MB in flight: room for more
+    second = asyncio.ensure_future(feed([big[1]]))  # 1.4 MB: at the bound, intake waits
+    # polling yields to the loop many times: an unbounded intake would have returned by then
+    await wait_until(lambda: engine.inflight_bytes >= 1024 * 1024, what="second message in flight")
+    assert not second.done()
+    publisher.release.set()
+    await asyncio.wait_for(second, 10)
+    await asyncio.wait_for(feed([big[2]]), 10)
+    await engine.drain(time.monotonic() + 10)
+    assert all(m.acked == 1 for m in big)
+    assert engine.inflight_bytes == 0
