@@ -42,7 +42,7 @@ from cdc_service.ports import DedupStore, Publisher
 
 log = logging.getLogger("cdc_service.advisories")
 
-_FETCH = 32
+_FETCH = 64
 _RETRY_DELAY = 2.0
 
 
@@ -120,26 +120,30 @@ class MaxDeliveriesWatcher:
                 log.debug("advisory fetch failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
                 await asyncio.sleep(1.0)  # back-off before the next fetch
                 continue
-            for msg in msgs:
-                wait = self._too_early(msg)
-                if wait > 0:
-                    await self._nak(msg, wait)
-                    continue
-                try:
-                    result = await self.handle(msg.data)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # a bug or a lost connection: the advisory comes back after the delay
-                    log.exception("handling a max-deliveries advisory failed")
-                    result = "retried"
-                self._metrics.max_delivery_advisories.labels(result).inc()
-                if result == "retried":
-                    await self._nak(msg, _RETRY_DELAY)
-                else:
-                    try:
-                        await msg.ack()
-                    except Exception:  # the connection is gone: the advisory is redelivered after its AckWait
-                        pass
+            # One fetched batch at a time, its advisories concurrently: each is a few round trips (read the
+            # message, publish, PubAck), and an OOM loop can leave thousands. Each names another sequence.
+            await asyncio.gather(*(self._settle(msg) for msg in msgs))
+
+    async def _settle(self, msg: Any) -> None:
+        wait = self._too_early(msg)
+        if wait > 0:
+            await self._nak(msg, wait)
+            return
+        try:
+            result = await self.handle(msg.data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug or a lost connection: the advisory comes back after the delay
+            log.exception("handling a max-deliveries advisory failed")
+            result = "retried"
+        self._metrics.max_delivery_advisories.labels(result).inc()
+        if result == "retried":
+            await self._nak(msg, _RETRY_DELAY)
+            return
+        try:
+            await msg.ack()
+        except Exception:  # the connection is gone: the advisory is redelivered after its AckWait
+            pass
 
     def _too_early(self, msg: Any) -> float:
         """Seconds until the advisory may be acted on.
