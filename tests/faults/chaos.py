@@ -54,7 +54,7 @@ EXHAUSTING = ("frozen_replica", "oom_loop")
 # max_deliver 3 as in production, so that a frozen or repeatedly killed replica really burns deliveries.
 SCENARIO_SETTINGS: dict[str, dict[str, Any]] = {
     "frozen_replica": {"ingest.max_deliver": 3},
-    "oom_loop": {"ingest.max_deliver": 3},
+    "oom_loop": {"ingest.max_deliver": 2},  # two kills of the same messages make them run out
     "dlq_outage": {"publish.max_hold": 2},
 }
 # The OOM loop restarts one pod: with a second replica, redeliveries would mostly go to the healthy one.
@@ -497,11 +497,23 @@ class Chaos:
 
         Each kill hands back what the replica held (up to max_ack_pending) and spends one delivery of each.
         """
-        for _ in range(kills):
+        for kill in range(kills):
             victim = self.replicas[index]
-            await _poll(
-                lambda v=victim: asyncio.to_thread(v.metric, "cdc_consumer_inflight_messages"), 10, "messages in flight"
-            )
+
+            started = time.monotonic()
+
+            async def holding(v: ServiceProcess = victim, again: bool = kill > 0, since: float = started) -> bool:
+                # after the first kill, prefer to wait until the successor holds redeliveries: killing it then
+                # spends another delivery of the same messages, so that some run out (what an OOM loop does)
+                early = again and time.monotonic() - since < 3.0
+                if early and await asyncio.to_thread(v.metric, "cdc_consumer_redeliveries_total") <= 0:
+                    return False
+                return await asyncio.to_thread(v.metric, "cdc_consumer_inflight_messages") > 0
+
+            try:
+                await _poll(holding, 10, "messages in flight", interval=0.01)
+            except TimeoutError:
+                pass  # the flow is over: an idle pod is OOM-killed too (the restart still counts as a fault)
             await asyncio.to_thread(victim.kill)
             self.faults += 1
             self.retired.append(victim)
