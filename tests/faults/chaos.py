@@ -633,6 +633,8 @@ class Chaos:
             await _poll(advisories_handled, settle, "advisories handled", interval=0.1)
         except TimeoutError:
             self.notes.append("advisories not all handled at the deadline")
+        # advisories come one AckWait after a message's last delivery: count them once everything settled
+        self.stats["advisories"] = await self._count(ADVISORIES)
         redeliveries = await asyncio.gather(
             *(asyncio.to_thread(r.metric, "cdc_consumer_redeliveries_total") for r in self.replicas)
         )

@@ -34,7 +34,13 @@ def _check(result: Result) -> None:
     assert not result.fault_problems(), evidence
 
 
-@pytest.mark.parametrize("scenario", [*SCENARIOS, *ENVIRONMENT])
+# oom_loop stays in `make chaos` only: at 2,000 events its kills do not reliably catch the same messages twice, so
+# whether any delivery runs out varies from run to run. The deterministic "killed while holding messages" case is
+# tests/integration/test_environment_faults.py (a frozen, then killed replica); frozen_replica burns deliveries here.
+CI_ENVIRONMENT = [s for s in ENVIRONMENT if s != "oom_loop"]
+
+
+@pytest.mark.parametrize("scenario", [*SCENARIOS, *CI_ENVIRONMENT])
 async def test_one_fault(scenario: str, tmp_path: Path) -> None:
     result = await run_scenario(scenario, tmp_path, events=EVENTS, rate=RATE, poison=POISON)
     _check(result)
