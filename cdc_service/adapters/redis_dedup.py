@@ -229,9 +229,9 @@ class RedisDedupStore:
             else:
                 states = [_STATES[int(v)] for v in self._claim_script(keys=keys, args=[self.token, self._claim_ms])]
         except _ERRORS as exc:
-            self._failed("lookup", exc)
+            self._failed("lookup", exc, write=True)  # the lookup takes claims: a refused write shows here first
             return None
-        self._succeeded()
+        self._succeeded(write=True)
         return states
 
     def _claim_cluster(self, keys: list[str]) -> list[Claim]:

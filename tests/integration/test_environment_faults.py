@@ -33,6 +33,9 @@ from tests.sequin import body
 pytestmark = pytest.mark.integration
 
 ADVISORIES = "cdc_max_deliveries"
+# Redis claims must live shorter than AckWait and longer than publish.timeout; these tests shorten one or lengthen
+# the other to fit faults into seconds, so they run without claims.
+NO_CLAIMS = {"dedup.claim_ttl": 0}
 
 
 def _event(i: int, company: str = "acme") -> dict[str, Any]:
@@ -56,7 +59,7 @@ async def test_deliveries_burnt_by_a_frozen_replica_are_dead_lettered(js, start_
     captured advisories and dead-letters each with reason ``max_deliveries``: nothing is left behind.
     """
     await ensure_input(js)
-    settings = {"ingest.ack_wait": 1, "ingest.max_deliver": 2, "shutdown.grace_seconds": 2}
+    settings = {"ingest.ack_wait": 1, "ingest.max_deliver": 2, "shutdown.grace_seconds": 2, **NO_CLAIMS}
     frozen = start_service(name="frozen", **settings)
     frozen.signal(signal.SIGSTOP)
     try:
@@ -91,7 +94,7 @@ async def test_deliveries_burnt_by_a_frozen_replica_are_dead_lettered(js, start_
 async def test_an_advisory_handled_twice_dead_letters_once(js, start_service, redis_client) -> None:
     """Two replicas, the same advisory delivered again (a replica died before acking it): one dead letter."""
     await ensure_input(js)
-    settings = {"ingest.ack_wait": 1, "ingest.max_deliver": 1}
+    settings = {"ingest.ack_wait": 1, "ingest.max_deliver": 1, **NO_CLAIMS}
     frozen = start_service(name="frozen", **settings)
     frozen.signal(signal.SIGSTOP)
     try:
@@ -167,7 +170,7 @@ async def test_an_edited_durable_is_restored_and_the_skipped_range_resumed(js, s
 
 async def test_poison_does_not_stall_valid_traffic_while_the_dead_letter_stream_is_missing(js, start_service) -> None:
     await ensure_input(js)
-    start_service(**{"publish.max_hold": 5, "ingest.ack_wait": 2, "ingest.max_deliver": 3})
+    start_service(**{"publish.max_hold": 5, "ingest.ack_wait": 2, "ingest.max_deliver": 3, **NO_CLAIMS})
     await js.delete_stream(DLQ)
     await feed(js, "cdc.acme.messages", b"{not json")
     for i in range(50):
@@ -259,7 +262,7 @@ async def test_redis_refusing_writes_is_degraded_until_a_write_succeeds(js, star
 
 async def test_readiness_fails_while_nats_server_is_frozen(nats_server, js, start_service) -> None:
     await ensure_input(js)
-    service = start_service(**{"health.nats_ping_timeout": 1, "publish.timeout": 30})
+    service = start_service(**{"health.nats_ping_timeout": 1, "publish.timeout": 30, **NO_CLAIMS})
     await feed(js, "cdc.acme.messages", _event(0))
     await wait_until(lambda: count(js, OUTPUT), what="first event")
     await feed(js, "cdc.acme.messages", _event(1))  # work pending when the server freezes (maybe not yet received)
