@@ -363,9 +363,11 @@ class PullIntake:
         self._psub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._running = False
+        self._on_batch: Callable[[list[Msg]], Awaitable[None]] | None = None
 
     async def start(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
         self._psub = await self._js.pull_subscribe_bind(self._settings.durable, stream=self._settings.stream)
+        self._on_batch = on_batch
         self._running = True
         self._task = asyncio.create_task(self._loop(on_batch), name="cdc-pull")
 
@@ -390,16 +392,72 @@ class PullIntake:
                 await on_batch(msgs)
 
     async def stop(self) -> None:
-        """Stop fetching. The fetch under way finishes (it is short) so no fetched message is dropped."""
+        """Stop fetching; every message the server delivered to this client is then processed or handed back.
+
+        Contract: when ``stop`` returns, nothing delivered to this subscription is left for AckWait. nats-py queues
+        what arrives on the pull inbox and takes from that queue only at the next fetch, so messages that arrive
+        after a fetch timed out (late under load, or for the rest of a lingering request) are still there when the
+        loop ends; a plain unsubscribe would drop them while the server counts them as delivered. So: the loop ends
+        (its last batch goes to ``on_batch`` as usual), interest ends and everything already sent is collected
+        (``_take_delivered``), and those messages go to ``on_batch`` too. The engine's drain finishes them, or at its
+        deadline naks them without delay, so no delivery attempt is spent where the work can still be done. If
+        ``on_batch`` raises, they are nak'ed here without delay so another replica takes them at once. ``on_batch``
+        must own a batch before it first suspends: what follows is back-pressure, which ``stop`` may cut short.
+        """
         self._running = False
+        bound = self._settings.fetch_timeout_ms / 1000.0 + 2.0
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._task, self._settings.fetch_timeout_ms / 1000.0 + 2.0)
+                await asyncio.wait_for(self._task, bound)
             except (TimeoutError, asyncio.CancelledError):
                 pass
             self._task = None
-        if self._psub is not None:
-            try:
-                await self._psub.unsubscribe()
-            except Exception:
-                pass
+        psub, self._psub = self._psub, None
+        if psub is None or self._on_batch is None:
+            return
+        left = await _take_delivered(psub)
+        if not left:
+            return
+        log.info("handing on messages received after the last fetch", extra={"count": len(left)})
+        try:
+            await asyncio.wait_for(self._on_batch(left), bound)
+        except TimeoutError:
+            pass  # the batch was taken; only its back-pressure wait was cut short, and the drain finishes it
+        except Exception as exc:
+            log.warning("could not pass on, handing back", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            for msg in left:
+                try:
+                    await msg.nak()
+                except Exception:  # connection gone: the server redelivers after AckWait, nothing else to do
+                    pass
+
+
+async def _take_delivered(psub: Any) -> list[Msg]:
+    """End a nats-py pull subscription and return the messages it received that no fetch took.
+
+    nats-py 2.x has no public call for this, hence its internals: the UNSUB goes out while the subscription is still
+    registered in the client, the PING/PONG of ``flush`` proves that everything the server sent before the UNSUB has
+    been read into the pending queue, and only then is the queue emptied and the subscription removed from the client
+    (removing it first would drop what is still on its way). Status messages (the 408 of an expired request) are no
+    work and are left out.
+    """
+    sub = psub._sub
+    try:
+        await sub._conn._send_unsubscribe(sub._id)
+        await sub._conn.flush(2)
+    except Exception as exc:  # disconnected: take what is queued; anything still on its way returns after AckWait
+        log.warning(
+            "could not end the pull subscription cleanly", extra={"error": f"{type(exc).__name__}: {exc}"[:300]}
+        )
+    queue = sub._pending_queue
+    delivered: list[Msg] = []
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        if not JetStreamContext.is_status_msg(msg):
+            delivered.append(msg)
+    try:
+        await psub.unsubscribe()
+    except Exception:  # closed or reconnecting: the client drops the subscription with the connection
+        pass
+    return delivered
