@@ -256,6 +256,7 @@ class PartitionedIntake:
             await asyncio.sleep(period)
             try:
                 await self._rebalance()
+                await self._export_lag()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # disconnected, timeout: keep pulling what we pull, look again next period
@@ -281,6 +282,24 @@ class PartitionedIntake:
             elif partition.index not in mine:
                 partition.running = False  # its pull ends after the current request and releases the pin
         self._metrics.partitions_owned.set(len(self.owned()))
+
+    async def _export_lag(self) -> None:
+        """The backlog and ack-floor gauges over the durables this replica pulls.
+
+        Backlog: the sum of their ``num_pending``. Each partition is pulled by one replica, so ``sum`` across replicas
+        is the whole lag of the partitioned stream (a partition changing hands may be counted twice or not at all for
+        one round). Ack floor: the lowest of theirs, the partitioned stream's sequence below which every message of
+        this replica's partitions is acked. One consumer info per owned durable per membership round.
+        """
+        owned = [p for p in self._partitions.values() if p.running]
+        backlog, floors = 0, []
+        for partition in owned:
+            info = await self._info(partition)
+            backlog += int(info.get("num_pending") or 0)
+            floors.append(int(info.get("ack_floor", {}).get("stream_seq") or 0))
+        self._metrics.backlog.set(backlog)
+        if floors:
+            self._metrics.ack_floor.set(min(floors))
 
     # -------------------------------------------------------------------------------------------- pulling
 
