@@ -526,6 +526,14 @@ class Chaos:
             with contextlib.suppress(TimeoutError):  # a shortfall is reported by fault_problems
                 await _poll(all_owned, 15, "every partition owned by a live replica")
             self.stats["owned_at_end"] = await owned()
+            # Events the killed owner had published but not acked come again from the ack floor and are dropped by
+            # de-duplication (Redis marker or JetStream's window): > 0 shows the run exercised that case.
+            duplicate = {"result": "duplicate"}
+            dropped = await asyncio.gather(
+                *(asyncio.to_thread(r.metric, "cdc_consumer_events_total", duplicate) for r in self.replicas)
+            )
+            self.stats["duplicates_dropped"] = float(sum(dropped))
+            self.notes.append(f"duplicates dropped after the takeover={sum(dropped):.0f}")
         redeliveries = await asyncio.gather(
             *(asyncio.to_thread(r.metric, "cdc_consumer_redeliveries_total") for r in self.replicas)
         )
