@@ -6,7 +6,8 @@ several companies, a few poison bodies) at a steady pace; the injectors break on
 Afterwards the verifier reads all of ``wa_stream``, the durable's info and the dead-letter stream and answers
 with one line: ``events=N faults=K lost=0 duplicated=0 dead_lettered=D``.
 
-``python -m tests.faults.chaos --events 20000`` (``make chaos``) runs every scenario, then all of them together.
+``python -m tests.faults.chaos --events 20000`` (``make chaos``) runs every scenario, then all of them together,
+then ``partitioned_kill`` on a cluster in partitioned ordering (which also checks per-chat order).
 Waiting is always polling with a deadline; the only sleeps are the pacing of the producer and the length of an
 outage that a fault is meant to last.
 """
