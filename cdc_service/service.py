@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -78,6 +79,11 @@ class Service:
     """One replica. ``run()`` blocks in the main thread until SIGTERM/SIGINT or a fatal error; returns the exit code."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.ingest.ordering == "partitioned":
+            # No Redis claims: the pin gives each partition one owner, and a claim left by an owner that died makes
+            # its successor publish that event after newer ones of the same chat (a claimed copy is published
+            # outside the receipt order, once the claim expires). docs/system_architecture.md §9.1.
+            settings = dataclasses.replace(settings, dedup=dataclasses.replace(settings.dedup, claim_ttl=0.0))
         self.settings = settings
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
