@@ -79,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     from cdc_service import logs
     from cdc_service.service import Service
 
-    logs.configure(settings.log.level)
+    logs.configure(settings.log.level, fmt=settings.log.format)
     log = logging.getLogger("cdc_service")
     for line in _notices(loaded):
         log.warning(line)
     log.info("settings loaded", extra={"version": __version__, "files": list(loaded.files)})
     try:
         service = Service(settings)
-    except OSError as exc:  # e.g. the HTTP port is taken
-        print(f"cdc_service: cannot start: {exc}", file=sys.stderr)
+    except OSError as exc:  # the HTTP port is taken or cannot be bound: name the setting that chooses it
+        where = f"{settings.http.host}:{settings.http.port}"
+        logging.getLogger("cdc_service.service").critical(
+            "cannot start: cannot listen on %s (http.port, http.host): %s", where, exc.strerror or exc
+        )
         return 1
     return service.run()
 

@@ -290,11 +290,22 @@ class WorkersSettings:
 class HttpSettings:
     host: str = setting("0.0.0.0", "Address of the probe and metrics listener.")
     port: int = setting(8080, "Port of the probe and metrics listener.", ge=1, le=65535)
+    read_timeout: float = setting(
+        5.0, "Seconds a client has to send its request and take the answer; then the connection is closed.", gt=0
+    )
+    max_connections: int = setting(
+        512, "Connections open at once on the probe port; past it new ones are closed unanswered.", gt=0
+    )
 
 
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", check=_log_level)
+    format: str = setting(
+        "json",
+        "`json` (one object per line, for containers) or `console` (one readable line, for a terminal; make run).",
+        choices=("json", "console"),
+    )
     summary_interval: float = setting(60.0, "Period of the one-line summary log.", gt=0)
 
 

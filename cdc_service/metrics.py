@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 from cdc_service import __version__
 from cdc_service.core.outcomes import Reason
@@ -171,3 +179,10 @@ class Metrics:
             self.processing.labels(table)
             for result in RESULTS:
                 self.events.labels(table, result)
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """Add the standard process (``process_resident_memory_bytes``, ``process_cpu_seconds_total``, open fds), platform
+    (``python_info``) and GC (``python_gc_*``) collectors: what the memory and CPU sizing is checked against."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)

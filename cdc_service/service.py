@@ -38,7 +38,7 @@ from cdc_service.core.events import EventBuilder
 from cdc_service.core.partitions import MIN_SERVER, member_id, supports_partitions
 from cdc_service.engine import Engine
 from cdc_service.http import HealthServer
-from cdc_service.metrics import Metrics
+from cdc_service.metrics import Metrics, register_runtime_collectors
 from cdc_service.worker import BatchPreparer
 
 log = logging.getLogger("cdc_service.service")
@@ -81,6 +81,7 @@ class Service:
         self.settings = settings
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        register_runtime_collectors(self.registry)
         self.pool_size = settings.workers.resolved_pool_size(available_cpus())
         self.metrics.pool_size.set(self.pool_size)
         self.metrics.declare_tables(settings.routes)
@@ -108,7 +109,15 @@ class Service:
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
-        self.http = HealthServer(settings.http.host, settings.http.port, self.registry, self.liveness, self.readiness)
+        self.http = HealthServer(
+            settings.http.host,
+            settings.http.port,
+            self.registry,
+            self.liveness,
+            self.readiness,
+            read_timeout=settings.http.read_timeout,
+            max_connections=settings.http.max_connections,
+        )
 
     # ---------------------------------------------------------------------------------------------- main thread
 

@@ -401,6 +401,7 @@ TEXT_SETTINGS: dict[str, Any] = {
     "dlq.subject_prefix": "dead",
     "http.host": "::",
     "log.level": "DEBUG",
+    "log.format": "console",
 }
 ROUTES = {
     "messages": {"subject": "wa.{company}.{agent_id}.msg.{chat_id}"},
