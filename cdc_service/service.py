@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from cdc_service import __version__
 from cdc_service.adapters.nats_jetstream import (
+    ConnectionState,
     PipelinedPublisher,
     ProvisioningError,
     PullIntake,
@@ -101,6 +102,7 @@ class Service:
             on_error=lambda op: self.metrics.redis_errors.labels(op).inc(),
         )
         self._nc: Client | None = None
+        self._nats_state = ConnectionState(settings.nats)
         self._js: JetStreamContext | None = None
         self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
         self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
@@ -229,10 +231,12 @@ class Service:
         nc = self._nc
         if self._stopping:
             return False, {**detail, "reason": "shutting down"}
-        if nc is None or not self._ready:
-            return False, {**detail, "reason": "starting"}
+        if nc is None:
+            return False, {**detail, "reason": self._nats_state.describe()}
         if not nc.is_connected:
-            return False, {**detail, "reason": "not connected to NATS"}
+            return False, {**detail, "reason": f"not connected to NATS: {self._nats_state.describe()}"}
+        if not self._ready:
+            return False, {**detail, "reason": "starting: connected to NATS, provisioning streams and the consumer"}
         if self._intake is None or not self._intake.active:
             return False, {**detail, "reason": "not bound to the consumer"}
         if self._consumer_problem is not None:
@@ -251,6 +255,7 @@ class Service:
             on_disconnected=self._on_disconnected,
             on_reconnected=self._on_reconnected,
             on_closed=self._on_closed,
+            state=self._nats_state,
         )
         self.metrics.nats_connected.set(1)
         partitioned = settings.ingest.ordering == "partitioned"
