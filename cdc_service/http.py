@@ -71,9 +71,12 @@ class HealthServer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop serving and release the port; also right for a server that was never started."""
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._request_stop)
             self._thread.join(timeout=5)
+        elif not self._loop.is_closed() and self._thread.ident is None:
+            self._loop.close()
         self._socket.close()
 
     def _request_stop(self) -> None:

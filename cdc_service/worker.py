@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import simdjson
 
+from cdc_service.core.correlation import request_id, traceparent
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import ClaimedElsewhere, Duplicate, Outcome, Publish, decide_failure
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
-from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count
+from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.worker")
 
@@ -46,12 +47,18 @@ class BatchPreparer:
         redelivered = 0
         for msg in messages:
             try:
-                outcomes.append(plan(msg.subject, msg.data, parser))
+                outcome = plan(msg.subject, msg.data, parser)
+                if type(outcome) is Publish:
+                    outcome.request_id = request_id(outcome.event_id)
+                    if msg.headers:
+                        outcome.traceparent = traceparent(msg.headers)
+                outcomes.append(outcome)
             except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
                 table = self._builder.table_of(msg.subject)
                 count = delivery_count(msg.reply)
                 self._metrics.handler_errors.labels(type(exc).__name__).inc()
-                with bound(subject=msg.subject, table=table, delivered=count):
+                stream, seq = source_position(msg.reply)
+                with bound(subject=msg.subject, table=table, delivered=count, stream=stream, stream_seq=seq):
                     log.exception("unexpected error while building an event")
                 outcomes.append(decide_failure(exc, table=table, num_delivered=count, max_deliver=self._max_deliver))
             if delivery_count(msg.reply) > 1:

@@ -354,6 +354,7 @@ class PipelinedPublisher:
         self._nc = nc
         self._prefix = f"_CDC_PUBACK.{NUID().next().decode()}."
         self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._detailed: set[str] = set()  # tokens whose PubAck is read in full (stream and sequence)
         self._tokens = itertools.count(1)
         self._sub: Any = None
 
@@ -368,10 +369,14 @@ class PipelinedPublisher:
     def max_payload(self) -> int:
         return int(self._nc.max_payload)
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
+    ) -> asyncio.Future[PubAck]:
         token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
+        if detailed:
+            self._detailed.add(token)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)  # type: ignore[arg-type]
         except Exception as exc:  # closed, draining, buffer full while reconnecting: the caller retries
@@ -382,13 +387,18 @@ class PipelinedPublisher:
     def sweep(self) -> None:
         for token in [t for t, f in self._futures.items() if f.done()]:
             del self._futures[token]
+            self._detailed.discard(token)
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        token = msg.subject[len(self._prefix) :]
+        future = self._futures.pop(token, None)
         if future is None or future.done():
             return
         data = msg.data
-        if b'"error"' not in data and data.startswith(b'{"stream"'):
+        detailed = bool(self._detailed) and token in self._detailed
+        if detailed:
+            self._detailed.discard(token)
+        if not detailed and b'"error"' not in data and data.startswith(b'{"stream"'):
             # The common case, read without a JSON parse: one reply per published event.
             duplicate = b'"duplicate": true' in data or b'"duplicate":true' in data  # the server writes the former
             future.set_result(_DUPLICATE if duplicate else _STORED)

@@ -7,6 +7,9 @@ import json
 import socket
 from typing import Any
 
+from cdc_service.core.correlation import request_id
+from tests.integration.helpers import DLQ, INPUT, OUTPUT, ensure_input, feed, read_all, wait_count, wait_until
+from tests.sequin import body, encode
 from tests.servers import ServiceProcess, free_port, wait_for
 
 
@@ -67,3 +70,43 @@ def test_console_format_is_readable(start_service) -> None:
     assert consuming, svc.output()[-2000:]
     assert "stream=cdc_events_stream" in consuming[0]
     assert not any(line.startswith("{") for line in lines)
+
+
+async def test_invalid_json_has_a_plain_reason_and_correlated_log_lines(js, start_service) -> None:
+    await ensure_input(js)
+    svc = start_service()
+    seq = await feed(js, "cdc.acme.messages", b'{"record": {"message_id": "m1",\n\t')
+    assert await wait_count(js, DLQ, 1) == 1
+    (dead,) = await read_all(js, DLQ)
+    detail = dead.headers["Cdc-Error-Detail"]
+    assert (
+        detail
+        == "body is not valid JSON: expecting property name enclosed in double quotes at byte 33 (line 2, column 2)"
+    )
+    await wait_until(lambda: any(r.get("message") == "dead letter stored" for r in svc.logs()), what="stored line")
+    warning = next(r for r in svc.logs() if r.get("message") == "dead-lettering message")
+    assert (warning["stream"], warning["stream_seq"], warning["detail"]) == (INPUT, seq, detail)
+    stored = next(r for r in svc.logs() if r.get("message") == "dead letter stored")
+    assert (stored["stream"], stored["stream_seq"], stored["dlq_stream"], stored["dlq_seq"]) == (
+        INPUT,
+        seq,
+        DLQ,
+        dead.seq,
+    )
+    assert "TAPE_ERROR" not in svc.output() and "fatal" not in svc.output()
+
+
+async def test_published_events_carry_request_id_and_traceparent(js, start_service) -> None:
+    await ensure_input(js)
+    svc = start_service()
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await js.publish("cdc.acme.messages", encode(body("messages", lsn=1)), headers={"traceparent": trace})
+    await feed(js, "cdc.acme.messages", body("messages", lsn=2, message_id="m2"))
+    assert await wait_count(js, OUTPUT, 2) == 2
+    traced, plain = await read_all(js, OUTPUT)
+    for msg in (traced, plain):
+        event_id = json.loads(msg.data)["event_id"]
+        assert msg.headers["X-Request-ID"] == request_id(event_id)
+    assert traced.headers["traceparent"] == trace
+    assert "traceparent" not in plain.headers
+    assert svc.alive()
