@@ -191,6 +191,7 @@ class Engine:
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
         self.totals: Counter[str] = Counter()
+        self.lag: float | None = None  # seconds from source commit to PubAck of the latest published event
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -580,7 +581,8 @@ class Engine:
                 outcome = send.outcome
                 if isinstance(outcome, Publish):
                     if outcome.commit_time is not None:
-                        self._metrics.lag.observe(max(0.0, wall - outcome.commit_time))
+                        self.lag = max(0.0, wall - outcome.commit_time)
+                        self._metrics.lag.observe(self.lag)
                     result = "duplicate" if send.duplicate else "published"
                     await self._settle(batch, send.index, "ack", outcome.table, result)
                 else:

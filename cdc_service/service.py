@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -75,6 +76,26 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def interval_figures(
+    current: Counter[str], previous: Counter[str], seconds: float, lag: float | None, backlog: int | None
+) -> dict[str, Any]:
+    """The summary line's figures for the interval since the previous one: counts and rates per second of handled
+    messages and of published events, the latest lag (source commit to PubAck) and the backlog."""
+    handled = sum(current.values()) - sum(previous.values())
+    published = current["published"] - previous["published"]
+    seconds = max(seconds, 1e-9)
+    return {
+        "interval_seconds": round(seconds, 1),
+        "interval_handled": handled,
+        "interval_published": published,
+        "interval_dead_lettered": current["dead_lettered"] - previous["dead_lettered"],
+        "handled_per_second": round(handled / seconds, 1),
+        "published_per_second": round(published / seconds, 1),
+        "lag_seconds": None if lag is None else round(lag, 3),
+        "backlog": backlog,
+    }
+
+
 class Service:
     """One replica. ``run()`` blocks in the main thread until SIGTERM/SIGINT or a fatal error; returns the exit code."""
 
@@ -106,6 +127,7 @@ class Service:
         self._js: JetStreamContext | None = None
         self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
         self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
+        self._backlog: int | None = None  # the durable's num_pending at the last consumer check
         self._intake: PushIntake | PullIntake | PartitionedIntake | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -343,7 +365,8 @@ class Service:
             info = await js.consumer_info(ingest.stream, ingest.durable)
             self._ack_floor = max(self._ack_floor, int(info.ack_floor.stream_seq or 0))
             self.metrics.ack_floor.set(self._ack_floor)
-            self.metrics.backlog.set(info.num_pending or 0)
+            self._backlog = int(info.num_pending or 0)
+            self.metrics.backlog.set(self._backlog)
             self._consumer_problem = None
             return
         except NotFoundError as exc:
@@ -365,9 +388,17 @@ class Service:
         log.info("durable consumer recreated", extra={"consumer": ingest.durable})
 
     async def _summarise(self) -> None:
+        previous: Counter[str] = Counter()
+        since = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.log.summary_interval)
-            log.info("summary", extra=self._totals())
+            now = time.monotonic()
+            extra = self._totals()
+            if self.engine is not None:
+                current = Counter(self.engine.totals)
+                extra.update(interval_figures(current, previous, now - since, self.engine.lag, self._backlog))
+                previous, since = current, now
+            log.info("summary", extra=extra)
 
     def _totals(self) -> dict[str, Any]:
         engine = self.engine

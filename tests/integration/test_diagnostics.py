@@ -110,3 +110,24 @@ async def test_published_events_carry_request_id_and_traceparent(js, start_servi
     assert traced.headers["traceparent"] == trace
     assert "traceparent" not in plain.headers
     assert svc.alive()
+
+
+async def test_summary_line_has_interval_rate_lag_and_backlog(js, start_service) -> None:
+    await ensure_input(js)
+    svc = start_service(**{"log.summary_interval": 0.5, "ingest.consumer_check_interval": 0.2})
+    for i in range(5):
+        await feed(js, "cdc.acme.messages", body("messages", lsn=i + 1, message_id=f"m{i}"))
+    assert await wait_count(js, OUTPUT, 5) == 5
+
+    def summed() -> int:
+        return sum(r.get("interval_published", 0) for r in svc.logs() if r.get("message") == "summary")
+
+    await wait_until(lambda: summed() == 5, what="summaries adding up to the 5 published events")
+    await wait_until(
+        lambda: any(r.get("message") == "summary" and r.get("backlog") == 0 for r in svc.logs()), what="backlog 0"
+    )
+    busy = next(r for r in svc.logs() if r.get("message") == "summary" and r.get("interval_published"))
+    assert busy["published_per_second"] > 0
+    assert busy["handled_per_second"] >= busy["published_per_second"]
+    assert isinstance(busy["lag_seconds"], float) and busy["lag_seconds"] >= 0
+    assert busy["interval_seconds"] > 0

@@ -67,3 +67,24 @@ def test_bad_operator_settings_name_the_key(raw: dict[str, object], key: str) ->
 def test_operator_setting_defaults() -> None:
     s = settings_from_mapping({})
     assert (s.log.format, s.http.read_timeout, s.http.max_connections) == ("json", 5.0, 512)
+
+
+def test_interval_figures() -> None:
+    from collections import Counter
+
+    from cdc_service.service import interval_figures
+
+    before = Counter({"published": 10, "skipped": 5})
+    after = Counter({"published": 40, "skipped": 5, "dead_lettered": 2})
+    figures = interval_figures(after, before, 10.0, 1.23456, 7)
+    assert figures == {
+        "interval_seconds": 10.0,
+        "interval_handled": 32,
+        "interval_published": 30,
+        "interval_dead_lettered": 2,
+        "handled_per_second": 3.2,
+        "published_per_second": 3.0,
+        "lag_seconds": 1.235,
+        "backlog": 7,
+    }
+    assert interval_figures(after, after, 10.0, None, None)["lag_seconds"] is None
