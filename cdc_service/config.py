@@ -326,7 +326,7 @@ DEFAULT_ROUTES: Mapping[str, Mapping[str, str]] = {
     "chats": {"pk": "chat_id", "subject": "wa.{company}.{agent_id}.chats"},
     "agents": {"pk": "agent_id", "subject": "wa.{company}.{agent_id}.agents"},
 }
-ROUTE_KEYS = ("pk", "subject")
+ROUTE_KEYS = ("pk", "subject", "columns")
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,10 @@ class Settings:
         for section in _SECTIONS:
             values = getattr(self, section)
             out[section] = {d.name: d.shown(getattr(values, d.name)) for d in _DECLARED[section]}
-        out["routes"] = {t: {"pk": r.pk, "subject": r.template} for t, r in self.routes.items()}
+        out["routes"] = {
+            t: {"pk": r.pk, "subject": r.template, **({"columns": sorted(r.columns)} if r.columns else {})}
+            for t, r in self.routes.items()
+        }
         return out
 
 
@@ -729,12 +732,33 @@ def _routes(raw: Any) -> dict[str, Route]:
             raise ConfigError(f"{key}.pk: a column name is required")
         if not isinstance(subject, str) or not subject:
             raise ConfigError(f"{key}.subject: a subject template is required")
+        columns = _columns(f"{key}.columns", spec.get("columns"))
         try:
-            routes[table] = compile_route(table, pk, subject)
+            routes[table] = compile_route(table, pk, subject, columns)
         except RouteError as exc:
-            # Name the key that holds the bad value: the table name itself, or its subject template.
-            raise ConfigError(f"{key if token_problem(table) else key + '.subject'}: {exc}") from None
+            # Name the key that holds the bad value: the table name itself, its columns or its subject template.
+            where = key if token_problem(table) else key + (".columns" if "columns" in str(exc) else ".subject")
+            raise ConfigError(f"{where}: {exc}") from None
     return routes
+
+
+def _columns(key: str, raw: Any) -> tuple[str, ...] | None:
+    """``routes.<table>.columns``: the columns the table's rows are expected to have (schema drift is counted against
+    them). A list, or as text a JSON list or a comma-separated string; unset means not checked."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                raw = json.loads(text)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a JSON list of strings or a comma-separated string") from None
+        else:
+            raw = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(raw, list | tuple) or not raw or not all(isinstance(c, str) and c for c in raw):
+        raise ConfigError(f"{key}: expected a non-empty list of column names")
+    return tuple(raw)
 
 
 def _lower(value: Any) -> Any:

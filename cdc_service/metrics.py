@@ -165,6 +165,20 @@ class Metrics:
             ["exception_type"],
             registry=registry,
         )
+        self.unhandled_fields = Counter(
+            "cdc_consumer_unhandled_fields_total",
+            "Rows of a routed table with a column its routes.<table>.columns does not list, by table and column "
+            '(at most 100 table/column series per replica, then field_name="other").',
+            ["table", "field_name"],
+            registry=registry,
+        )
+        self.missing_fields = Counter(
+            "cdc_consumer_missing_fields_total",
+            "Rows of a routed table without a column its routes.<table>.columns lists (deletes not counted), by table "
+            'and column (same cap as unhandled_fields, then field_name="other").',
+            ["table", "field_name"],
+            registry=registry,
+        )
         # Series exist from the start at 0, so rate() and increase() see the first event of each kind.
         for result in ("hit", "miss", "held", "error"):
             self.dedup_lookups.labels(result)

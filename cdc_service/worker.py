@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import simdjson
 
@@ -17,6 +18,65 @@ from cdc_service.metrics import Metrics
 from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.worker")
+
+MAX_DRIFT_SERIES = 100  # distinct (table, column) label pairs per replica; past it, field_name="other"
+OTHER = "other"
+_MAX_FIELD_LABEL = 64
+
+
+class ColumnDrift:
+    """Counts columns that appear in or vanish from a routed table's rows, and logs each (table, column) once.
+
+    Column names come from input: a runaway or hostile schema must not grow the series or the log without limit,
+    so past ``max_series`` distinct pairs (or for a name that is long or not printable) the count goes under
+    ``field_name="other"`` and one more warning says so. Thread-safe; the lock is taken only for a new pair.
+    """
+
+    def __init__(self, metrics: Metrics, max_series: int = MAX_DRIFT_SERIES) -> None:
+        self._counters = {"unexpected": metrics.unhandled_fields, "missing": metrics.missing_fields}
+        self._children: dict[tuple[str, str, str], Any] = {}
+        self._lock = threading.Lock()
+        self._max_series = max_series
+        self._named = 0
+        self._capped = False
+
+    def record(self, table: str, unexpected: Sequence[str], missing: Sequence[str]) -> None:
+        for change, names in (("unexpected", unexpected), ("missing", missing)):
+            for name in names:
+                child = self._children.get((change, table, name)) or self._child(change, table, name)
+                child.inc()
+
+    def _child(self, change: str, table: str, name: str) -> Any:
+        with self._lock:
+            child = self._children.get((change, table, name))
+            if child is not None:
+                return child
+            label = name if name != OTHER and len(name) <= _MAX_FIELD_LABEL and name.isprintable() else ""
+            if label and self._named < self._max_series:
+                self._named += 1
+                child = self._children[(change, table, name)] = self._counters[change].labels(table, label)
+                what = "appeared in" if change == "unexpected" else "is missing from"
+                log.warning(
+                    "schema drift: column %s rows of table %s",
+                    what,
+                    table,
+                    extra={"table": table, "field_name": label, "change": change},
+                )
+                return child
+            if not self._capped and label:
+                self._capped = True
+                log.warning(
+                    "schema drift: over %d distinct columns; further ones are counted as field_name=%s, not logged",
+                    self._max_series,
+                    OTHER,
+                    extra={"table": table},
+                )
+            # Not remembered by name: a flood of distinct names must not grow this dict either.
+            key = (change, table, OTHER)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._counters[change].labels(table, OTHER)
+            return child
 
 
 class BatchPreparer:
@@ -32,6 +92,7 @@ class BatchPreparer:
         self._metrics = metrics
         self._max_deliver = max_deliver
         self._local = threading.local()
+        self._drift = ColumnDrift(metrics)
 
     def _parser(self) -> simdjson.Parser:
         # A pysimdjson Parser is not thread-safe and its documents die at the next parse: one per worker thread.
@@ -52,6 +113,8 @@ class BatchPreparer:
                     outcome.request_id = request_id(outcome.event_id)
                     if msg.headers:
                         outcome.traceparent = traceparent(msg.headers)
+                    if outcome.drift is not None:
+                        self._drift.record(outcome.table, *outcome.drift)
                 outcomes.append(outcome)
             except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
                 table = self._builder.table_of(msg.subject)

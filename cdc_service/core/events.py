@@ -8,7 +8,7 @@ because a parser is not thread-safe and each worker thread owns one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -98,6 +98,12 @@ def json_problem(data: bytes, exc: BaseException) -> str:
         pass
     code = str(exc).split(":", 1)[0].strip()
     return f"body cannot be parsed: {_SIMDJSON_PLAIN.get(code, 'the parser refused it')}"
+
+
+def column_drift(columns: Iterable[str], expected: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns not expected, expected columns absent), each sorted."""
+    present = set(columns)
+    return tuple(sorted(present - expected)), tuple(sorted(expected - present))
 
 
 def commit_time(value: Any) -> float | None:
@@ -229,4 +235,9 @@ class EventBuilder:
             payload = orjson.dumps({**head, "row_data": record})
         except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
             raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
-        return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))
+        event = Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))
+        expected = route.columns
+        # One set comparison per event when a table lists its columns; deletes may carry only the replica identity.
+        if expected is not None and action != "delete" and record.keys() != expected:
+            event.drift = column_drift(record.keys(), expected)
+        return event

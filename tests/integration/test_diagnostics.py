@@ -131,3 +131,17 @@ async def test_summary_line_has_interval_rate_lag_and_backlog(js, start_service)
     assert busy["handled_per_second"] >= busy["published_per_second"]
     assert isinstance(busy["lag_seconds"], float) and busy["lag_seconds"] >= 0
     assert busy["interval_seconds"] > 0
+
+
+async def test_schema_drift_is_counted_and_logged_once(js, start_service) -> None:
+    await ensure_input(js)
+    columns = list(body("messages")["record"])
+    svc = start_service(**{"routes.messages.columns": columns})
+    for i in range(3):
+        await feed(js, "cdc.acme.messages", body("messages", lsn=i + 1, message_id=f"m{i}", edited_at="2026-01-01"))
+    assert await wait_count(js, OUTPUT, 3) == 3  # drift is reported, never a reason to hold an event back
+    labels = {"table": "messages", "field_name": "edited_at"}
+    await wait_until(lambda: svc.metric("cdc_consumer_unhandled_fields_total", labels) == 3, what="3 counted")
+    drift = [r for r in svc.logs() if r.get("message", "").startswith("schema drift")]
+    assert len(drift) == 1
+    assert (drift[0]["table"], drift[0]["field_name"], drift[0]["change"]) == ("messages", "edited_at", "unexpected")
