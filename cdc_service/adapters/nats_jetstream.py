@@ -119,11 +119,9 @@ class ConnectionState:
     def on_error(self, exc: Exception) -> None:
         """An error from nats-py: while not connected it is a failed attempt, logged with server, count and wait."""
         error = describe_error(exc, self._settings.connect_timeout)
-        client = self._client
-        if self.connected and client is not None and client.is_connected:
+        if self.connected:  # until nats-py reports the disconnect, an error is about the live connection
             log.warning("nats error", extra={"error": error})
             return
-        self.connected = False
         self.attempt += 1
         self.error = error
         self.url = self._failed_server()
