@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter as TallyCounter
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,11 +41,17 @@ class ColumnDrift:
         self._named = 0
         self._capped = False
 
-    def record(self, table: str, unexpected: Sequence[str], missing: Sequence[str]) -> None:
-        for change, names in (("unexpected", unexpected), ("missing", missing)):
-            for name in names:
-                child = self._children.get((change, table, name)) or self._child(change, table, name)
-                child.inc()
+    def record(self, drifts: Sequence[tuple[str, tuple[str, ...], tuple[str, ...]]]) -> None:
+        """Count one batch's ``(table, unexpected, missing)`` findings: one counter update per distinct column."""
+        counts: TallyCounter[tuple[str, str, str]] = TallyCounter()
+        for table, unexpected, missing in drifts:
+            for name in unexpected:
+                counts["unexpected", table, name] += 1
+            for name in missing:
+                counts["missing", table, name] += 1
+        for key, n in counts.items():
+            child = self._children.get(key) or self._child(*key)
+            child.inc(n)
 
     def _child(self, change: str, table: str, name: str) -> Any:
         with self._lock:
@@ -106,6 +113,7 @@ class BatchPreparer:
         plan = self._builder.plan
         outcomes: list[Outcome] = []
         redelivered = 0
+        drifts: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         for msg in messages:
             try:
                 outcome = plan(msg.subject, msg.data, parser)
@@ -114,7 +122,7 @@ class BatchPreparer:
                     if msg.headers:
                         outcome.traceparent = traceparent(msg.headers)
                     if outcome.drift is not None:
-                        self._drift.record(outcome.table, *outcome.drift)
+                        drifts.append((outcome.table, *outcome.drift))
                 outcomes.append(outcome)
             except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
                 table = self._builder.table_of(msg.subject)
@@ -128,6 +136,8 @@ class BatchPreparer:
                 redelivered += 1
         if redelivered:
             self._metrics.redeliveries.inc(redelivered)
+        if drifts:
+            self._drift.record(drifts)
         return self._drop_known_duplicates(outcomes)
 
     def _drop_known_duplicates(self, outcomes: list[Outcome]) -> list[Outcome]:

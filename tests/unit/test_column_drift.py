@@ -88,9 +88,8 @@ def test_label_set_is_capped_then_other(caplog: pytest.LogCaptureFixture) -> Non
     metrics = Metrics(CollectorRegistry())
     drift = ColumnDrift(metrics, max_series=3)
     with caplog.at_level(logging.WARNING, "cdc_service.worker"):
-        for i in range(1000):
-            drift.record("messages", [f"col_{i}"], [])
-        drift.record("messages", ["x" * 500, "bad\nname"], [])
+        drift.record([("messages", (f"col_{i}",), ()) for i in range(1000)])
+        drift.record([("messages", ("x" * 500, "bad\nname"), ())])
     families = {
         s.labels["field_name"] for s in metrics.unhandled_fields.collect()[0].samples if s.name.endswith("_total")
     }
