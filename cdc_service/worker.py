@@ -44,11 +44,11 @@ class ColumnDrift:
     def record(self, drifts: Sequence[tuple[str, tuple[str, ...], tuple[str, ...]]]) -> None:
         """Count one batch's ``(table, unexpected, missing)`` findings: one counter update per distinct column."""
         counts: TallyCounter[tuple[str, str, str]] = TallyCounter()
-        for table, unexpected, missing in drifts:
+        for (table, unexpected, missing), rows in TallyCounter(drifts).items():
             for name in unexpected:
-                counts["unexpected", table, name] += 1
+                counts["unexpected", table, name] += rows
             for name in missing:
-                counts["missing", table, name] += 1
+                counts["missing", table, name] += rows
         for key, n in counts.items():
             child = self._children.get(key) or self._child(*key)
             child.inc(n)

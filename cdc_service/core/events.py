@@ -22,6 +22,9 @@ ACTIONS = frozenset({"insert", "update", "delete", "read"})
 _ID_FIELDS_FIRST = ("agent_id", "message_id", "chat_id")
 _MAX_ID_BYTES = 256
 _SUBJECT_CACHE_SIZE = 10_000
+_DRIFT_CACHE_SIZE = 1_000
+_DRIFT_CACHE_COLUMNS = 256
+Drift = tuple[tuple[str, ...], tuple[str, ...]]  # (columns not expected, expected columns absent)
 
 
 def _missing(what: str) -> PoisonError:
@@ -100,7 +103,7 @@ def json_problem(data: bytes, exc: BaseException) -> str:
     return f"body cannot be parsed: {_SIMDJSON_PLAIN.get(code, 'the parser refused it')}"
 
 
-def column_drift(columns: Iterable[str], expected: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def column_drift(columns: Iterable[str], expected: frozenset[str]) -> Drift:
     """(columns not expected, expected columns absent), each sorted."""
     present = set(columns)
     return tuple(sorted(present - expected)), tuple(sorted(expected - present))
@@ -119,13 +122,14 @@ def commit_time(value: Any) -> float | None:
 class EventBuilder:
     """Decides the outcome of one inbound message from its subject and body."""
 
-    __slots__ = ("_layout", "_max_payload_bytes", "_routes", "_subjects")
+    __slots__ = ("_drifts", "_layout", "_max_payload_bytes", "_routes", "_subjects")
 
     def __init__(self, layout: SubjectLayout, routes: Mapping[str, Route], max_payload_bytes: int) -> None:
         self._layout = layout
         self._routes = dict(routes)
         self._max_payload_bytes = max_payload_bytes
         self._subjects: dict[str, SubjectInfo | str] = {}
+        self._drifts: dict[tuple[str, ...], Drift] = {}
 
     def _parse_subject(self, subject: str) -> SubjectInfo | str:
         # Subjects repeat (companies x tables), so their parse is remembered; the bound keeps a flood of distinct
@@ -239,5 +243,18 @@ class EventBuilder:
         expected = route.columns
         # One set comparison per event when a table lists its columns; deletes may carry only the replica identity.
         if expected is not None and action != "delete" and record.keys() != expected:
-            event.drift = column_drift(record.keys(), expected)
+            event.drift = self._drift_of(info.table, record, expected)
         return event
+
+    def _drift_of(self, table: str, record: dict[str, Any], expected: frozenset[str]) -> Drift:
+        # A drifting table sends the same shape row after row: work out each shape's drift once. Bounded memory:
+        # at most _DRIFT_CACHE_SIZE shapes of at most _DRIFT_CACHE_COLUMNS columns each.
+        if len(record) > _DRIFT_CACHE_COLUMNS:
+            return column_drift(record, expected)
+        shape = (table, *record)
+        drift = self._drifts.get(shape)
+        if drift is None:
+            if len(self._drifts) >= _DRIFT_CACHE_SIZE:
+                self._drifts.clear()
+            drift = self._drifts[shape] = column_drift(record, expected)
+        return drift
