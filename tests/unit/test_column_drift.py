@@ -117,3 +117,17 @@ def test_columns_from_a_comma_separated_string() -> None:
     settings = settings_from_mapping({"routes": {"messages": {"columns": " message_id, chat_id ,agent_id"}}})
     assert settings.routes["messages"].columns == {"message_id", "chat_id", "agent_id"}
     assert settings.masked()["routes"]["messages"]["columns"] == ["agent_id", "chat_id", "message_id"]
+
+
+def test_shape_cache_is_bounded_and_right() -> None:
+    settings = settings_from_mapping({"routes": {"messages": {"columns": EXPECTED}}})
+    builder = EventBuilder(settings.layout, settings.routes, settings.ingest.max_payload_bytes)
+    parser = simdjson.Parser()
+    for i in range(1500):
+        outcome = builder.plan("cdc.acme.messages", encode(_row(**{f"extra_{i}": 1})), parser)
+        assert isinstance(outcome, Publish) and outcome.drift == ((f"extra_{i}",), ())
+    wide = _row(**{f"c{i}": 1 for i in range(300)})
+    outcome = builder.plan("cdc.acme.messages", encode(wide), parser)
+    assert isinstance(outcome, Publish) and outcome.drift is not None and len(outcome.drift[0]) == 300
+    assert len(builder._drifts) <= 1000
+    assert all(len(shape) <= 257 for shape in builder._drifts)
