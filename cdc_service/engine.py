@@ -367,9 +367,7 @@ class Engine:
             if to_release:
                 self._release(to_release)
             for send in sends:
-                send.future = await self._publisher.publish(
-                    send.subject, send.payload, send.headers, detailed=type(send.outcome) is DeadLetter
-                )
+                send.future = await self._send(send)
             if sends:
                 self._spawn(self._finish(batch, sends))
 
@@ -524,6 +522,12 @@ class Engine:
             if renew:
                 await loop.run_in_executor(self._executor, self._dedup.claim, renew)
 
+    async def _send(self, send: _Send) -> asyncio.Future[PubAck]:
+        if type(send.outcome) is DeadLetter:
+            # Its PubAck is read in full: the dead-letter sequence goes into the `dead letter stored` line.
+            return await self._publisher.publish(send.subject, send.payload, send.headers, detailed=True)
+        return await self._publisher.publish(send.subject, send.payload, send.headers)
+
     def _event_headers_for(self, event: Publish) -> dict[str, str]:
         # Nats-Expected-Stream makes JetStream refuse the event if another stream captured the subject.
         headers = {
@@ -667,9 +671,7 @@ class Engine:
                     ):
                         with attempt:
                             for send in remaining:
-                                send.future = await self._publisher.publish(
-                                    send.subject, send.payload, send.headers, detailed=type(send.outcome) is DeadLetter
-                                )
+                                send.future = await self._send(send)
                             remaining = await self._await_acks(remaining)
                             if remaining:
                                 raise _StillFailing()
@@ -715,7 +717,7 @@ class Engine:
         """
         send = self._dead_letter_send(batch, index, outcome)
         if send is not None:
-            send.future = await self._publisher.publish(send.subject, send.payload, send.headers, detailed=True)
+            send.future = await self._send(send)
             failed = await self._await_acks([send])
             while failed and not self._stopping:
                 failed = await self._hold(failed)
