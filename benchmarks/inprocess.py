@@ -9,7 +9,7 @@ Two views of the same cases:
 
 Reports events/s of wall time and per core (events per CPU-second of this process).
 
-    python -m benchmarks.inprocess [--events 20000] [--json out.json]
+    python -m benchmarks.inprocess [--events 20000] [--json out.json] [--expect-columns]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from cdc_service.config import IngestSettings, PublishSettings, Settings
+from cdc_service.config import IngestSettings, PublishSettings, Settings, settings_from_mapping
 from cdc_service.core.events import EventBuilder
 from cdc_service.engine import Engine
 from cdc_service.metrics import Metrics
@@ -140,8 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--expect-columns",
+        action="store_true",
+        help="set routes.<table>.columns to the sample rows' columns (measures the schema drift check)",
+    )
     args = parser.parse_args(argv)
     base = Settings()
+    if args.expect_columns:
+        routes = {t: {"columns": list(_doc(0, t, "medium")["record"])} for t in TABLES}
+        base = settings_from_mapping({"routes": routes})
     # A failing output is held for max_hold before the nak; zero keeps the error case about our own cost.
     settings = replace(
         base,

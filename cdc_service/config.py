@@ -290,11 +290,22 @@ class WorkersSettings:
 class HttpSettings:
     host: str = setting("0.0.0.0", "Address of the probe and metrics listener.")
     port: int = setting(8080, "Port of the probe and metrics listener.", ge=1, le=65535)
+    read_timeout: float = setting(
+        5.0, "Seconds a client has to send its request and take the answer; then the connection is closed.", gt=0
+    )
+    max_connections: int = setting(
+        512, "Connections open at once on the probe port; past it new ones are closed unanswered.", gt=0
+    )
 
 
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", check=_log_level)
+    format: str = setting(
+        "json",
+        "`json` (one object per line, for containers) or `console` (one readable line, for a terminal; make run).",
+        choices=("json", "console"),
+    )
     summary_interval: float = setting(60.0, "Period of the one-line summary log.", gt=0)
 
 
@@ -315,7 +326,7 @@ DEFAULT_ROUTES: Mapping[str, Mapping[str, str]] = {
     "chats": {"pk": "chat_id", "subject": "wa.{company}.{agent_id}.chats"},
     "agents": {"pk": "agent_id", "subject": "wa.{company}.{agent_id}.agents"},
 }
-ROUTE_KEYS = ("pk", "subject")
+ROUTE_KEYS = ("pk", "subject", "columns")
 
 
 @dataclass(frozen=True)
@@ -345,7 +356,10 @@ class Settings:
         for section in _SECTIONS:
             values = getattr(self, section)
             out[section] = {d.name: d.shown(getattr(values, d.name)) for d in _DECLARED[section]}
-        out["routes"] = {t: {"pk": r.pk, "subject": r.template} for t, r in self.routes.items()}
+        out["routes"] = {
+            t: {"pk": r.pk, "subject": r.template, **({"columns": sorted(r.columns)} if r.columns else {})}
+            for t, r in self.routes.items()
+        }
         return out
 
 
@@ -718,12 +732,33 @@ def _routes(raw: Any) -> dict[str, Route]:
             raise ConfigError(f"{key}.pk: a column name is required")
         if not isinstance(subject, str) or not subject:
             raise ConfigError(f"{key}.subject: a subject template is required")
+        columns = _columns(f"{key}.columns", spec.get("columns"))
         try:
-            routes[table] = compile_route(table, pk, subject)
+            routes[table] = compile_route(table, pk, subject, columns)
         except RouteError as exc:
-            # Name the key that holds the bad value: the table name itself, or its subject template.
-            raise ConfigError(f"{key if token_problem(table) else key + '.subject'}: {exc}") from None
+            # Name the key that holds the bad value: the table name itself, its columns or its subject template.
+            where = key if token_problem(table) else key + (".columns" if "columns" in str(exc) else ".subject")
+            raise ConfigError(f"{where}: {exc}") from None
     return routes
+
+
+def _columns(key: str, raw: Any) -> tuple[str, ...] | None:
+    """``routes.<table>.columns``: the columns the table's rows are expected to have (schema drift is counted against
+    them). A list, or as text a JSON list or a comma-separated string; unset means not checked."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                raw = json.loads(text)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a JSON list of strings or a comma-separated string") from None
+        else:
+            raw = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(raw, list | tuple) or not raw or not all(isinstance(c, str) and c for c in raw):
+        raise ConfigError(f"{key}: expected a non-empty list of column names")
+    return tuple(raw)
 
 
 def _lower(value: Any) -> Any:

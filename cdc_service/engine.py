@@ -22,13 +22,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 from tenacity.stop import stop_base
 
 from cdc_service.config import Settings
+from cdc_service.core.correlation import CORRELATION_HEADER_BYTES, REQUEST_ID, TRACEPARENT, request_id
 from cdc_service.core.outcomes import (
     ClaimedElsewhere,
     DeadLetter,
@@ -43,7 +44,7 @@ from cdc_service.core.outcomes import (
 )
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
-from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count
+from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.engine")
 
@@ -93,7 +94,8 @@ class _Flight:
 _RECHECK_FIRST = 0.005  # a claim holder normally finishes (PubAck and marker) within a few ms
 _RECHECK_MAX = 0.25
 
-_HEADER_ROOM = 512  # Nats-Msg-Id and Nats-Expected-Stream count against the server's max_payload
+# Nats-Msg-Id, Nats-Expected-Stream and the correlation headers count against the server's max_payload.
+_HEADER_ROOM = 512 + CORRELATION_HEADER_BYTES
 
 
 class _StillFailing(Exception):
@@ -116,6 +118,15 @@ def _report_unexpected_end(task: asyncio.Task[None]) -> None:
         log.critical(
             "%s ended unexpectedly; liveness will fail once work is stuck", task.get_name(), exc_info=task.exception()
         )
+
+
+def _about(msg: InboundMessage, event_id: str = "") -> dict[str, Any]:
+    """Log fields that identify one message: its subject, source stream and sequence, and its event id when known."""
+    stream, seq = source_position(msg.reply)
+    fields: dict[str, Any] = {"subject": msg.subject, "stream": stream, "stream_seq": seq}
+    if event_id:
+        fields["event_id"] = event_id
+    return fields
 
 
 def _header_bytes(headers: dict[str, str]) -> int:
@@ -180,6 +191,7 @@ class Engine:
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
         self.totals: Counter[str] = Counter()
+        self.lag: float | None = None  # seconds from source commit to PubAck of the latest published event
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -225,7 +237,7 @@ class Engine:
                 if 0 < self._max_deliver <= delivery_count(msg.reply):
                     log.critical(
                         "handing back a message on its final delivery at shutdown; the server will not redeliver it",
-                        extra={"subject": msg.subject, "delivered": delivery_count(msg.reply)},
+                        extra={**_about(msg), "delivered": delivery_count(msg.reply)},
                     )
                 await self._settle(batch, index, "nak", "", "retried")
         # Claims released by holds that gave up: let them reach Redis before the pool is shut down, so another
@@ -325,6 +337,7 @@ class Engine:
                         event.table,
                         Reason.PAYLOAD_TOO_LARGE,
                         f"the event would be {len(event.payload)} bytes; the server accepts {limit}",
+                        event.event_id,
                     )
                     if event.claimed:
                         to_release.append(event.event_id)  # other copies need not wait for the claim to expire
@@ -354,7 +367,7 @@ class Engine:
             if to_release:
                 self._release(to_release)
             for send in sends:
-                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                send.future = await self._send(send)
             if sends:
                 self._spawn(self._finish(batch, sends))
 
@@ -509,9 +522,22 @@ class Engine:
             if renew:
                 await loop.run_in_executor(self._executor, self._dedup.claim, renew)
 
+    async def _send(self, send: _Send) -> asyncio.Future[PubAck]:
+        if type(send.outcome) is DeadLetter:
+            # Its PubAck is read in full: the dead-letter sequence goes into the `dead letter stored` line.
+            return await self._publisher.publish(send.subject, send.payload, send.headers, detailed=True)
+        return await self._publisher.publish(send.subject, send.payload, send.headers)
+
     def _event_headers_for(self, event: Publish) -> dict[str, str]:
         # Nats-Expected-Stream makes JetStream refuse the event if another stream captured the subject.
-        return {"Nats-Msg-Id": event.event_id, "Nats-Expected-Stream": self._output_stream}
+        headers = {
+            "Nats-Msg-Id": event.event_id,
+            "Nats-Expected-Stream": self._output_stream,
+            REQUEST_ID: event.request_id or request_id(event.event_id),
+        }
+        if event.traceparent:
+            headers[TRACEPARENT] = event.traceparent
+        return headers
 
     def _dead_letter_send(self, batch: _Batch, index: int, outcome: DeadLetter) -> _Send | None:
         dlq = self._settings.dlq
@@ -519,7 +545,7 @@ class Engine:
         metadata = msg.metadata
         seq = metadata.sequence.stream
         stream = metadata.stream
-        with bound(subject=msg.subject, table=outcome.table, stream_seq=seq, reason=outcome.reason.value):
+        with bound(**_about(msg, outcome.event_id), table=outcome.table, reason=outcome.reason.value):
             log.warning("dead-lettering message", extra={"detail": outcome.detail, "delivered": metadata.num_delivered})
         if not dlq.enabled:
             return None
@@ -559,10 +585,12 @@ class Engine:
                 outcome = send.outcome
                 if isinstance(outcome, Publish):
                     if outcome.commit_time is not None:
-                        self._metrics.lag.observe(max(0.0, wall - outcome.commit_time))
+                        self.lag = max(0.0, wall - outcome.commit_time)
+                        self._metrics.lag.observe(self.lag)
                     result = "duplicate" if send.duplicate else "published"
                     await self._settle(batch, send.index, "ack", outcome.table, result)
                 else:
+                    self._log_dead_letter_stored(batch.messages[send.index], send)
                     await self._settle(batch, send.index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
         except asyncio.CancelledError:
             raise
@@ -573,6 +601,13 @@ class Engine:
             self._marked([s.outcome.event_id for s in sends if isinstance(s.outcome, Publish)])
             for send in sends:
                 await self._settle(batch, send.index, "nak", "", "retried", delay=5.0)
+
+    def _log_dead_letter_stored(self, msg: InboundMessage, send: _Send) -> None:
+        """The one line that ties the source position, the event id and the dead-letter sequence together."""
+        assert isinstance(send.outcome, DeadLetter) and send.future is not None
+        ack = send.future.result()
+        with bound(**_about(msg, send.outcome.event_id), table=send.outcome.table, reason=send.outcome.reason.value):
+            log.info("dead letter stored", extra={"dlq_stream": ack.stream, "dlq_seq": ack.seq})
 
     async def _await_acks(self, sends: list[_Send]) -> list[_Send]:
         """Wait (bounded) for every PubAck; return the sends that failed or got no answer."""
@@ -614,9 +649,15 @@ class Engine:
             async with self._hold_lock:
                 if self._stopping or self._last_give_up > queued_at:
                     return failed
+                first = failed[0].outcome
                 log.warning(
                     "publish failed, holding and retrying",
-                    extra={"count": len(failed), "error": failed[0].error[:300], "max_hold": publish.max_hold},
+                    extra={
+                        "count": len(failed),
+                        "error": failed[0].error[:300],
+                        "max_hold": publish.max_hold,
+                        "first_event_id": first.event_id or None,
+                    },
                 )
                 remaining = failed
                 try:
@@ -630,7 +671,7 @@ class Engine:
                     ):
                         with attempt:
                             for send in remaining:
-                                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                                send.future = await self._send(send)
                             remaining = await self._await_acks(remaining)
                             if remaining:
                                 raise _StillFailing()
@@ -660,6 +701,8 @@ class Engine:
         if isinstance(send.outcome, DeadLetter):
             outcome = send.outcome  # the dead-letter stream itself failed: keep the original reason
         assert isinstance(outcome, DeadLetter)
+        if not outcome.event_id and send.outcome.event_id:
+            outcome = replace(outcome, event_id=send.outcome.event_id)
         await self._dead_letter_final(batch, send.index, outcome)
 
     async def _nak(self, batch: _Batch, index: int, outcome: Retry) -> None:
@@ -674,14 +717,14 @@ class Engine:
         """
         send = self._dead_letter_send(batch, index, outcome)
         if send is not None:
-            send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+            send.future = await self._send(send)
             failed = await self._await_acks([send])
             while failed and not self._stopping:
                 failed = await self._hold(failed)
             if failed:
                 log.critical(
                     "could not dead-letter a message on its final delivery; it remains only in the source stream",
-                    extra={"subject": batch.messages[index].subject, "reason": outcome.reason.value},
+                    extra={**_about(batch.messages[index], outcome.event_id), "reason": outcome.reason.value},
                 )
                 await self._settle(batch, index, "nak", outcome.table, "retried")
                 return
@@ -726,7 +769,7 @@ class Engine:
             else:
                 await msg.nak(delay=delay or None)
         except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
-            log.debug("could not %s message", action, extra={"error": str(exc)[:200], "subject": msg.subject})
+            log.debug("could not %s message", action, extra={"error": str(exc)[:200], **_about(msg)})
         now = time.monotonic()
         if action != "nak":
             self.last_settled = now

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 from cdc_service import __version__
 from cdc_service.core.outcomes import Reason
@@ -157,6 +165,20 @@ class Metrics:
             ["exception_type"],
             registry=registry,
         )
+        self.unhandled_fields = Counter(
+            "cdc_consumer_unhandled_fields_total",
+            "Rows of a routed table with a column its routes.<table>.columns does not list, by table and column "
+            '(at most 100 table/column series per replica, then field_name="other").',
+            ["table", "field_name"],
+            registry=registry,
+        )
+        self.missing_fields = Counter(
+            "cdc_consumer_missing_fields_total",
+            "Rows of a routed table without a column its routes.<table>.columns lists (deletes not counted), by table "
+            'and column (same cap as unhandled_fields, then field_name="other").',
+            ["table", "field_name"],
+            registry=registry,
+        )
         # Series exist from the start at 0, so rate() and increase() see the first event of each kind.
         for result in ("hit", "miss", "held", "error"):
             self.dedup_lookups.labels(result)
@@ -171,3 +193,10 @@ class Metrics:
             self.processing.labels(table)
             for result in RESULTS:
                 self.events.labels(table, result)
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """Add the standard process (``process_resident_memory_bytes``, ``process_cpu_seconds_total``, open fds), platform
+    (``python_info``) and GC (``python_gc_*``) collectors: what the memory and CPU sizing is checked against."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from cdc_service import __version__
 from cdc_service.adapters.nats_jetstream import (
+    ConnectionState,
     PipelinedPublisher,
     ProvisioningError,
     PullIntake,
@@ -39,7 +41,7 @@ from cdc_service.core.events import EventBuilder
 from cdc_service.core.partitions import MIN_SERVER, member_id, supports_partitions
 from cdc_service.engine import Engine
 from cdc_service.http import HealthServer
-from cdc_service.metrics import Metrics
+from cdc_service.metrics import Metrics, register_runtime_collectors
 from cdc_service.worker import BatchPreparer
 
 log = logging.getLogger("cdc_service.service")
@@ -75,6 +77,26 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def interval_figures(
+    current: Counter[str], previous: Counter[str], seconds: float, lag: float | None, backlog: int | None
+) -> dict[str, Any]:
+    """The summary line's figures for the interval since the previous one: counts and rates per second of handled
+    messages and of published events, the latest lag (source commit to PubAck) and the backlog."""
+    handled = sum(current.values()) - sum(previous.values())
+    published = current["published"] - previous["published"]
+    seconds = max(seconds, 1e-9)
+    return {
+        "interval_seconds": round(seconds, 1),
+        "interval_handled": handled,
+        "interval_published": published,
+        "interval_dead_lettered": current["dead_lettered"] - previous["dead_lettered"],
+        "handled_per_second": round(handled / seconds, 1),
+        "published_per_second": round(published / seconds, 1),
+        "lag_seconds": None if lag is None else round(lag, 3),
+        "backlog": backlog,
+    }
+
+
 class Service:
     """One replica. ``run()`` blocks in the main thread until SIGTERM/SIGINT or a fatal error; returns the exit code."""
 
@@ -87,6 +109,7 @@ class Service:
         self.settings = settings
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        register_runtime_collectors(self.registry)
         self.pool_size = settings.workers.resolved_pool_size(available_cpus())
         self.metrics.pool_size.set(self.pool_size)
         self.metrics.declare_tables(settings.routes)
@@ -106,15 +129,25 @@ class Service:
             on_error=lambda op: self.metrics.redis_errors.labels(op).inc(),
         )
         self._nc: Client | None = None
+        self._nats_state = ConnectionState(settings.nats)
         self._js: JetStreamContext | None = None
         self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
         self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
+        self._backlog: int | None = None  # the durable's num_pending at the last consumer check
         self._intake: PushIntake | PullIntake | PartitionedIntake | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
-        self.http = HealthServer(settings.http.host, settings.http.port, self.registry, self.liveness, self.readiness)
+        self.http = HealthServer(
+            settings.http.host,
+            settings.http.port,
+            self.registry,
+            self.liveness,
+            self.readiness,
+            read_timeout=settings.http.read_timeout,
+            max_connections=settings.http.max_connections,
+        )
 
     # ---------------------------------------------------------------------------------------------- main thread
 
@@ -226,10 +259,12 @@ class Service:
         nc = self._nc
         if self._stopping:
             return False, {**detail, "reason": "shutting down"}
-        if nc is None or not self._ready:
-            return False, {**detail, "reason": "starting"}
+        if nc is None:
+            return False, {**detail, "reason": self._nats_state.describe()}
         if not nc.is_connected:
-            return False, {**detail, "reason": "not connected to NATS"}
+            return False, {**detail, "reason": f"not connected to NATS: {self._nats_state.describe()}"}
+        if not self._ready:
+            return False, {**detail, "reason": "starting: connected to NATS, provisioning streams and the consumer"}
         if self._intake is None or not self._intake.active:
             return False, {**detail, "reason": "not bound to the consumer"}
         if self._consumer_problem is not None:
@@ -248,6 +283,7 @@ class Service:
             on_disconnected=self._on_disconnected,
             on_reconnected=self._on_reconnected,
             on_closed=self._on_closed,
+            state=self._nats_state,
         )
         self.metrics.nats_connected.set(1)
         partitioned = settings.ingest.ordering == "partitioned"
@@ -335,7 +371,8 @@ class Service:
             info = await js.consumer_info(ingest.stream, ingest.durable)
             self._ack_floor = max(self._ack_floor, int(info.ack_floor.stream_seq or 0))
             self.metrics.ack_floor.set(self._ack_floor)
-            self.metrics.backlog.set(info.num_pending or 0)
+            self._backlog = int(info.num_pending or 0)
+            self.metrics.backlog.set(self._backlog)
             self._consumer_problem = None
             return
         except NotFoundError as exc:
@@ -357,9 +394,17 @@ class Service:
         log.info("durable consumer recreated", extra={"consumer": ingest.durable})
 
     async def _summarise(self) -> None:
+        previous: Counter[str] = Counter()
+        since = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.log.summary_interval)
-            log.info("summary", extra=self._totals())
+            now = time.monotonic()
+            extra = self._totals()
+            if self.engine is not None:
+                current = Counter(self.engine.totals)
+                extra.update(interval_figures(current, previous, now - since, self.engine.lag, self._backlog))
+                previous, since = current, now
+            log.info("summary", extra=extra)
 
     def _totals(self) -> dict[str, Any]:
         engine = self.engine

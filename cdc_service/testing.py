@@ -79,7 +79,9 @@ class FakePublisher:
     attempts: int = 0
     _ids: set[str] = field(default_factory=set)
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
+    ) -> asyncio.Future[PubAck]:
         self.attempts += 1
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         if self.failing:

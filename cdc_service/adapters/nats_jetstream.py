@@ -68,27 +68,124 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
     return options
 
 
+def describe_error(exc: BaseException, connect_timeout: float) -> str:
+    """``Type: text`` for a log line; an exception without text (a black-holed host's ``TimeoutError``) says what
+    it means instead of leaving ``TimeoutError: ``."""
+    text = str(exc).strip()
+    if text:
+        return f"{type(exc).__name__}: {text}"[:300]
+    if isinstance(exc, TimeoutError):
+        return f"TimeoutError: no answer within nats.connect_timeout ({connect_timeout:g}s)"
+    return type(exc).__name__
+
+
+class ConnectionState:
+    """What the NATS connection is doing, for the log and ``/readyz``: written on the loop thread, read by probes.
+
+    nats-py reports each failed (re)connect attempt through ``error_cb`` without saying which server or which
+    attempt; this counts attempts since the last success and names the server whose attempt count moved.
+    """
+
+    def __init__(self, settings: NatsSettings) -> None:
+        self._settings = settings
+        self._client: Client | None = None
+        self._counts: dict[str, int] = {}
+        self.connected = False
+        self.attempt = 0  # failed attempts since the last successful connection
+        self.url = mask_url(settings.url[0]) if len(settings.url) == 1 else ""
+        self.error = ""
+
+    def describe(self) -> str:
+        """One phrase for ``/readyz``: the server and the last failure while not connected."""
+        servers = self.url or ", ".join(mask_url(u) for u in self._settings.url)
+        if self.connected:
+            return f"connected to NATS at {servers}"
+        if not self.attempt:
+            return f"connecting to NATS at {servers}"
+        return f"cannot connect to NATS at {servers} (attempt {self.attempt}: {self.error})"
+
+    def _failed_server(self) -> str:
+        client = self._client
+        if client is None or len(self._settings.url) == 1:
+            return self.url
+        moved = ""
+        for server in client.server_pool:
+            uri = server.uri.geturl()
+            if server.reconnects > self._counts.get(uri, 0):
+                moved = mask_url(uri)
+            self._counts[uri] = server.reconnects
+        return moved or ", ".join(mask_url(u) for u in self._settings.url)
+
+    def on_error(self, exc: Exception) -> None:
+        """An error from nats-py: while not connected it is a failed attempt, logged with server, count and wait."""
+        error = describe_error(exc, self._settings.connect_timeout)
+        if self.connected:  # until nats-py reports the disconnect, an error is about the live connection
+            log.warning("nats error", extra={"error": error})
+            return
+        self.attempt += 1
+        self.error = error
+        self.url = self._failed_server()
+        wait = self._settings.reconnect_wait
+        log.warning(
+            "cannot connect to NATS at %s (attempt %d, %s); next attempt in %gs",
+            self.url,
+            self.attempt,
+            error,
+            wait,
+            extra={"nats_url": self.url, "attempt": self.attempt, "error": error, "next_attempt_in": wait},
+        )
+
+    def on_connected(self, client: Client) -> None:
+        self._client = client
+        self.connected = True
+        self.attempt = 0
+        self.error = ""
+        url = client.connected_url
+        self.url = mask_url(url.geturl()) if url is not None else self.url
+
+    def on_disconnected(self) -> None:
+        self.connected = False
+
+
 async def connect(
     settings: NatsSettings,
     *,
     on_disconnected: Callable[[], Awaitable[None]],
     on_reconnected: Callable[[], Awaitable[None]],
     on_closed: Callable[[], Awaitable[None]],
+    state: ConnectionState | None = None,
 ) -> Client:
+    """Connect, retrying forever; ``state`` (when given) follows every attempt."""
+    state = state or ConnectionState(settings)
+    client = Client()
+    state._client = client
+
     async def error_cb(exc: Exception) -> None:
-        log.warning("nats error", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        state.on_error(exc)
+
+    async def disconnected_cb() -> None:
+        state.on_disconnected()
+        await on_disconnected()
+
+    async def reconnected_cb() -> None:
+        state.on_connected(client)
+        await on_reconnected()
 
     try:
-        return await nats.connect(
+        await client.connect(
             **connect_options(settings),
             error_cb=error_cb,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
             closed_cb=on_closed,
         )
     except Exception as exc:
         servers = ", ".join(mask_url(u) for u in settings.url)
-        raise ConnectionError(f"cannot connect to NATS at {servers}: {type(exc).__name__}: {exc}") from None
+        raise ConnectionError(
+            f"cannot connect to NATS at {servers}: {describe_error(exc, settings.connect_timeout)}"
+        ) from None
+    state.on_connected(client)
+    return client
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,6 +352,7 @@ class PipelinedPublisher:
         self._nc = nc
         self._prefix = f"_CDC_PUBACK.{NUID().next().decode()}."
         self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._detailed: set[str] = set()  # tokens whose PubAck is read in full (stream and sequence)
         self._tokens = itertools.count(1)
         self._sub: Any = None
 
@@ -269,10 +367,14 @@ class PipelinedPublisher:
     def max_payload(self) -> int:
         return int(self._nc.max_payload)
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
+    ) -> asyncio.Future[PubAck]:
         token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
+        if detailed:
+            self._detailed.add(token)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)  # type: ignore[arg-type]
         except Exception as exc:  # closed, draining, buffer full while reconnecting: the caller retries
@@ -283,13 +385,18 @@ class PipelinedPublisher:
     def sweep(self) -> None:
         for token in [t for t, f in self._futures.items() if f.done()]:
             del self._futures[token]
+            self._detailed.discard(token)
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        token = msg.subject[len(self._prefix) :]
+        future = self._futures.pop(token, None)
         if future is None or future.done():
             return
         data = msg.data
-        if b'"error"' not in data and data.startswith(b'{"stream"'):
+        detailed = bool(self._detailed) and token in self._detailed
+        if detailed:
+            self._detailed.discard(token)
+        if not detailed and b'"error"' not in data and data.startswith(b'{"stream"'):
             # The common case, read without a JSON parse: one reply per published event.
             duplicate = b'"duplicate": true' in data or b'"duplicate":true' in data  # the server writes the former
             future.set_result(_DUPLICATE if duplicate else _STORED)

@@ -7,7 +7,8 @@ because a parser is not thread-safe and each worker thread owns one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,9 @@ ACTIONS = frozenset({"insert", "update", "delete", "read"})
 _ID_FIELDS_FIRST = ("agent_id", "message_id", "chat_id")
 _MAX_ID_BYTES = 256
 _SUBJECT_CACHE_SIZE = 10_000
+_DRIFT_CACHE_SIZE = 1_000
+_DRIFT_CACHE_COLUMNS = 256
+Drift = tuple[tuple[str, ...], tuple[str, ...]]  # (columns not expected, expected columns absent)
 
 
 def _missing(what: str) -> PoisonError:
@@ -67,6 +71,44 @@ def _object(doc: Any, key: str) -> Any:
     return value
 
 
+# simdjson's codes, for what the standard parser accepts but simdjson does not; its own texts (e.g. "TAPE_ERROR ...
+# This is a fatal and unrecoverable error") alarm operators and give no position.
+_SIMDJSON_PLAIN = {
+    "BIGINT_ERROR": "an integer does not fit in 64 bits",
+    "NUMBER_ERROR": "a number is out of range",
+    "DEPTH_ERROR": "it is nested too deeply",
+}
+
+
+def json_problem(data: bytes, exc: BaseException) -> str:
+    """A plain reason for a body simdjson refused, with the byte offset where the standard parser stops.
+
+    Runs only for bad input, so the second parse costs nothing on the hot path. Never quotes the body.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"body is not valid UTF-8 at byte {bad.start}"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as bad:
+        where = len(text[: bad.pos].encode("utf-8"))
+        what = bad.msg[:1].lower() + bad.msg[1:]
+        return f"body is not valid JSON: {what} at byte {where} (line {bad.lineno}, column {bad.colno})"
+    except RecursionError:
+        return "body cannot be parsed: it is nested too deeply"
+    except ValueError:
+        pass
+    code = str(exc).split(":", 1)[0].strip()
+    return f"body cannot be parsed: {_SIMDJSON_PLAIN.get(code, 'the parser refused it')}"
+
+
+def column_drift(columns: Iterable[str], expected: frozenset[str]) -> Drift:
+    """(columns not expected, expected columns absent), each sorted."""
+    present = set(columns)
+    return tuple(sorted(present - expected)), tuple(sorted(expected - present))
+
+
 def commit_time(value: Any) -> float | None:
     """Unix seconds of an ISO 8601 ``commit_timestamp``, or ``None`` when it is absent or unreadable."""
     if not isinstance(value, str):
@@ -80,13 +122,14 @@ def commit_time(value: Any) -> float | None:
 class EventBuilder:
     """Decides the outcome of one inbound message from its subject and body."""
 
-    __slots__ = ("_layout", "_max_payload_bytes", "_routes", "_subjects")
+    __slots__ = ("_drifts", "_layout", "_max_payload_bytes", "_routes", "_subjects")
 
     def __init__(self, layout: SubjectLayout, routes: Mapping[str, Route], max_payload_bytes: int) -> None:
         self._layout = layout
         self._routes = dict(routes)
         self._max_payload_bytes = max_payload_bytes
         self._subjects: dict[str, SubjectInfo | str] = {}
+        self._drifts: dict[tuple[str, ...], Drift] = {}
 
     def _parse_subject(self, subject: str) -> SubjectInfo | str:
         # Subjects repeat (companies x tables), so their parse is remembered; the bound keeps a flood of distinct
@@ -127,7 +170,7 @@ class EventBuilder:
             # minifier for row_data, and no document can outlive the parser's next parse.
             doc = parser.parse(data, True)
         except (ValueError, RuntimeError, TypeError) as exc:  # pysimdjson: bad JSON, UTF-8, depth, big integers
-            raise PoisonError(Reason.INVALID_JSON, f"body is not valid JSON: {exc}"[:300]) from None
+            raise PoisonError(Reason.INVALID_JSON, json_problem(data, exc)) from None
         if not isinstance(doc, dict):
             raise PoisonError(Reason.INVALID_SHAPE, f"body must be a JSON object, got {_type_name(doc)}")
         record = _object(doc, "record")
@@ -196,4 +239,22 @@ class EventBuilder:
             payload = orjson.dumps({**head, "row_data": record})
         except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
             raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
-        return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))
+        event = Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))
+        expected = route.columns
+        # One set comparison per event when a table lists its columns; deletes may carry only the replica identity.
+        if expected is not None and action != "delete" and record.keys() != expected:
+            event.drift = self._drift_of(info.table, record, expected)
+        return event
+
+    def _drift_of(self, table: str, record: dict[str, Any], expected: frozenset[str]) -> Drift:
+        # A drifting table sends the same shape row after row: work out each shape's drift once. Bounded memory:
+        # at most _DRIFT_CACHE_SIZE shapes of at most _DRIFT_CACHE_COLUMNS columns each.
+        if len(record) > _DRIFT_CACHE_COLUMNS:
+            return column_drift(record, expected)
+        shape = (table, *record)
+        drift = self._drifts.get(shape)
+        if drift is None:
+            if len(self._drifts) >= _DRIFT_CACHE_SIZE:
+                self._drifts.clear()
+            drift = self._drifts[shape] = column_drift(record, expected)
+        return drift

@@ -413,11 +413,12 @@ TEXT_SETTINGS: dict[str, Any] = {
     "dlq.subject_prefix": "dead",
     "http.host": "::",
     "log.level": "DEBUG",
+    "log.format": "console",
 }
 ROUTES = {
     "messages": {"subject": "wa.{company}.{agent_id}.msg.{chat_id}"},
     "chats": False,
-    "contacts": {"pk": "contact_id", "subject": "wa.{company}.contacts"},
+    "contacts": {"pk": "contact_id", "subject": "wa.{company}.contacts", "columns": ["contact_id", "name"]},
 }
 SECRETS = {"nats": {"password": 'p"w\\d', "token": "tok"}, "redis": {"password": "rp"}}
 
@@ -477,6 +478,7 @@ def test_every_setting_is_reachable_through_values(tmp_path: Path, monkeypatch: 
     assert loaded.nats.password == SECRETS["nats"]["password"]
     assert loaded.nats.token == "tok"
     assert loaded.redis.password == "rp"
+    assert loaded.routes["contacts"].columns == {"contact_id", "name"}
     assert {t: (r.pk, r.template) for t, r in loaded.routes.items()} == {
         "messages": ("message_id", "wa.{company}.{agent_id}.msg.{chat_id}"),
         "agents": ("agent_id", "wa.{company}.{agent_id}.agents"),

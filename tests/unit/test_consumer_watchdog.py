@@ -40,7 +40,7 @@ class FakeJs:
 def _close_services() -> Iterator[None]:
     yield
     for service in _made:
-        service.http._server.server_close()  # bound in the constructor, never served
+        service.http.stop()  # bound in the constructor, never served
         service._executor.shutdown(wait=False)
         service._loop.close()
         service.dedup.close()

@@ -38,8 +38,10 @@ class Gated(FakePublisher):
         super().__init__()
         self.waiting: list[tuple[asyncio.Future[PubAck], asyncio.Future[PubAck]]] = []
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
-        answer = await super().publish(subject, payload, headers)
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **options: Any
+    ) -> asyncio.Future[PubAck]:
+        answer = await super().publish(subject, payload, headers, **options)
         held: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self.waiting.append((answer, held))
         return held

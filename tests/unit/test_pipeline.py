@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cdc_service.config import DlqSettings, HealthSettings, IngestSettings, PublishSettings, Settings
+from cdc_service.core.correlation import request_id
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import Outcome
 from cdc_service.engine import Engine
@@ -117,7 +118,9 @@ class FailingFor(FakePublisher):
         super().__init__()
         self.prefix = prefix
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+    ) -> asyncio.Future[PubAck]:
         self.failing = subject.startswith(self.prefix)
         return await super().publish(subject, payload, headers)
 
@@ -131,7 +134,9 @@ class Recovering(FakePublisher):
         self.failures = 0
         self._scheduled = False
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+    ) -> asyncio.Future[PubAck]:
         if self.failing:
             self.failures += 1
             if not self._scheduled:
@@ -175,9 +180,26 @@ async def test_published_events_and_headers(executor: ThreadPoolExecutor) -> Non
     ]
     for published, msg in zip(out, msgs, strict=True):
         payload = orjson.loads(published.payload)
-        assert published.headers == {"Nats-Msg-Id": payload["event_id"], "Nats-Expected-Stream": "wa_stream"}
+        assert published.headers == {
+            "Nats-Msg-Id": payload["event_id"],
+            "Nats-Expected-Stream": "wa_stream",
+            "X-Request-ID": request_id(payload["event_id"]),
+        }
         assert payload["row_data"] == orjson.loads(msg.data)["record"]
         assert msg.acked == 1
+
+
+async def test_traceparent_passes_through_when_well_formed(executor: ThreadPoolExecutor) -> None:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced, forged = message(seq=1), message(seq=2, lsn=7, message_id="other")
+    traced.headers = {"traceparent": trace}
+    forged.headers = {"traceparent": "00-not-a-trace\r\nX-Evil: 1"}
+    h = harness(executor)
+    await h.run([traced, forged])
+    out = h.publisher.published
+    assert out[0].headers["traceparent"] == trace
+    assert "traceparent" not in out[1].headers and "X-Evil" not in out[1].headers
+    assert out[0].headers["X-Request-ID"] != out[1].headers["X-Request-ID"]
 
 
 async def test_expected_stream_follows_settings(executor: ThreadPoolExecutor) -> None:
@@ -538,7 +560,9 @@ async def test_lost_puback_retry_counts_as_duplicate(executor: ThreadPoolExecuto
     class LosesFirstAck(FakePublisher):
         lost = False
 
-        async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        async def publish(
+            self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+        ) -> asyncio.Future[PubAck]:
             future = await super().publish(subject, payload, headers)
             if not self.lost:
                 self.lost = True
