@@ -41,6 +41,7 @@ from cdc_service.core.outcomes import (
     TransientError,
     decide_failure,
 )
+from cdc_service.core.subjects import dead_letter_subject, printable_subject, publishable_subject_problem
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
 from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count
@@ -328,6 +329,11 @@ class Engine:
                     )
                     if event.claimed:
                         to_release.append(event.event_id)  # other copies need not wait for the claim to expire
+                elif isinstance(event, Publish) and (problem := publishable_subject_problem(event.subject)):
+                    # A protocol line over the server's max_control_line closes the connection: never send one.
+                    outcome = DeadLetter(event.table, Reason.INVALID_SUBJECT_TOKEN, f"the event subject {problem}")
+                    if event.claimed:
+                        to_release.append(event.event_id)
                 if isinstance(outcome, Skip):
                     await self._settle(batch, index, "ack", outcome.table, "skipped")
                 elif isinstance(outcome, Duplicate):
@@ -519,7 +525,9 @@ class Engine:
         metadata = msg.metadata
         seq = metadata.sequence.stream
         stream = metadata.stream
-        with bound(subject=msg.subject, table=outcome.table, stream_seq=seq, reason=outcome.reason.value):
+        # A subject that is not UTF-8 arrives with its bad bytes as lone surrogates: headers and logs get it escaped.
+        source_subject, escaped = printable_subject(msg.subject)
+        with bound(subject=source_subject, table=outcome.table, stream_seq=seq, reason=outcome.reason.value):
             log.warning("dead-lettering message", extra={"detail": outcome.detail, "delivered": metadata.num_delivered})
         if not dlq.enabled:
             return None
@@ -528,13 +536,17 @@ class Engine:
             "Nats-Expected-Stream": dlq.stream,
             "Cdc-Error-Reason": outcome.reason.value,
             "Cdc-Error-Detail": _header_text(outcome.detail),
-            "Cdc-Source-Subject": msg.subject,
+            "Cdc-Source-Subject": source_subject,
             "Cdc-Source-Stream": stream,
             "Cdc-Source-Seq": str(seq),
             "Cdc-Delivered": str(metadata.num_delivered),
         }
+        if escaped:
+            headers["Cdc-Source-Subject-Escaped"] = "true"
         data = msg.data
-        subject = f"{dlq.subject_prefix}.{msg.subject}"
+        # The source subject itself when it can be published, else a hashed stand-in: a subject near the server's
+        # control-line limit, not UTF-8 or with a wildcard token must not close the connection or be refused.
+        subject = dead_letter_subject(dlq.subject_prefix, msg.subject)
         room = self._publisher.max_payload - _header_bytes(headers) - 64
         if len(data) > room:
             # The server closes the connection on a message larger than max_payload, headers included. Keep what

@@ -185,6 +185,17 @@ CASES: list[Case] = [
         "invalid_subject_token",
         wire=False,  # nats-py decodes subjects as strict UTF-8, so this reaches plan() only from Python
     ),
+    # Issue 9: a company token that makes dlq.<subject> longer than a protocol line may be (crashed the service), and
+    # one that is not UTF-8 (killed nats-py's read loop; it arrives with its bytes as lone surrogates). Fed raw by
+    # tests/integration/test_edges.py, which nats-py's publish cannot do.
+    Case("subject_4kb_company", "cdc." + "C" * 4040 + ".messages", b'{"record": null}', "missing_field", wire=False),
+    Case(
+        "subject_not_utf8",
+        "cdc.\udcff\udcfe.messages",
+        raw(record__company_id=...),
+        "invalid_subject_token",
+        wire=False,
+    ),
     Case("agent_id_dot", MSG, raw(record__agent_id="agent.1"), "invalid_subject_token"),
     Case("chat_id_star", MSG, raw(record__chat_id="chat-*"), "invalid_subject_token"),
     Case("agent_id_gt", MSG, raw(record__agent_id=">"), "invalid_subject_token"),

@@ -1,0 +1,164 @@
+"""Hostile subjects at the edges of the protocol, against real servers (issue: one hostile message must never crash,
+deafen or silently drop anything): a subject near the server's control-line limit, a subject that is not UTF-8,
+and a subject with a literal wildcard token. Each is followed by good events, which must all be published, while
+the bad one is dead-lettered with its reason and the service stays alive and ready."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from cdc_service.core.subjects import MAX_OUTBOUND_SUBJECT_BYTES
+from tests.integration.helpers import (
+    DLQ,
+    INPUT,
+    OUTPUT,
+    consumer_settled,
+    ensure_input,
+    feed,
+    payloads,
+    raw_publish,
+    read_all,
+    wait_count,
+)
+from tests.sequin import body, encode
+
+GOOD = "cdc.acme.messages"
+
+
+async def _feed_good(js: Any, n: int, tag: str) -> list[str]:
+    ids = []
+    for i in range(n):
+        await feed(js, GOOD, body("messages", message_id=f"{tag}-{i}"))
+        ids.append(f"{tag}-{i}")
+    return ids
+
+
+async def _assert_all_published_and_one_dead_letter(js: Any, svc: Any, good: list[str], reason: str) -> Any:
+    assert await wait_count(js, OUTPUT, len(good), timeout=15) >= len(good), svc.output()[-3000:]
+    assert await wait_count(js, DLQ, 1, timeout=15) >= 1, svc.output()[-3000:]
+    info = await consumer_settled(js)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    assert info.num_redelivered == 0
+    events = payloads(await read_all(js, OUTPUT))
+    assert sorted(e["row_data"]["message_id"] for e in events) == sorted(good)
+    letters = await read_all(js, DLQ)
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.headers["Cdc-Error-Reason"] == reason, letter.headers
+    assert len(letter.subject.encode()) <= MAX_OUTBOUND_SUBJECT_BYTES
+    assert svc.alive()
+    assert svc.get("/readyz")[0] == 200
+    assert svc.get("/healthz")[0] == 200
+    return letter
+
+
+async def test_subject_at_the_control_line_limit_is_dead_lettered_without_a_crash(js, nats_server, start_service):
+    await ensure_input(js)
+    svc = start_service()
+    subject = "cdc." + "C" * 4040 + ".messages"
+    raw_publish(nats_server.url, subject.encode(), b'{"record": null}')
+    good = await _feed_good(js, 5, "after-long")
+    letter = await _assert_all_published_and_one_dead_letter(js, svc, good, "missing_field")
+    assert letter.headers["Cdc-Source-Subject"] == subject
+    assert letter.data == b'{"record": null}'
+    assert svc.metric("cdc_consumer_nats_reconnects_total") == 0
+    assert "closed for good" not in svc.output()
+
+
+async def test_subject_that_is_not_utf8_is_dead_lettered_and_intake_keeps_running(js, nats_server, start_service):
+    await ensure_input(js)
+    svc = start_service()
+    data = encode(body("messages", message_id="bad-subject", company_id=None))
+    raw_publish(nats_server.url, b"cdc.\xff\xfe.messages", data)
+    good = await _feed_good(js, 5, "after-utf8")
+    letter = await _assert_all_published_and_one_dead_letter(js, svc, good, "invalid_subject_token")
+    assert letter.headers["Cdc-Source-Subject"] == "cdc.\\xff\\xfe.messages"
+    assert letter.headers["Cdc-Source-Subject-Escaped"] == "true"
+    assert letter.data == data
+    assert svc.metric("cdc_consumer_nats_reconnects_total") == 0
+
+
+async def test_subject_with_wildcard_tokens_is_delivered_and_dead_lettered(js, start_service):
+    await ensure_input(js)
+    svc = start_service()
+    good = []
+    for subject in ("cdc.>.messages", "cdc.*.messages", "cdc.acme.>"):
+        await feed(js, subject, body("messages", message_id="wild", company_id=None))
+        good += await _feed_good(js, 1, f"after-{subject}")
+    assert await wait_count(js, OUTPUT, len(good)) >= len(good), svc.output()[-3000:]
+    assert await wait_count(js, DLQ, 2) >= 2, svc.output()[-3000:]
+    info = await consumer_settled(js)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    assert info.delivered.consumer_seq == 6  # nothing skipped by the consumer's filter
+    assert svc.metric("cdc_consumer_events_total", {"result": "skipped"}) == 1  # table ">" has no route
+    letters = await read_all(js, DLQ)
+    assert sorted(m.headers["Cdc-Source-Subject"] for m in letters) == ["cdc.*.messages", "cdc.>.messages"]
+    for letter in letters:
+        assert letter.headers["Cdc-Error-Reason"] == "invalid_subject_token"
+        assert not {"*", ">"} & set(letter.subject.split(".")), letter.subject
+    assert svc.metric("cdc_consumer_dead_letters_total") == 2
+
+
+async def test_existing_filtered_durable_is_updated_to_receive_every_stored_message(js, start_service):
+    """A deployment from before this change has a durable filtered on the stream's own subjects; it is updated in
+    place (same name, same position) and then receives wildcard-token subjects too."""
+    await ensure_input(js)
+    old = ConsumerConfig(
+        durable_name="cdc_consumers",
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject="cdc.*.*",
+        deliver_subject="deliver.cdc_consumers",
+        deliver_group="cdc_consumers",
+        max_deliver=3,
+    )
+    await js.add_consumer(INPUT, old)
+    svc = start_service()
+    info = await js.consumer_info(INPUT, "cdc_consumers")
+    assert info.config.filter_subject == "cdc.>"
+    await feed(js, "cdc.>.messages", body("messages", message_id="wild", company_id=None))
+    good = await _feed_good(js, 2, "after-update")
+    assert await wait_count(js, OUTPUT, len(good)) >= len(good), repr(await js.consumer_info(INPUT, "cdc_consumers"))
+    assert await wait_count(js, DLQ, 1) >= 1, svc.output()[-3000:]
+
+
+async def test_restart_reading_brings_a_dead_read_loop_back(nats_server) -> None:
+    """The recovery the service runs when nats-py's read loop has ended: against a real server, a read loop killed by
+    an unexpected exception is seen as stopped, and after restart_reading the subscription receives again."""
+    from cdc_service.adapters.nats_jetstream import connect, read_loop_stopped, restart_reading
+    from cdc_service.config import NatsSettings
+    from tests.integration.helpers import wait_until
+
+    async def nothing() -> None:
+        return None
+
+    nc = await connect(
+        NatsSettings(url=(nats_server.url,)),
+        on_disconnected=nothing,
+        on_reconnected=nothing,
+        on_closed=nothing,
+    )
+    try:
+        received: list[bytes] = []
+
+        async def on_msg(msg: Any) -> None:
+            received.append(msg.data)
+
+        await nc.subscribe("edge.test", cb=on_msg)
+        parse = nc._ps.parse
+
+        async def broken(data: bytes = b"") -> None:
+            nc._ps.parse = parse  # fail once
+            raise RuntimeError("injected")
+
+        nc._ps.parse = broken
+        await nc.publish("edge.test", b"lost")
+        await wait_until(lambda: read_loop_stopped(nc), what="read loop stopped")
+        await restart_reading(nc)
+        await wait_until(lambda: nc.is_connected and not read_loop_stopped(nc), what="reconnected")
+        await nc.publish("edge.test", b"after")
+        await wait_until(lambda: b"after" in received, what="message after the restart")
+    finally:
+        await nc.close()
