@@ -68,7 +68,7 @@ def _message(i: int, table: str = "", size: str = "medium", raw: bytes | None = 
 
 def _duplicates() -> FakeDedupStore:
     store = FakeDedupStore()
-    store.marked.update(f"{i + 1}:messages:m{i}" for i in range(1_000_000))
+    store.marked.update(f"{i + 1}:chatdb:acme:messages:m{i}" for i in range(1_000_000))
     return store
 
 

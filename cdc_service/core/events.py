@@ -67,6 +67,31 @@ def _object(doc: Any, key: str) -> Any:
     return value
 
 
+def _id_part(text: str) -> str:
+    """One part of an event id: ``%``, ``:``, whitespace and every unprintable character (lone surrogates included)
+    percent-encoded as their UTF-8 bytes. Parts then never contain the ``:`` that joins them, so the id is injective;
+    and never start or end with whitespace, which nats-py strips from header values (``Nats-Msg-Id``)."""
+    if text.isprintable() and " " not in text and ":" not in text and "%" not in text:
+        return text
+    out = []
+    for char in text:
+        if char in "%: " or not char.isprintable():
+            out.append("".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def event_identity(database: str, company: str, table: str, pk: str, lsn: str) -> str:
+    """The event id, ``<lsn>:<database>:<company>:<table>:<pk>``: JetStream's ``Nats-Msg-Id`` and the Redis marker key.
+
+    Tenant and database are part of it because LSNs are per database and primary keys per table of one tenant's rows:
+    two different changes must never share a de-duplication key. ``lsn`` is digits, optionally ``.<digits>``; the
+    other parts are escaped by ``_id_part``, so distinct tuples always give distinct ids.
+    """
+    return f"{lsn}:{_id_part(database)}:{_id_part(company)}:{_id_part(table)}:{_id_part(pk)}"
+
+
 def commit_time(value: Any) -> float | None:
     """Unix seconds of an ISO 8601 ``commit_timestamp``, or ``None`` when it is absent or unreadable."""
     if not isinstance(value, str):
@@ -181,7 +206,15 @@ class EventBuilder:
                 raise PoisonError(Reason.INVALID_SHAPE, f"record.{name} is empty, too long or not printable")
             values[name] = text
 
-        event_id = f"{lsn}:{info.table}:{values[route.pk]}"
+        database = info.database
+        if database is None:
+            # The layout has no {database} token: Sequin names the source database in the metadata.
+            database = metadata.get("database_name")
+            if database is None:
+                database = ""
+            elif not isinstance(database, str) or len(database.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
+                raise PoisonError(Reason.INVALID_SHAPE, "metadata.database_name must be a string of at most 256 bytes")
+        event_id = event_identity(database, company, info.table, values[route.pk], lsn)
         head: dict[str, str] = {"event_id": event_id, "company_id": company}
         for name in _ID_FIELDS_FIRST:
             if name in values:

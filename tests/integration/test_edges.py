@@ -162,3 +162,38 @@ async def test_restart_reading_brings_a_dead_read_loop_back(nats_server) -> None
         await wait_until(lambda: b"after" in received, what="message after the restart")
     finally:
         await nc.close()
+
+
+async def test_changes_that_differ_only_in_pk_whitespace_tenant_or_database_are_all_published(
+    js, start_service, redis_client
+):
+    """Two different changes never share a de-duplication key: primary keys that differ by trailing whitespace
+    (nats-py strips header values), two tenants, and two databases with the same LSN and primary key."""
+    await ensure_input(js, ["cdc.>"])
+    svc = start_service(**{"ingest.subjects": ["cdc.>"]})
+    sent = [
+        ("cdc.acme.messages", body("messages", lsn=40000, message_id="k1")),
+        ("cdc.acme.messages", body("messages", lsn=40000, message_id="k1 ")),
+        ("cdc.globex.messages", body("messages", lsn=40000, message_id="k1", company_id="globex")),
+    ]
+    other_db = body("messages", lsn=40000, message_id="k1", company_id="initech")
+    other_db["metadata"]["database_name"] = "archive"
+    sent += [
+        ("cdc.initech.messages", body("messages", lsn=40000, message_id="k1", company_id="initech")),
+        ("cdc.initech.messages", other_db),
+    ]
+    for subject, doc in sent:
+        await feed(js, subject, doc)
+    assert await wait_count(js, OUTPUT, len(sent)) >= len(sent), svc.output()[-3000:]
+    info = await consumer_settled(js)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    events = payloads(await read_all(js, OUTPUT))
+    assert len(events) == len(sent)
+    assert len({e["event_id"] for e in events}) == len(sent)
+    assert sorted((e["company_id"], e["message_id"]) for e in events) == sorted(
+        (doc["record"]["company_id"], doc["record"]["message_id"]) for _, doc in sent
+    )
+    assert svc.metric("cdc_consumer_events_total", {"result": "duplicate"}) == 0
+    # Each has its own Redis marker, spelled exactly like its Nats-Msg-Id.
+    for event in events:
+        assert redis_client.exists(f"dedup:{event['event_id']}") == 1
