@@ -43,7 +43,7 @@ from cdc_service.core.outcomes import (
 )
 from cdc_service.core.subjects import dead_letter_subject, printable_subject, publishable_subject_problem
 from cdc_service.logs import bound
-from cdc_service.metrics import Metrics
+from cdc_service.metrics import OTHER_TABLE, Metrics
 from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count
 
 log = logging.getLogger("cdc_service.engine")
@@ -151,6 +151,7 @@ class Engine:
         self._batch_wait = settings.ingest.batch_wait_ms / 1000.0
         self._max_deliver = settings.ingest.max_deliver
         self._output_stream = settings.publish.stream
+        self._routed = frozenset(settings.routes)
         self._buffer: list[InboundMessage] = []
         self._buffer_started = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -729,6 +730,8 @@ class Engine:
         if index not in batch.open:
             return
         batch.open.discard(index)
+        if table not in self._routed:
+            table = OTHER_TABLE  # a metric label: unrouted table names come from input, so they share one
         msg = batch.messages[index]
         try:
             if action == "ack":

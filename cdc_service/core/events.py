@@ -162,14 +162,13 @@ class EventBuilder:
         if action is None:
             raise _missing("action")
         if not isinstance(action, str) or action not in ACTIONS:
-            shown = action if isinstance(action, str) else _type_name(action)
-            raise PoisonError(Reason.INVALID_SHAPE, f"action {shown!r:.60} is not one of {', '.join(sorted(ACTIONS))}")
+            # Details name the field and the kind of problem, never input text (they go to headers and logs).
+            kind = "a string that is" if isinstance(action, str) else _type_name(action) + ","
+            raise PoisonError(Reason.INVALID_SHAPE, f"action is {kind} not one of {', '.join(sorted(ACTIONS))}")
 
         table_name = metadata.get("table_name")
         if table_name is not None and table_name != info.table:
-            raise PoisonError(
-                Reason.TABLE_MISMATCH, f"metadata.table_name {str(table_name)!r:.80} differs from subject table"
-            )
+            raise PoisonError(Reason.TABLE_MISMATCH, "metadata.table_name differs from the subject's table")
 
         lsn_value = metadata.get("commit_lsn")
         if lsn_value is None:

@@ -133,6 +133,8 @@ CASES: list[Case] = [
     Case("commit_idx_negative", MSG, raw(metadata__commit_idx=-1), "invalid_shape"),
     Case("commit_idx_string", MSG, raw(metadata__commit_idx="0"), "invalid_shape"),
     Case("unknown_action", MSG, raw(action="upsert"), "invalid_shape"),
+    # Issue 9: the detail (a header and a log field) must not quote this text.
+    Case("action_long_body_text", MSG, raw(action="s3cr3t-canary" * 10), "invalid_shape"),
     Case("action_empty", MSG, raw(action=""), "invalid_shape"),
     Case("action_object", MSG, raw(action={"insert": True}), "invalid_shape"),
     Case("pk_float", MSG, raw(record__message_id=1.0), "invalid_shape"),
@@ -238,6 +240,8 @@ CASES: list[Case] = [
     Case("unrouted_table_garbage", "cdc.acme.users", b"\xff\xfe not json at all", SKIPPED),
     Case("table_case_differs", "cdc.acme.Messages", GOOD, SKIPPED),
     Case("unicode_table", "cdc.acme.méssages", b"[" * 10_000, SKIPPED),
+    # Issue 9: one of thousands of distinct unrouted names; counted under the one "<other>" table label.
+    Case("unrouted_table_distinct_name", "cdc.acme.unrouted_4999", GOOD, SKIPPED),
     # -------------------------------------------------------------------------------------------------- published
     Case(
         "unicode_ids",

@@ -197,3 +197,37 @@ async def test_changes_that_differ_only_in_pk_whitespace_tenant_or_database_are_
     # Each has its own Redis marker, spelled exactly like its Nats-Msg-Id.
     for event in events:
         assert redis_client.exists(f"dedup:{event['event_id']}") == 1
+
+
+async def test_unrouted_table_names_do_not_grow_the_metrics(js, start_service):
+    """Label values never come from input: many distinct unrouted tables share one ``table`` label."""
+    await ensure_input(js)
+    svc = start_service()
+    for i in range(60):
+        await feed(js, f"cdc.acme.unrouted_{i}", b"{}")
+    await feed(js, "cdc.acme.messages", body("messages", message_id="routed"))
+    assert await wait_count(js, OUTPUT, 1) >= 1
+    await consumer_settled(js)
+    _, text = svc.get("/metrics")
+    assert b"unrouted_" not in text
+    assert svc.metric("cdc_consumer_events_total", {"table": "<other>", "result": "skipped"}) == 60
+    assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "published"}) == 1
+
+
+async def test_dead_letter_headers_and_logs_quote_no_body_text(js, start_service):
+    await ensure_input(js)
+    svc = start_service()
+    canary = "s3cr3t-canary"
+    bad_action = body("messages", message_id="a1")
+    bad_action["action"] = canary
+    bad_table = body("messages", message_id="a2")
+    bad_table["metadata"]["table_name"] = canary
+    for doc in (bad_action, bad_table):
+        await feed(js, GOOD, doc)
+    assert await wait_count(js, DLQ, 2) >= 2, svc.output()[-3000:]
+    await consumer_settled(js)
+    for letter in await read_all(js, DLQ):
+        headers = {k: v for k, v in letter.headers.items() if k != "Cdc-Source-Subject"}
+        assert canary not in repr(headers), headers
+        assert letter.data is not None and canary.encode() in letter.data  # the original bytes are kept
+    assert canary not in svc.output()
