@@ -7,6 +7,8 @@ because a parser is not thread-safe and each worker thread owns one.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -21,6 +23,25 @@ ACTIONS = frozenset({"insert", "update", "delete", "read"})
 _ID_FIELDS_FIRST = ("agent_id", "message_id", "chat_id")
 _MAX_ID_BYTES = 256
 _SUBJECT_CACHE_SIZE = 10_000
+
+
+# A JSON number whose text a parse into int/float and a re-encode could change: a fraction, an exponent, or -0.
+# Searched in the raw body, strings included: a false match (a string that looks like one) only costs the exact path.
+# A number follows '":' (after a key), '[' or ',' (so a timestamp's "04:00:00.5" is not one).
+_INEXACT_NUMBER = re.compile(rb'(?:"\s*:|[\[,])\s*(?:-?\d+[.eE]|-0(?![\d.eE]))')
+
+
+def _exact_int(text: str) -> Any:
+    # Integers keep their text through int() and orjson, except "-0".
+    return orjson.Fragment(text) if text == "-0" else int(text)
+
+
+def exact_record(data: bytes) -> Any:
+    """``record`` of an already validated body with each non-integer number kept as its source text (an
+    ``orjson.Fragment``), so re-encoding it writes the numbers byte for byte (``1E2`` stays ``1E2``, a 30-digit
+    ``numeric`` keeps every digit). Duplicate keys resolve like the fast parse: the last one wins."""
+    doc = json.loads(data.decode("utf-8-sig"), parse_float=orjson.Fragment, parse_int=_exact_int)
+    return doc["record"]
 
 
 def _missing(what: str) -> PoisonError:
@@ -224,8 +245,16 @@ class EventBuilder:
         event_time = metadata.get("commit_timestamp")
         if isinstance(event_time, str):
             head["event_time"] = event_time
+        row_data = record
+        if _INEXACT_NUMBER.search(data) is not None:
+            # Through a double, 123456789012345678901234567890.5 would become 1.2345678901234568e+29: numeric
+            # columns (money, counters) must arrive as the source wrote them.
+            try:
+                row_data = exact_record(data)
+            except RecursionError:  # deeper than the stdlib parser goes; orjson would refuse it too
+                raise PoisonError(Reason.INVALID_JSON, "record is nested too deeply to re-encode") from None
         try:
-            payload = orjson.dumps({**head, "row_data": record})
+            payload = orjson.dumps({**head, "row_data": row_data})
         except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
             raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
         return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))

@@ -231,3 +231,15 @@ async def test_dead_letter_headers_and_logs_quote_no_body_text(js, start_service
         assert canary not in repr(headers), headers
         assert letter.data is not None and canary.encode() in letter.data  # the original bytes are kept
     assert canary not in svc.output()
+
+
+async def test_row_data_numbers_arrive_byte_for_byte(js, start_service):
+    await ensure_input(js)
+    svc = start_service()
+    data = encode(body("messages", message_id="numeric")).replace(
+        b'"id": 1', b'"id": 1, "amount": 123456789012345678901234567890.5, "rate": 1E2, "zero": -0'
+    )
+    await feed(js, GOOD, data)
+    assert await wait_count(js, OUTPUT, 1) >= 1, svc.output()[-3000:]
+    [event] = await read_all(js, OUTPUT)
+    assert b'"amount":123456789012345678901234567890.5,"rate":1E2,"zero":-0,' in event.data
