@@ -566,7 +566,8 @@ class Engine:
                 await self._give_up_send(batch, send)
             published = [s for s in sends if s.future is not None and not s.error]
             self._land(published, stored=True)
-            await self._mark([s.outcome.event_id for s in published if isinstance(s.outcome, Publish)])
+            events = [s.outcome for s in published if isinstance(s.outcome, Publish)]
+            await self._mark([e.event_id for e in events], [e.routing for e in events if e.routing is not None])
             wall = time.time()
             for send in published:
                 outcome = send.outcome
@@ -700,18 +701,27 @@ class Engine:
                 return
         await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
 
-    async def _mark(self, event_ids: list[str]) -> None:
-        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway.
+    async def _mark(self, event_ids: list[str], routing: list[tuple[str, str]] | None = None) -> None:
+        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway;
+        and the routing cache entries of the published rows (routes with ``routing_cache``).
 
         The in-flight table learns when the write really ended (``_marked``), also when that is after the timeout.
         """
         if not event_ids:
             return
-        write = asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.mark, event_ids)
+        write = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._write_markers, event_ids, routing or []
+        )
         write.add_done_callback(lambda _: self._marked(event_ids))
         done, _ = await asyncio.wait({write}, timeout=self._settings.dedup.mark_timeout)
         if not (done and write.result()):
             self._metrics.dedup_mark_errors.inc(len(event_ids))
+
+    def _write_markers(self, event_ids: list[str], routing: list[tuple[str, str]]) -> bool:
+        # A lost routing entry only means a later delete of that row is dead-lettered (replayable): best effort.
+        if routing:
+            self._dedup.remember_routes(routing)
+        return self._dedup.mark(event_ids)
 
     # ------------------------------------------------------------------------------------------------ settling
 

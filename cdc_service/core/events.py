@@ -141,6 +141,19 @@ def event_identity(database: str, company: str, table: str, pk: str, lsn: str) -
     return f"{lsn}:{_id_part(database)}:{_id_part(company)}:{_id_part(table)}:{_id_part(pk)}"
 
 
+def row_identity(database: str, company: str, table: str, pk: str) -> str:
+    """The routing cache's key for one row: ``<database>:<company>:<table>:<pk>``, parts escaped like the event id."""
+    return f"{_id_part(database)}:{_id_part(company)}:{_id_part(table)}:{_id_part(pk)}"
+
+
+class _NeedsRouting(PoisonError):
+    """A delete without its routing fields; poison unless the routing cache knows the row."""
+
+    def __init__(self, detail: str, routing_key: str) -> None:
+        super().__init__(Reason.MISSING_FIELD, detail)
+        self.routing_key = routing_key
+
+
 def commit_time(value: Any) -> float | None:
     """Unix seconds of an ISO 8601 ``commit_timestamp``, or ``None`` when it is absent or unreadable."""
     if not isinstance(value, str):
@@ -177,8 +190,13 @@ class EventBuilder:
         info = self._parse_subject(subject)
         return info.table if isinstance(info, SubjectInfo) else ""
 
-    def plan(self, subject: str, data: bytes, parser: Any) -> Outcome:
-        """Return the outcome for one message; never raises for any subject or body."""
+    def plan(self, subject: str, data: bytes, parser: Any, routing: Mapping[str, str] | None = None) -> Outcome:
+        """Return the outcome for one message; never raises for any subject or body.
+
+        A delete on a route with ``routing_cache`` that lacks subject fields is a ``DeadLetter`` (``missing_field``)
+        carrying its ``routing_key``: the caller looks the row up and plans it again with ``routing``, the remembered
+        fields (used only where the record has none).
+        """
         info = self._parse_subject(subject)
         if not isinstance(info, SubjectInfo):
             return DeadLetter("", Reason.INVALID_SUBJECT, info)
@@ -187,11 +205,15 @@ class EventBuilder:
             # F-2: unrouted tables are acknowledged without looking at the body.
             return Skip(info.table)
         try:
-            return self._build(info, route, data, parser)
+            return self._build(info, route, data, parser, routing)
+        except _NeedsRouting as exc:
+            return DeadLetter(info.table, exc.reason, exc.detail, exc.routing_key)
         except PoisonError as exc:
             return DeadLetter(info.table, exc.reason, exc.detail)
 
-    def _build(self, info: SubjectInfo, route: Route, data: bytes, parser: Any) -> Publish:
+    def _build(
+        self, info: SubjectInfo, route: Route, data: bytes, parser: Any, routing: Mapping[str, str] | None
+    ) -> Publish:
         if len(data) > self._max_payload_bytes:
             raise PoisonError(
                 Reason.PAYLOAD_TOO_LARGE, f"body is {len(data)} bytes, limit is {self._max_payload_bytes}"
@@ -242,18 +264,6 @@ class EventBuilder:
         if problem:
             raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"company {problem}")
 
-        values = {COMPANY: company}
-        for name in route.row_fields:
-            text = _id_text(record.get(name), f"record.{name}")
-            if name in route.subject_fields:
-                problem = token_problem(text)
-                if problem:
-                    raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"record.{name} {problem}")
-            elif not text or len(text.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES or not text.isprintable():
-                # The pk travels in the Nats-Msg-Id header and the Redis key: no control characters, bounded.
-                raise PoisonError(Reason.INVALID_SHAPE, f"record.{name} is empty, too long or not printable")
-            values[name] = text
-
         database = info.database
         if database is None:
             # The layout has no {database} token: Sequin names the source database in the metadata.
@@ -262,6 +272,30 @@ class EventBuilder:
                 database = ""
             elif not isinstance(database, str) or len(database.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
                 raise PoisonError(Reason.INVALID_SHAPE, "metadata.database_name must be a string of at most 256 bytes")
+
+        values = {COMPANY: company}
+        unrouted: list[str] = []  # subject fields a delete lacks (no REPLICA IDENTITY FULL): the routing cache has them
+        for name in route.row_fields:
+            value = record.get(name)
+            if value is None and name in route.subject_fields and name != route.pk:
+                if routing is not None and name in routing:
+                    value = routing[name]
+                elif route.routing_cache and action == "delete":
+                    unrouted.append(name)
+                    continue
+            text = _id_text(value, f"record.{name}")
+            if name in route.subject_fields:
+                problem = token_problem(text)
+                if problem:
+                    raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"record.{name} {problem}")
+            elif not text or len(text.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES or not text.isprintable():
+                # The pk travels in the Nats-Msg-Id header and the Redis key: no control characters, bounded.
+                raise PoisonError(Reason.INVALID_SHAPE, f"record.{name} is empty, too long or not printable")
+            values[name] = text
+        row_key = row_identity(database, company, info.table, values[route.pk]) if route.routing_cache else ""
+        if unrouted:
+            raise _NeedsRouting(f"record.{unrouted[0]} is missing or null (no cached routing for this row)", row_key)
+
         event_id = event_identity(database, company, info.table, values[route.pk], lsn)
         head: dict[str, str] = {"event_id": event_id, "company_id": company}
         for name in _ID_FIELDS_FIRST:
@@ -285,4 +319,10 @@ class EventBuilder:
             payload = orjson.dumps({**head, "row_data": row_data})
         except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
             raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
-        return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))
+        remembered = None
+        if row_key and action != "delete":
+            fields = {name: values[name] for name in route.subject_fields if name != route.pk}
+            remembered = (row_key, orjson.dumps(fields).decode())
+        return Publish(
+            info.table, event_id, route.subject(values), payload, commit_time(event_time), routing=remembered
+        )

@@ -62,6 +62,7 @@ class Publish:
     payload: bytes
     commit_time: float | None  # unix seconds of the source commit, for the lag metric
     claimed: bool = False  # this replica holds the Redis claim on event_id
+    routing: tuple[str, str] | None = None  # (row key, subject fields as JSON) to remember for the row's delete
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class DeadLetter:
     table: str
     reason: Reason
     detail: str
+    routing_key: str = ""  # a delete that lacks its routing fields: the row key to look up in the routing cache
 
 
 @dataclass(frozen=True, slots=True)

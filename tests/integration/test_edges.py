@@ -243,3 +243,44 @@ async def test_row_data_numbers_arrive_byte_for_byte(js, start_service):
     assert await wait_count(js, OUTPUT, 1) >= 1, svc.output()[-3000:]
     [event] = await read_all(js, OUTPUT)
     assert b'"amount":123456789012345678901234567890.5,"rate":1E2,"zero":-0,' in event.data
+
+
+def _delete_with_pk_only(message_id: str, lsn: int) -> dict[str, Any]:
+    """A Sequin delete of a table without REPLICA IDENTITY FULL: only the primary key, every other column null."""
+    doc = body("messages", lsn=lsn, action="delete", message_id=message_id)
+    doc["record"] = {k: (v if k == "message_id" else None) for k, v in doc["record"].items()}
+    return doc
+
+
+async def test_deletes_without_routing_fields_are_routed_from_the_routing_cache(js, start_service, redis_client):
+    await ensure_input(js)
+    svc = start_service(**{"routes.messages.routing_cache": True})
+    await feed(js, GOOD, body("messages", lsn=10, message_id="m1", agent_id="agent-7", chat_id="chat-9"))
+    assert await wait_count(js, OUTPUT, 1) >= 1, svc.output()[-3000:]
+    await consumer_settled(js)
+    await feed(js, GOOD, _delete_with_pk_only("m1", 11))
+    # Inserted and deleted back to back (one batch): routed from the fields seen moments before.
+    await feed(js, GOOD, body("messages", lsn=12, message_id="m3", agent_id="agent-8", chat_id="chat-3"))
+    await feed(js, GOOD, _delete_with_pk_only("m3", 13))
+    await feed(js, GOOD, _delete_with_pk_only("never-seen", 14))
+    assert await wait_count(js, OUTPUT, 4) >= 4, svc.output()[-3000:]
+    assert await wait_count(js, DLQ, 1) >= 1, svc.output()[-3000:]
+    await consumer_settled(js)
+    events = await read_all(js, OUTPUT)
+    by_id = {(m.subject, payloads([m])[0]["action"]) for m in events}
+    assert ("wa.acme.agent-7.messages.chat-9", "delete") in by_id
+    assert ("wa.acme.agent-8.messages.chat-3", "delete") in by_id
+    [letter] = await read_all(js, DLQ)
+    assert letter.headers["Cdc-Error-Reason"] == "missing_field"
+    assert redis_client.ttl("route:chatdb:acme:messages:m1") > 80_000  # dedup.routing_ttl, 1 day by default
+
+
+async def test_without_the_routing_cache_a_delete_lacking_routing_fields_is_dead_lettered(js, start_service):
+    await ensure_input(js)
+    svc = start_service(**{"routes.messages.routing_cache": False})
+    await feed(js, GOOD, body("messages", lsn=10, message_id="m1"))
+    await feed(js, GOOD, _delete_with_pk_only("m1", 11))
+    assert await wait_count(js, DLQ, 1) >= 1, svc.output()[-3000:]
+    assert await wait_count(js, OUTPUT, 1) >= 1
+    [letter] = await read_all(js, DLQ)
+    assert letter.headers["Cdc-Error-Reason"] == "missing_field"
