@@ -151,6 +151,14 @@ CASES: list[Case] = [
     Case("metadata_empty", MSG, raw(metadata={}), "missing_field"),
     Case("record_empty", MSG, raw(record={}), "missing_field"),
     Case("pk_null", MSG, raw(record__message_id=None), "missing_field"),
+    # Issue 9: a delete of a table without REPLICA IDENTITY FULL (only the pk). Dead-lettered with the default routes;
+    # with routes.messages.routing_cache it is routed from the cache (tests/integration/test_edges.py).
+    Case(
+        "delete_with_pk_only",
+        MSG,
+        enc({**doc(action="delete"), "record": {"message_id": "del-1", "agent_id": None, "chat_id": None}}),
+        "missing_field",
+    ),
     # ------------------------------------------------------------------------------------------- invalid_subject
     Case("subject_too_few_tokens", "cdc.messages", GOOD, "invalid_subject"),
     Case("subject_too_many_tokens", "cdc.acme.public.messages", GOOD, "invalid_subject"),
