@@ -148,7 +148,7 @@ async def test_each_table_is_published_once_with_msg_id(
     event = orjson.loads(msg.data)
     pk = {"messages": "msg-1", "chats": "chat-1", "agents": "agent-1"}[table]
     assert msg.subject == expected_subject
-    assert event["event_id"] == f"1632321:{table}:{pk}"
+    assert event["event_id"] == f"1632321:chatdb:acme:{table}:{pk}"
     assert msg.headers["Nats-Msg-Id"] == event["event_id"]
     assert event["company_id"] == "acme"
     assert {k: event[k] for k in ("agent_id", "message_id", "chat_id") if k in event} == ids
