@@ -66,9 +66,16 @@ def _message(i: int, table: str = "", size: str = "medium", raw: bytes | None = 
     return FakeMessage(f"cdc.acme.{table}", data, seq=i + 1)
 
 
+def _numeric(i: int) -> FakeMessage:
+    """A row with numeric columns written with a fraction or an exponent: row_data keeps their exact text."""
+    doc = _doc(i, "messages", "medium")
+    data = encode(doc).replace(b'"id": 1,', b'"id": 1, "amount": 12345678901234567890.25, "rate": 1E2, "ratio": 0.5,')
+    return FakeMessage("cdc.acme.messages", data, seq=i + 1)
+
+
 def _duplicates() -> FakeDedupStore:
     store = FakeDedupStore()
-    store.marked.update(f"{i + 1}:messages:m{i}" for i in range(1_000_000))
+    store.marked.update(f"{i + 1}:chatdb:acme:messages:m{i}" for i in range(1_000_000))
     return store
 
 
@@ -76,6 +83,7 @@ CASES = [
     Case("happy_path_medium", _message),
     Case("payload_small", lambda i: _message(i, size="small")),
     Case("payload_large", lambda i: _message(i, size="large")),
+    Case("numeric_columns", _numeric),
     Case("duplicate", lambda i: _message(i, "messages"), dedup=_duplicates, expect="duplicate"),
     Case("dedup_store_error", _message, dedup=lambda: FakeDedupStore(down=True)),
     Case("publish_error", _message, publisher=lambda: FakePublisher(failing=True), expect="retried"),

@@ -249,6 +249,10 @@ class DedupSettings:
         "shorter than ingest.ack_wait; 0 turns claims off (lookup only).",
         ge=0,
     )
+    routing_ttl: int = setting(
+        86400, "Lifetime in seconds of a routing cache entry (routes.<table>.routing_cache).", gt=0
+    )
+    routing_key_prefix: str = setting("route:", "Redis key prefix of the routing cache.")
 
 
 @dataclass(frozen=True)
@@ -326,7 +330,11 @@ DEFAULT_ROUTES: Mapping[str, Mapping[str, str]] = {
     "chats": {"pk": "chat_id", "subject": "wa.{company}.{agent_id}.chats"},
     "agents": {"pk": "agent_id", "subject": "wa.{company}.{agent_id}.agents"},
 }
-ROUTE_KEYS = ("pk", "subject", "columns")
+ROUTE_KEYS = ("pk", "subject", "columns", "routing_cache")
+
+# Whether a route keeps its rows' routing fields in Redis so that a delete carrying only the primary key (a table
+# without REPLICA IDENTITY FULL) can still be routed; per route with routes.<table>.routing_cache.
+ROUTING_CACHE_DEFAULT = False
 
 
 @dataclass(frozen=True)
@@ -343,7 +351,10 @@ class Settings:
     health: HealthSettings = field(default_factory=HealthSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     routes: Mapping[str, Route] = field(
-        default_factory=lambda: {t: compile_route(t, r["pk"], r["subject"]) for t, r in DEFAULT_ROUTES.items()}
+        default_factory=lambda: {
+            t: compile_route(t, r["pk"], r["subject"], routing_cache=ROUTING_CACHE_DEFAULT)
+            for t, r in DEFAULT_ROUTES.items()
+        }
     )
 
     @property
@@ -357,7 +368,12 @@ class Settings:
             values = getattr(self, section)
             out[section] = {d.name: d.shown(getattr(values, d.name)) for d in _DECLARED[section]}
         out["routes"] = {
-            t: {"pk": r.pk, "subject": r.template, **({"columns": sorted(r.columns)} if r.columns else {})}
+            t: {
+                "pk": r.pk,
+                "subject": r.template,
+                **({"columns": sorted(r.columns)} if r.columns else {}),
+                "routing_cache": r.routing_cache,
+            }
             for t, r in self.routes.items()
         }
         return out
@@ -728,13 +744,18 @@ def _routes(raw: Any) -> dict[str, Route]:
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(ROUTE_KEYS)}")
         pk, subject = spec.get("pk"), spec.get("subject")
+        routing_cache = spec.get("routing_cache", ROUTING_CACHE_DEFAULT)
+        if isinstance(routing_cache, str) and routing_cache.strip().lower() in _TRUE + _FALSE:
+            routing_cache = routing_cache.strip().lower() in _TRUE  # from an environment variable
+        if not isinstance(routing_cache, bool):
+            raise ConfigError(f"{key}.routing_cache: expected true or false, got {_kind_name(routing_cache)}")
         if not isinstance(pk, str) or not pk:
             raise ConfigError(f"{key}.pk: a column name is required")
         if not isinstance(subject, str) or not subject:
             raise ConfigError(f"{key}.subject: a subject template is required")
         columns = _columns(f"{key}.columns", spec.get("columns"))
         try:
-            routes[table] = compile_route(table, pk, subject, columns)
+            routes[table] = compile_route(table, pk, subject, columns, routing_cache=routing_cache)
         except RouteError as exc:
             # Name the key that holds the bad value: the table name itself, its columns or its subject template.
             where = key if token_problem(table) else key + (".columns" if "columns" in str(exc) else ".subject")

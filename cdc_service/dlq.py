@@ -48,6 +48,7 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 H_REASON = "Cdc-Error-Reason"
 H_DETAIL = "Cdc-Error-Detail"
 H_SOURCE_SUBJECT = "Cdc-Source-Subject"
+H_SOURCE_SUBJECT_ESCAPED = "Cdc-Source-Subject-Escaped"  # "true": the source subject was not printable UTF-8
 H_SOURCE_STREAM = "Cdc-Source-Stream"
 H_TRUNCATED = "Cdc-Body-Truncated"  # set by the engine when the original did not fit beside the headers
 H_SOURCE_SEQ = "Cdc-Source-Seq"
@@ -73,6 +74,7 @@ class DeadLetterEntry:
     stored_at: float | None  # unix seconds, from the stream's own timestamp
     data: bytes
     truncated_from: int | None = None  # original size when the body was cut to fit
+    subject_escaped: bool = False  # source_subject is an escaped rendering, not the subject's own bytes
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -113,6 +115,7 @@ def entry_from_message(
         stored_at=when,
         data=data or b"",
         truncated_from=_int_or_none(headers.get(H_TRUNCATED)),
+        subject_escaped=headers.get(H_SOURCE_SUBJECT_ESCAPED, "").strip() == "true",
     )
 
 
@@ -297,6 +300,8 @@ def replay_problem(entry: DeadLetterEntry, source_stream: str) -> str:
         return "no Cdc-Source-Subject header and the subject lacks the dead-letter prefix"
     if entry.source_stream and entry.source_stream != source_stream:
         return f"it came from stream {entry.source_stream}, not {source_stream} (ingest.stream)"
+    if entry.subject_escaped:
+        return "its source subject is not printable UTF-8 (shown escaped); it cannot be published again"
     if entry.truncated_from is not None:
         return (
             f"its body was cut from {entry.truncated_from} bytes to fit the dead-letter stream; the original is "

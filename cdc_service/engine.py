@@ -42,8 +42,9 @@ from cdc_service.core.outcomes import (
     TransientError,
     decide_failure,
 )
+from cdc_service.core.subjects import dead_letter_subject, printable_subject, publishable_subject_problem
 from cdc_service.logs import bound
-from cdc_service.metrics import Metrics
+from cdc_service.metrics import OTHER_TABLE, Metrics
 from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.engine")
@@ -123,7 +124,7 @@ def _report_unexpected_end(task: asyncio.Task[None]) -> None:
 def _about(msg: InboundMessage, event_id: str = "") -> dict[str, Any]:
     """Log fields that identify one message: its subject, source stream and sequence, and its event id when known."""
     stream, seq = source_position(msg.reply)
-    fields: dict[str, Any] = {"subject": msg.subject, "stream": stream, "stream_seq": seq}
+    fields: dict[str, Any] = {"subject": printable_subject(msg.subject)[0], "stream": stream, "stream_seq": seq}
     if event_id:
         fields["event_id"] = event_id
     return fields
@@ -161,6 +162,7 @@ class Engine:
         self._batch_wait = settings.ingest.batch_wait_ms / 1000.0
         self._max_deliver = settings.ingest.max_deliver
         self._output_stream = settings.publish.stream
+        self._routed = frozenset(settings.routes)
         self._buffer: list[InboundMessage] = []
         self._buffer_started = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -341,6 +343,13 @@ class Engine:
                     )
                     if event.claimed:
                         to_release.append(event.event_id)  # other copies need not wait for the claim to expire
+                elif isinstance(event, Publish) and (problem := publishable_subject_problem(event.subject)):
+                    # A protocol line over the server's max_control_line closes the connection: never send one.
+                    outcome = DeadLetter(
+                        event.table, Reason.INVALID_SUBJECT_TOKEN, f"the event subject {problem}", event.event_id
+                    )
+                    if event.claimed:
+                        to_release.append(event.event_id)
                 if isinstance(outcome, Skip):
                     await self._settle(batch, index, "ack", outcome.table, "skipped")
                 elif isinstance(outcome, Duplicate):
@@ -545,6 +554,8 @@ class Engine:
         metadata = msg.metadata
         seq = metadata.sequence.stream
         stream = metadata.stream
+        # A subject that is not UTF-8 arrives with its bad bytes as lone surrogates: headers and logs get it escaped.
+        source_subject, escaped = printable_subject(msg.subject)
         with bound(**_about(msg, outcome.event_id), table=outcome.table, reason=outcome.reason.value):
             log.warning("dead-lettering message", extra={"detail": outcome.detail, "delivered": metadata.num_delivered})
         if not dlq.enabled:
@@ -554,13 +565,17 @@ class Engine:
             "Nats-Expected-Stream": dlq.stream,
             "Cdc-Error-Reason": outcome.reason.value,
             "Cdc-Error-Detail": _header_text(outcome.detail),
-            "Cdc-Source-Subject": msg.subject,
+            "Cdc-Source-Subject": source_subject,
             "Cdc-Source-Stream": stream,
             "Cdc-Source-Seq": str(seq),
             "Cdc-Delivered": str(metadata.num_delivered),
         }
+        if escaped:
+            headers["Cdc-Source-Subject-Escaped"] = "true"
         data = msg.data
-        subject = f"{dlq.subject_prefix}.{msg.subject}"
+        # The source subject itself when it can be published, else a hashed stand-in: a subject near the server's
+        # control-line limit, not UTF-8 or with a wildcard token must not close the connection or be refused.
+        subject = dead_letter_subject(dlq.subject_prefix, msg.subject)
         room = self._publisher.max_payload - _header_bytes(headers) - 64
         if len(data) > room:
             # The server closes the connection on a message larger than max_payload, headers included. Keep what
@@ -579,7 +594,8 @@ class Engine:
                 await self._give_up_send(batch, send)
             published = [s for s in sends if s.future is not None and not s.error]
             self._land(published, stored=True)
-            await self._mark([s.outcome.event_id for s in published if isinstance(s.outcome, Publish)])
+            events = [s.outcome for s in published if isinstance(s.outcome, Publish)]
+            await self._mark([e.event_id for e in events], [e.routing for e in events if e.routing is not None])
             wall = time.time()
             for send in published:
                 outcome = send.outcome
@@ -730,18 +746,27 @@ class Engine:
                 return
         await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
 
-    async def _mark(self, event_ids: list[str]) -> None:
-        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway.
+    async def _mark(self, event_ids: list[str], routing: list[tuple[str, str]] | None = None) -> None:
+        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway;
+        and the routing cache entries of the published rows (routes with ``routing_cache``).
 
         The in-flight table learns when the write really ended (``_marked``), also when that is after the timeout.
         """
         if not event_ids:
             return
-        write = asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.mark, event_ids)
+        write = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._write_markers, event_ids, routing or []
+        )
         write.add_done_callback(lambda _: self._marked(event_ids))
         done, _ = await asyncio.wait({write}, timeout=self._settings.dedup.mark_timeout)
         if not (done and write.result()):
             self._metrics.dedup_mark_errors.inc(len(event_ids))
+
+    def _write_markers(self, event_ids: list[str], routing: list[tuple[str, str]]) -> bool:
+        # A lost routing entry only means a later delete of that row is dead-lettered (replayable): best effort.
+        if routing:
+            self._dedup.remember_routes(routing)
+        return self._dedup.mark(event_ids)
 
     # ------------------------------------------------------------------------------------------------ settling
 
@@ -760,6 +785,8 @@ class Engine:
         if index not in batch.open:
             return
         batch.open.discard(index)
+        if table not in self._routed:
+            table = OTHER_TABLE  # a metric label: unrouted table names come from input, so they share one
         msg = batch.messages[index]
         try:
             if action == "ack":

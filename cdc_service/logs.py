@@ -90,5 +90,6 @@ def configure(level: str, stream: Any = None, fmt: str = "json") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # nats-py logs every reconnect attempt at ERROR through its own error_cb path; ours reports them once.
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    # The service passes its own error_cb, so nats-py's logger only speaks when something is wrong inside the
+    # client (e.g. its read loop ended on an exception): those must be seen.
+    logging.getLogger("nats").setLevel(logging.WARNING)

@@ -19,6 +19,9 @@ from cdc_service.core.outcomes import Reason
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RESULTS = ("published", "duplicate", "skipped", "dead_lettered", "retried")
+# The ``table`` label of every table without a route (and of subjects that name none): label values come from a
+# bounded set, never from input. ">" cannot be in a routed table's name, so this never names a real route.
+OTHER_TABLE = "<other>"
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
@@ -188,8 +191,8 @@ class Metrics:
             self.dead_letters.labels(reason.value)
 
     def declare_tables(self, tables: Iterable[str]) -> None:
-        """Create the per-table series of the routed tables at 0."""
-        for table in tables:
+        """Create the per-table series of the routed tables (and of all others together) at 0."""
+        for table in [*tables, OTHER_TABLE]:
             self.processing.labels(table)
             for result in RESULTS:
                 self.events.labels(table, result)

@@ -48,6 +48,13 @@ class DedupStore(Protocol):
     def mark(self, event_ids: Sequence[str]) -> bool:
         """Remember ids whose publish was acknowledged; ``False`` when that did not happen."""
 
+    def routes(self, keys: Sequence[str]) -> list[str | None] | None:
+        """The routing fields remembered for each row key (JSON text, ``None`` when unknown); ``None`` when the store
+        cannot be asked."""
+
+    def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
+        """Remember ``(row key, routing fields as JSON)`` pairs for ``dedup.routing_ttl``; ``False`` on failure."""
+
     @property
     def available(self) -> bool:
         """False while the store is known to be unreachable."""

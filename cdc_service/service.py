@@ -33,6 +33,8 @@ from cdc_service.adapters.nats_jetstream import (
     connect,
     ensure_consumer,
     provision,
+    read_loop_stopped,
+    restart_reading,
 )
 from cdc_service.adapters.nats_partitions import PartitionedIntake, ensure_partitioned_stream
 from cdc_service.adapters.redis_dedup import RedisDedupStore
@@ -119,6 +121,7 @@ class Service:
         self._ready = False
         self._loop_tick = time.monotonic()
         self._unhealthy = False  # liveness already reported failing (log the critical line once per episode)
+        self._read_loop_stopped_at: float | None = None  # when nats-py's read loop was first seen ended
         self._loop = _new_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="cdc-loop", daemon=True)
         self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix="cdc-worker")
@@ -139,6 +142,7 @@ class Service:
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
         self.http = HealthServer(
             settings.http.host,
             settings.http.port,
@@ -240,8 +244,11 @@ class Service:
         so the restart the orchestrator is about to do has its reason in the log."""
         now = time.monotonic()
         reason = ""
+        stopped_at = self._read_loop_stopped_at
         if now - self._loop_tick > _LOOP_STALE_AFTER:
             reason = f"event loop has not run for {now - self._loop_tick:.0f}s"
+        elif stopped_at is not None and now - stopped_at > _LOOP_STALE_AFTER:
+            reason = f"the NATS read loop stopped {now - stopped_at:.0f}s ago and reconnecting has not restarted it"
         elif self.engine is not None and self.engine.stalled(now):
             engine = self.engine
             reason = f"{engine.inflight} messages pending and nothing acked for {now - engine.last_settled:.0f}s"
@@ -263,6 +270,8 @@ class Service:
             return False, {**detail, "reason": self._nats_state.describe()}
         if not nc.is_connected:
             return False, {**detail, "reason": f"not connected to NATS: {self._nats_state.describe()}"}
+        if self._read_loop_stopped_at is not None:
+            return False, {**detail, "reason": "NATS read loop stopped"}
         if not self._ready:
             return False, {**detail, "reason": "starting: connected to NATS, provisioning streams and the consumer"}
         if self._intake is None or not self._intake.active:
@@ -344,7 +353,20 @@ class Service:
         """Proves to the liveness probe that the loop runs; nothing here may block or wait on other work."""
         while True:
             self._loop_tick = time.monotonic()
+            self._check_read_loop()
             await asyncio.sleep(1.0)
+
+    def _check_read_loop(self) -> None:
+        """A connection whose read loop has ended receives nothing while looking connected: reconnect at once (a new
+        read loop), and fail readiness now and liveness if that does not help."""
+        nc = self._nc
+        if nc is None or self._stopping or not read_loop_stopped(nc):
+            self._read_loop_stopped_at = None
+            return
+        if self._read_loop_stopped_at is None:
+            self._read_loop_stopped_at = time.monotonic()
+            log.error("the NATS read loop stopped; reconnecting")
+            self._reconnecting = asyncio.get_running_loop().create_task(restart_reading(nc), name="cdc-restart-read")
 
     async def _probe_redis(self) -> None:
         loop = asyncio.get_running_loop()

@@ -110,6 +110,7 @@ class FakeDedupStore:
     marked: set[str] = field(default_factory=set)
     claims: dict[str, str] = field(default_factory=dict)
     token: str = "replica-a"
+    routing: dict[str, str] = field(default_factory=dict)  # row key -> routing fields (JSON)
     down: bool = False
     claims_on: bool = True
     lookups: int = 0
@@ -161,6 +162,17 @@ class FakeDedupStore:
         self.marked.update(event_ids)
         for event_id in event_ids:  # the marker replaces the claim
             self.claims.pop(event_id, None)
+        return True
+
+    def routes(self, keys: Sequence[str]) -> list[str | None] | None:
+        if self.down:
+            return None
+        return [self.routing.get(key) for key in keys]
+
+    def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
+        if self.down:
+            return False
+        self.routing.update(entries)
         return True
 
 

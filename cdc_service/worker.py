@@ -9,16 +9,26 @@ from collections import Counter as TallyCounter
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import simdjson
 
 from cdc_service.core.correlation import request_id, traceparent
 from cdc_service.core.events import EventBuilder
-from cdc_service.core.outcomes import ClaimedElsewhere, Duplicate, Outcome, Publish, decide_failure
+from cdc_service.core.outcomes import (
+    ClaimedElsewhere,
+    DeadLetter,
+    Duplicate,
+    Outcome,
+    Publish,
+    TransientError,
+    decide_failure,
+)
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
 from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.worker")
+_RECENT_ROUTING_SIZE = 10_000  # routing fields of rows planned lately, for deletes that follow them closely
 
 MAX_DRIFT_SERIES = 100  # distinct (table, column) label pairs per replica; past it, field_name="other"
 OTHER = "other"
@@ -86,6 +96,13 @@ class ColumnDrift:
             return child
 
 
+def _correlate(event: Publish, msg: InboundMessage) -> None:
+    # X-Request-ID from the event id (the same on every retry); the source's traceparent passed through.
+    event.request_id = request_id(event.event_id)
+    if msg.headers:
+        event.traceparent = traceparent(msg.headers)
+
+
 class BatchPreparer:
     """Callable run in the pool: ``outcomes = preparer(messages)``, one outcome per message, in order.
 
@@ -100,6 +117,7 @@ class BatchPreparer:
         self._max_deliver = max_deliver
         self._local = threading.local()
         self._drift = ColumnDrift(metrics)
+        self._recent_routing: dict[str, str] = {}
 
     def _parser(self) -> simdjson.Parser:
         # A pysimdjson Parser is not thread-safe and its documents die at the next parse: one per worker thread.
@@ -118,9 +136,7 @@ class BatchPreparer:
             try:
                 outcome = plan(msg.subject, msg.data, parser)
                 if type(outcome) is Publish:
-                    outcome.request_id = request_id(outcome.event_id)
-                    if msg.headers:
-                        outcome.traceparent = traceparent(msg.headers)
+                    _correlate(outcome, msg)
                     if outcome.drift is not None:
                         drifts.append((outcome.table, *outcome.drift))
                 outcomes.append(outcome)
@@ -138,7 +154,54 @@ class BatchPreparer:
             self._metrics.redeliveries.inc(redelivered)
         if drifts:
             self._drift.record(drifts)
+        self._route_from_cache(messages, outcomes, parser)
         return self._drop_known_duplicates(outcomes)
+
+    def _route_from_cache(self, messages: Sequence[InboundMessage], outcomes: list[Outcome], parser: Any) -> None:
+        """Deletes that lack their routing fields: plan them again with the fields remembered for their row (one
+        lookup for the batch). Unknown rows stay dead letters; an unreachable store is retried like any outage."""
+        recent = self._recent_routing
+        for outcome in outcomes:
+            if isinstance(outcome, Publish) and outcome.routing is not None:
+                if len(recent) >= _RECENT_ROUTING_SIZE:
+                    recent.clear()
+                key, fields = outcome.routing
+                recent[key] = fields
+        positions = [i for i, o in enumerate(outcomes) if isinstance(o, DeadLetter) and o.routing_key]
+        if not positions:
+            return
+        keys = [outcomes[i].routing_key for i in positions]  # type: ignore[union-attr]
+        # The row's insert may be in this batch or one still in flight, before its entry reaches Redis.
+        found = [recent.get(key) for key in keys]
+        unknown = [j for j, value in enumerate(found) if value is None]
+        store_failed = False
+        if unknown:
+            answers = self._dedup.routes([keys[j] for j in unknown])
+            if answers is None:
+                store_failed = True
+            else:
+                for j, value in zip(unknown, answers, strict=True):
+                    found[j] = value
+        for i, remembered in zip(positions, found, strict=True):
+            msg = messages[i]
+            if remembered is None:
+                if store_failed:
+                    outcomes[i] = decide_failure(
+                        TransientError("the routing cache is unavailable"),
+                        table=outcomes[i].table,
+                        num_delivered=delivery_count(msg.reply),
+                        max_deliver=self._max_deliver,
+                    )
+                continue  # not remembered: stays a dead letter
+            try:
+                routing = orjson.loads(remembered)
+            except orjson.JSONDecodeError:
+                continue  # not an entry this service wrote: stays a dead letter
+            if isinstance(routing, dict):
+                replanned = self._builder.plan(msg.subject, msg.data, parser, routing)
+                if type(replanned) is Publish:
+                    _correlate(replanned, msg)
+                outcomes[i] = replanned
 
     def _drop_known_duplicates(self, outcomes: list[Outcome]) -> list[Outcome]:
         positions = [i for i, o in enumerate(outcomes) if isinstance(o, Publish)]

@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import nats
@@ -22,6 +22,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.nuid import NUID
 
 from cdc_service.config import IngestSettings, NatsSettings, Settings, mask_url
+from cdc_service.core.subjects import covers
 from cdc_service.ports import PubAck, PublishRejected
 
 log = logging.getLogger("cdc_service.nats")
@@ -147,6 +148,43 @@ class ConnectionState:
         self.connected = False
 
 
+class _Client(Client):
+    """nats-py's client, reading subjects that are not valid UTF-8 instead of dying on them.
+
+    nats-py decodes each delivered subject strictly inside its read loop; one message stored under a subject with a
+    byte like 0xff (nats-server accepts and stores it) raises there and ends the read loop for good, silently: nothing
+    more is received or acked until the ping check reconnects. Decoding with ``surrogateescape`` keeps the bad bytes
+    as lone surrogates (``core.subjects.subject_bytes`` turns them back), so the message reaches the engine, which
+    dead-letters it.
+    """
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        return self.msg_class(
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
+
+
+def read_loop_stopped(nc: Client) -> bool:
+    """True when the connection counts as connected but nats-py's read loop has ended.
+
+    nats-py ends its read loop on any unexpected exception and logs it, but keeps the connection's status: without
+    this check the service would look healthy and receive nothing until the ping check notices (minutes).
+    """
+    task = getattr(nc, "_reading_task", None)
+    return bool(nc.is_connected and task is not None and task.done())
+
+
+async def restart_reading(nc: Client) -> None:
+    """Reconnect, which starts a new read loop; what was received and not acked is redelivered after AckWait."""
+    # nats-py's own path for a protocol error on the read side: disconnect, reconnect, resubscribe.
+    await nc._process_op_err(nats.errors.ProtocolError())
+
+
 async def connect(
     settings: NatsSettings,
     *,
@@ -157,7 +195,7 @@ async def connect(
 ) -> Client:
     """Connect, retrying forever; ``state`` (when given) follows every attempt."""
     state = state or ConnectionState(settings)
-    client = Client()
+    client = _Client()
     state._client = client
 
     async def error_cb(exc: Exception) -> None:
@@ -247,9 +285,18 @@ async def ensure_stream(
     log.info("stream updated", extra={"stream": name, "changed": changed})
 
 
-def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
-    """The durable consumer the settings describe. Push: a queue group on a fixed deliver subject."""
+def consumer_config(ingest: IngestSettings, stream_subjects: Sequence[str] | None = None) -> ConsumerConfig:
+    """The durable consumer the settings describe. Push: a queue group on a fixed deliver subject.
+
+    nats-server stores a message published to a subject with a literal wildcard token (``cdc.>.messages`` is
+    captured by the stream's ``cdc.*.*``), but a consumer filter with ``*`` skips it on live delivery without a
+    trace. When ``ingest.subjects`` take everything the stream holds (``stream_subjects`` is a subset), the filter is
+    widened with ``>`` (``cdc.*.*`` becomes ``cdc.>``): it selects the same stored messages, those included. (Not
+    "no filter": nats-server 2.15 stops delivering to a durable whose filter is removed by an update.)
+    """
     subjects = list(ingest.subjects)
+    if stream_subjects and set(stream_subjects) <= set(subjects):
+        subjects = widened_filters(subjects)
     config = ConsumerConfig(
         durable_name=ingest.durable,
         ack_policy=AckPolicy.EXPLICIT,
@@ -257,7 +304,7 @@ def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
         max_deliver=ingest.max_deliver,
         max_ack_pending=ingest.max_ack_pending,
         deliver_policy=DeliverPolicy.ALL,
-        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,  # an update with neither removes the filter
         filter_subjects=subjects if len(subjects) > 1 else None,
     )
     if ingest.mode == "push":
@@ -271,6 +318,17 @@ def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
     return config
 
 
+def widened_filters(subjects: Sequence[str]) -> list[str]:
+    """Each subject cut at its first wildcard token and ended with ``>``; overlaps removed (a consumer's filters
+    must not overlap). Literal subjects stay as they are."""
+    widened: set[str] = set()
+    for subject in subjects:
+        tokens = subject.split(".")
+        cut = next((i for i, t in enumerate(tokens) if t in ("*", ">")), None)
+        widened.add(subject if cut is None else ".".join([*tokens[:cut], ">"]))
+    return sorted(s for s in widened if not any(o != s and covers(o, s.split(".")) for o in widened))
+
+
 async def ensure_consumer(
     js: JetStreamContext, ingest: IngestSettings, *, resume_after: int | None = None
 ) -> ConsumerConfig:
@@ -280,7 +338,11 @@ async def ensure_consumer(
     recreated to resume mid-stream must stay valid for every later start-up). ``resume_after`` creates it to
     deliver from the stream sequence after that one instead of from the stream's start.
     """
-    config = consumer_config(ingest)
+    try:
+        stream_subjects = (await js.stream_info(ingest.stream)).config.subjects
+    except NotFoundError:
+        stream_subjects = None  # add_consumer below reports the missing stream
+    config = consumer_config(ingest, stream_subjects)
     try:
         existing = (await js.consumer_info(ingest.stream, ingest.durable)).config
     except NotFoundError:

@@ -32,6 +32,7 @@ class Route:
     row_fields: tuple[str, ...]  # row columns needed as ids, in output order: subject placeholders, then the pk
     subject_fields: frozenset[str]  # the row columns among them that go into the subject
     columns: frozenset[str] | None = None  # the columns a row is expected to have; None: not checked
+    routing_cache: bool = False  # remember each row's subject fields so a delete with only the pk can be routed
 
     def subject(self, values: dict[str, str]) -> str:
         """Render the target subject from already validated placeholder values (``KeyError`` when one is missing).
@@ -41,7 +42,9 @@ class Route:
         return self.template.format_map(values)
 
 
-def compile_route(table: str, pk: str, template: str, columns: tuple[str, ...] | None = None) -> Route:
+def compile_route(
+    table: str, pk: str, template: str, columns: tuple[str, ...] | None = None, *, routing_cache: bool = False
+) -> Route:
     """Validate and compile one route. Raises ``RouteError`` naming the problem."""
     if token_problem(table):
         raise RouteError(f"table name {table!r} is not a valid subject token")
@@ -65,4 +68,14 @@ def compile_route(table: str, pk: str, template: str, columns: tuple[str, ...] |
         if missing:
             raise RouteError(f"columns must include {missing[0]!r}, which the route needs")
         expected = frozenset(columns)
-    return Route(table, pk, template, tuple(tokens), tuple(placeholders), tuple(row_fields), subject_fields, expected)
+    return Route(
+        table,
+        pk,
+        template,
+        tuple(tokens),
+        tuple(placeholders),
+        tuple(row_fields),
+        subject_fields,
+        expected,
+        routing_cache,
+    )

@@ -406,6 +406,7 @@ TEXT_SETTINGS: dict[str, Any] = {
     "publish.stream": "wa_out",
     "publish.subjects": ["wa.>", "wb.>"],
     "dedup.key_prefix": "dd:",
+    "dedup.routing_key_prefix": "rt:",
     "redis.url": "rediss://redis:6380/0",
     "redis.tls_ca_file": "/etc/redis/ca.pem",
     "redis.mode": "cluster",

@@ -127,7 +127,9 @@ def make_events(count: int, poison: int) -> list[Event]:
         else:
             ids.update(agent_id=f"a{i}")
             pk = f"a{i}"
-        out.append(Event(subject, orjson.dumps(body(table, lsn=i + 1, **ids)), f"{i + 1}:{table}:{pk}"))
+        out.append(
+            Event(subject, orjson.dumps(body(table, lsn=i + 1, **ids)), f"{i + 1}:chatdb:{company}:{table}:{pk}")
+        )
     return out
 
 

@@ -58,7 +58,7 @@ def test_the_order_check_counts_inversions() -> None:
     """The partitioned scenario's order check can fail: a chat's LSN below one stored before it counts."""
 
     def out(lsn: int, chat: str | None) -> dict[str, object]:
-        return {"event_id": f"{lsn}:messages:m{lsn}", "row_data": {"chat_id": chat} if chat else {}}
+        return {"event_id": f"{lsn}:chatdb:acme:messages:m{lsn}", "row_data": {"chat_id": chat} if chat else {}}
 
     assert inversions([out(1, "a"), out(2, "b"), out(3, "a"), out(4, None)]) == 0
     assert inversions([out(3, "a"), out(1, "a"), out(2, "a"), out(4, "a")]) == 2

@@ -35,7 +35,7 @@ def test_demo_runs_by_itself_and_stops_what_it_started() -> None:
     assert subjects.count("wa.acme.agent-1.messages.chat-1") == 2, events  # msg-1 and msg-2; the repeat is not shown
     assert subjects.count("wa.acme.agent-1.chats") == 1, events
     assert subjects.count("wa.acme.agent-1.agents") == 1, events
-    assert sum("event_id=1000:messages:msg-1 " in line for line in events) == 1, events
+    assert sum("event_id=1000:chatdb:acme:messages:msg-1 " in line for line in events) == 1, events
     assert "wa_stream stored 4 events, cdc_dlq_stream holds 1" in out
     assert 'cdc_consumer_events_total{result="duplicate",table="messages"} 1.0' in out
     assert 'cdc_consumer_dead_letters_total{reason="tenant_mismatch"} 1.0' in out

@@ -184,7 +184,7 @@ async def test_replay_after_the_cause_is_fixed(js, start_service, nats_server, r
     # Each replayed event reached the output exactly once; the other reasons stay dead-lettered.
     await consumer_settled(js)
     events = payloads(await read_all(js, OUTPUT))
-    assert sorted(e["event_id"] for e in events) == ["2001:messages:msg-1", "2002:chats:chat-1"]
+    assert sorted(e["event_id"] for e in events) == ["2001:chatdb:acme:messages:msg-1", "2002:chatdb:acme:chats:chat-1"]
     assert await reasons_in_dlq(js) == ["invalid_json", "tenant_mismatch"]
     assert [m.seq for m in await read_all(js, DLQ)] == [1, 3]
     assert await count(js, INPUT) == inputs + 2

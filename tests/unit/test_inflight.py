@@ -20,7 +20,7 @@ from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
 from tests.integration.helpers import wait_until
 from tests.unit.test_pipeline import harness, message
 
-EVENT = "1000:messages:msg-1"
+EVENT = "1000:chatdb:acme:messages:msg-1"
 ONE_BY_ONE = Settings(ingest=IngestSettings(batch_size=1))
 
 
