@@ -74,7 +74,7 @@ def lsn_of_body(data: bytes) -> int:
 
 
 def lsn_of_event_id(event_id: str) -> int:
-    """``<lsn>[.<idx>]:<table>:<pk>`` → lsn."""
+    """``<lsn>[.<idx>]:<database>:<company>:<table>:<pk>`` → lsn."""
     return int(event_id.split(":", 1)[0].split(".", 1)[0])
 
 

@@ -45,7 +45,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -107,12 +107,17 @@ class RunConfig:
     batch: int = 256
     pool: int = 8
     claims: bool = True  # False: dedup.claim_ttl 0 (lookup only), to measure what the Redis claim costs
+    routing_cache: bool = False  # routes.<table>.routing_cache on for every default route
 
     @property
     def label(self) -> str:
         if self.kind != "service":
             return f"{self.kind} relay"
-        return f"service {self.mode} b{self.batch} p{self.pool}" + ("" if self.claims else " no-claims")
+        return (
+            f"service {self.mode} b{self.batch} p{self.pool}"
+            + ("" if self.claims else " no-claims")
+            + (" routing-cache" if self.routing_cache else "")
+        )
 
     @property
     def slug(self) -> str:
@@ -136,6 +141,8 @@ class RunConfig:
             values["ingest.ordering"] = "partitioned"
         if not self.claims:
             values["dedup.claim_ttl"] = 0
+        if self.routing_cache:
+            values.update({f"routes.{table}.routing_cache": True for table in ("messages", "chats", "agents")})
         return values
 
 
@@ -214,6 +221,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
             if config not in drains:
                 drains.append(config)
         plan.drains = drains
+        if args.routing_cache_ab:  # only the default drain, with and without the routing cache
+            plan.drains = [replace(base, routing_cache=False), replace(base, routing_cache=True)]
     if not args.no_fixed:
         fixed_batches = batches if full or args.batches else [64, 256, 512]
         if args.fixed_batches:
@@ -849,6 +858,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="drains of the default service with and without the Redis claim only (dedup.claim_ttl 0)",
     )
     parser.add_argument("--no-drain", action="store_true", help="skip the backlog drains")
+    parser.add_argument(
+        "--routing-cache-ab",
+        action="store_true",
+        help="drain only the default service, alternately without and with routes.<table>.routing_cache",
+    )
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate runs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--keep-workdir", action="store_true", help="keep server data and logs")

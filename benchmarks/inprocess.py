@@ -9,7 +9,7 @@ Two views of the same cases:
 
 Reports events/s of wall time and per core (events per CPU-second of this process).
 
-    python -m benchmarks.inprocess [--events 20000] [--json out.json]
+    python -m benchmarks.inprocess [--events 20000] [--json out.json] [--expect-columns]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from cdc_service.config import IngestSettings, PublishSettings, Settings
+from cdc_service.config import IngestSettings, PublishSettings, Settings, settings_from_mapping
 from cdc_service.core.events import EventBuilder
 from cdc_service.engine import Engine
 from cdc_service.metrics import Metrics
@@ -66,9 +66,16 @@ def _message(i: int, table: str = "", size: str = "medium", raw: bytes | None = 
     return FakeMessage(f"cdc.acme.{table}", data, seq=i + 1)
 
 
+def _numeric(i: int) -> FakeMessage:
+    """A row with numeric columns written with a fraction or an exponent: row_data keeps their exact text."""
+    doc = _doc(i, "messages", "medium")
+    data = encode(doc).replace(b'"id": 1,', b'"id": 1, "amount": 12345678901234567890.25, "rate": 1E2, "ratio": 0.5,')
+    return FakeMessage("cdc.acme.messages", data, seq=i + 1)
+
+
 def _duplicates() -> FakeDedupStore:
     store = FakeDedupStore()
-    store.marked.update(f"{i + 1}:messages:m{i}" for i in range(1_000_000))
+    store.marked.update(f"{i + 1}:chatdb:acme:messages:m{i}" for i in range(1_000_000))
     return store
 
 
@@ -76,6 +83,7 @@ CASES = [
     Case("happy_path_medium", _message),
     Case("payload_small", lambda i: _message(i, size="small")),
     Case("payload_large", lambda i: _message(i, size="large")),
+    Case("numeric_columns", _numeric),
     Case("duplicate", lambda i: _message(i, "messages"), dedup=_duplicates, expect="duplicate"),
     Case("dedup_store_error", _message, dedup=lambda: FakeDedupStore(down=True)),
     Case("publish_error", _message, publisher=lambda: FakePublisher(failing=True), expect="retried"),
@@ -140,8 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--expect-columns",
+        action="store_true",
+        help="set routes.<table>.columns to the sample rows' columns (measures the schema drift check)",
+    )
     args = parser.parse_args(argv)
     base = Settings()
+    if args.expect_columns:
+        routes = {t: {"columns": list(_doc(0, t, "medium")["record"])} for t in TABLES}
+        base = settings_from_mapping({"routes": routes})
     # A failing output is held for max_hold before the nak; zero keeps the error case about our own cost.
     settings = replace(
         base,

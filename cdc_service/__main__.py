@@ -1,5 +1,5 @@
 """Command line: ``cdc-service [run]`` (or ``python -m cdc_service``) runs the service; ``config`` prints settings;
-``dlq list`` and ``dlq replay`` inspect and re-publish dead letters."""
+``dlq list``, ``show``, ``replay`` and ``purge`` inspect, re-publish and remove dead letters."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ Relay Sequin CDC events from NATS JetStream to enriched per-agent subjects, exac
 commands:
   run      consume, enrich, deduplicate and publish until SIGTERM/SIGINT (the default)
   config   print the effective settings as JSON, secrets masked, and exit
-  dlq      dead letters: `dlq list` shows them (reason, subject, age, body preview), `dlq replay` re-publishes
-           them to their source subject and removes each once the source stream accepted it (see `dlq replay -h`)
+  dlq      dead letters: `dlq list` shows them (reason, subject, age, detail, body preview), `dlq show SEQ` one in
+           full, `dlq replay` re-publishes them to their source subject and removes each once the source stream
+           accepted it, `dlq purge` removes them (see `dlq -h`)
 
 Settings, later winning key by key: built-in defaults; settings.toml and .secrets.toml in the working
 directory; the files named by {FILES_VARIABLE} (comma-separated), then each --config FILE; CDC_* environment
@@ -79,15 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     from cdc_service import logs
     from cdc_service.service import Service
 
-    logs.configure(settings.log.level)
+    logs.configure(settings.log.level, fmt=settings.log.format)
     log = logging.getLogger("cdc_service")
     for line in _notices(loaded):
         log.warning(line)
     log.info("settings loaded", extra={"version": __version__, "files": list(loaded.files)})
     try:
         service = Service(settings)
-    except OSError as exc:  # e.g. the HTTP port is taken
-        print(f"cdc_service: cannot start: {exc}", file=sys.stderr)
+    except OSError as exc:  # the HTTP port is taken or cannot be bound: name the setting that chooses it
+        where = f"{settings.http.host}:{settings.http.port}"
+        logging.getLogger("cdc_service.service").critical(
+            "cannot start: cannot listen on %s (http.port, http.host): %s", where, exc.strerror or exc
+        )
         return 1
     return service.run()
 

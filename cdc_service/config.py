@@ -252,6 +252,10 @@ class DedupSettings:
         "shorter than ingest.ack_wait; 0 turns claims off (lookup only).",
         ge=0,
     )
+    routing_ttl: int = setting(
+        86400, "Lifetime in seconds of a routing cache entry (routes.<table>.routing_cache).", gt=0
+    )
+    routing_key_prefix: str = setting("route:", "Redis key prefix of the routing cache.")
 
 
 @dataclass(frozen=True)
@@ -298,11 +302,22 @@ class WorkersSettings:
 class HttpSettings:
     host: str = setting("0.0.0.0", "Address of the probe and metrics listener.")
     port: int = setting(8080, "Port of the probe and metrics listener.", ge=1, le=65535)
+    read_timeout: float = setting(
+        5.0, "Seconds a client has to send its request and take the answer; then the connection is closed.", gt=0
+    )
+    max_connections: int = setting(
+        512, "Connections open at once on the probe port; past it new ones are closed unanswered.", gt=0
+    )
 
 
 @dataclass(frozen=True)
 class LogSettings:
     level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", check=_log_level)
+    format: str = setting(
+        "json",
+        "`json` (one object per line, for containers) or `console` (one readable line, for a terminal; make run).",
+        choices=("json", "console"),
+    )
     summary_interval: float = setting(60.0, "Period of the one-line summary log.", gt=0)
 
 
@@ -326,7 +341,11 @@ DEFAULT_ROUTES: Mapping[str, Mapping[str, str]] = {
     "chats": {"pk": "chat_id", "subject": "wa.{company}.{agent_id}.chats"},
     "agents": {"pk": "agent_id", "subject": "wa.{company}.{agent_id}.agents"},
 }
-ROUTE_KEYS = ("pk", "subject")
+ROUTE_KEYS = ("pk", "subject", "columns", "routing_cache")
+
+# Whether a route keeps its rows' routing fields in Redis so that a delete carrying only the primary key (a table
+# without REPLICA IDENTITY FULL) can still be routed; per route with routes.<table>.routing_cache.
+ROUTING_CACHE_DEFAULT = False
 
 
 @dataclass(frozen=True)
@@ -343,7 +362,10 @@ class Settings:
     health: HealthSettings = field(default_factory=HealthSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     routes: Mapping[str, Route] = field(
-        default_factory=lambda: {t: compile_route(t, r["pk"], r["subject"]) for t, r in DEFAULT_ROUTES.items()}
+        default_factory=lambda: {
+            t: compile_route(t, r["pk"], r["subject"], routing_cache=ROUTING_CACHE_DEFAULT)
+            for t, r in DEFAULT_ROUTES.items()
+        }
     )
 
     @property
@@ -356,7 +378,15 @@ class Settings:
         for section in _SECTIONS:
             values = getattr(self, section)
             out[section] = {d.name: d.shown(getattr(values, d.name)) for d in _DECLARED[section]}
-        out["routes"] = {t: {"pk": r.pk, "subject": r.template} for t, r in self.routes.items()}
+        out["routes"] = {
+            t: {
+                "pk": r.pk,
+                "subject": r.template,
+                **({"columns": sorted(r.columns)} if r.columns else {}),
+                "routing_cache": r.routing_cache,
+            }
+            for t, r in self.routes.items()
+        }
         return out
 
 
@@ -725,16 +755,42 @@ def _routes(raw: Any) -> dict[str, Route]:
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(ROUTE_KEYS)}")
         pk, subject = spec.get("pk"), spec.get("subject")
+        routing_cache = spec.get("routing_cache", ROUTING_CACHE_DEFAULT)
+        if isinstance(routing_cache, str) and routing_cache.strip().lower() in _TRUE + _FALSE:
+            routing_cache = routing_cache.strip().lower() in _TRUE  # from an environment variable
+        if not isinstance(routing_cache, bool):
+            raise ConfigError(f"{key}.routing_cache: expected true or false, got {_kind_name(routing_cache)}")
         if not isinstance(pk, str) or not pk:
             raise ConfigError(f"{key}.pk: a column name is required")
         if not isinstance(subject, str) or not subject:
             raise ConfigError(f"{key}.subject: a subject template is required")
+        columns = _columns(f"{key}.columns", spec.get("columns"))
         try:
-            routes[table] = compile_route(table, pk, subject)
+            routes[table] = compile_route(table, pk, subject, columns, routing_cache=routing_cache)
         except RouteError as exc:
-            # Name the key that holds the bad value: the table name itself, or its subject template.
-            raise ConfigError(f"{key if token_problem(table) else key + '.subject'}: {exc}") from None
+            # Name the key that holds the bad value: the table name itself, its columns or its subject template.
+            where = key if token_problem(table) else key + (".columns" if "columns" in str(exc) else ".subject")
+            raise ConfigError(f"{where}: {exc}") from None
     return routes
+
+
+def _columns(key: str, raw: Any) -> tuple[str, ...] | None:
+    """``routes.<table>.columns``: the columns the table's rows are expected to have (schema drift is counted against
+    them). A list, or as text a JSON list or a comma-separated string; unset means not checked."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                raw = json.loads(text)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a JSON list of strings or a comma-separated string") from None
+        else:
+            raw = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(raw, list | tuple) or not raw or not all(isinstance(c, str) and c for c in raw):
+        raise ConfigError(f"{key}: expected a non-empty list of column names")
+    return tuple(raw)
 
 
 def _lower(value: Any) -> Any:

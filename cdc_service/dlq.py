@@ -1,9 +1,14 @@
-"""Dead-letter tools: ``python -m cdc_service dlq list`` and ``python -m cdc_service dlq replay``.
+"""Dead-letter tools: ``python -m cdc_service dlq list|show|replay|purge``.
 
-``list`` reads the dead-letter stream without consuming it (direct reads by sequence; nothing is acked or deleted).
-``replay`` re-publishes each selected message's original bytes to its source subject, expecting the source stream
-(``ingest.stream``), and deletes the dead letter only after that stream's PubAck. On the first failure it stops:
-what was not confirmed stays in the dead-letter stream.
+``list`` and ``show`` read the dead-letter stream without consuming it (direct reads by sequence; nothing is acked or
+deleted). ``replay`` re-publishes each selected message's original bytes to its source subject, expecting the source
+stream (``ingest.stream``), and deletes the dead letter only after that stream's PubAck. On the first failure it
+stops: what was not confirmed stays in the dead-letter stream. ``purge`` deletes selected dead letters.
+
+Exit codes (every command): 0 done; 1 a failure, one line on stderr (NATS unreachable, a stream missing, a replay or
+purge stopped part-way); 2 a usage error or a bad setting; 3 a sequence given with ``SEQ`` or ``--seq`` is not in the
+dead-letter stream (the others were still handled). A reader that stops early (``| head``) ends the output quietly
+with 0.
 
 The top half is pure (turning a stored message into a row and formatting it) and unit-tested; the bottom half talks
 to NATS.
@@ -13,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import nats
@@ -30,6 +38,9 @@ from cdc_service.adapters.nats_jetstream import connect_options
 from cdc_service.config import Settings, mask_url
 
 PREVIEW_CHARS = 80
+DETAIL_CHARS = 60  # of Cdc-Error-Detail in the table; --json and show have all of it
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -37,6 +48,7 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 H_REASON = "Cdc-Error-Reason"
 H_DETAIL = "Cdc-Error-Detail"
 H_SOURCE_SUBJECT = "Cdc-Source-Subject"
+H_SOURCE_SUBJECT_ESCAPED = "Cdc-Source-Subject-Escaped"  # "true": the source subject was not printable UTF-8
 H_SOURCE_STREAM = "Cdc-Source-Stream"
 H_TRUNCATED = "Cdc-Body-Truncated"  # set by the engine when the original did not fit beside the headers
 H_SOURCE_SEQ = "Cdc-Source-Seq"
@@ -62,6 +74,7 @@ class DeadLetterEntry:
     stored_at: float | None  # unix seconds, from the stream's own timestamp
     data: bytes
     truncated_from: int | None = None  # original size when the body was cut to fit
+    subject_escaped: bool = False  # source_subject is an escaped rendering, not the subject's own bytes
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -102,6 +115,7 @@ def entry_from_message(
         stored_at=when,
         data=data or b"",
         truncated_from=_int_or_none(headers.get(H_TRUNCATED)),
+        subject_escaped=headers.get(H_SOURCE_SUBJECT_ESCAPED, "").strip() == "true",
     )
 
 
@@ -158,18 +172,19 @@ def age_of(entry: DeadLetterEntry, now: float) -> str:
     return format_age(now - entry.stored_at) if entry.stored_at is not None else "?"
 
 
-def format_row(entry: DeadLetterEntry, now: float) -> tuple[str, str, str, str, str]:
-    """(seq, age, reason, source subject, preview) for the table."""
+def format_row(entry: DeadLetterEntry, now: float) -> tuple[str, str, str, str, str, str]:
+    """(seq, age, reason, source subject, detail, preview) for the table."""
     return (
         str(entry.seq),
         age_of(entry, now),
         entry.reason,
         entry.source_subject or f"? ({entry.subject})",
+        preview(entry.detail.encode(), DETAIL_CHARS) if entry.detail else "-",
         preview(entry.data),
     )
 
 
-HEADER = ("SEQ", "AGE", "REASON", "SUBJECT", "PREVIEW")
+HEADER = ("SEQ", "AGE", "REASON", "SUBJECT", "DETAIL", "PREVIEW")
 
 
 def format_table(entries: Sequence[DeadLetterEntry], now: float) -> list[str]:
@@ -197,8 +212,86 @@ def entry_json(entry: DeadLetterEntry, now: float) -> dict[str, Any]:
     }
 
 
-def matches(entry: DeadLetterEntry, reasons: Collection[str]) -> bool:
-    return not reasons or entry.reason in reasons
+def matches(
+    entry: DeadLetterEntry, reasons: Collection[str], older_than: float | None = None, now: float = 0.0
+) -> bool:
+    """``entry`` has one of ``reasons`` (any when empty) and, with ``older_than``, was stored that many seconds or
+    more before ``now`` (an entry without a stored time never matches an age)."""
+    if reasons and entry.reason not in reasons:
+        return False
+    if older_than is not None:
+        return entry.stored_at is not None and now - entry.stored_at >= older_than
+    return True
+
+
+def show_lines(entry: DeadLetterEntry, headers: Mapping[str, str], now: float) -> list[str]:
+    """``dlq show``: where it is from, every header, then the body: indented when it is JSON, else on escaped lines
+    (invalid UTF-8 as ``\\xNN``, control characters escaped); never raw terminal control bytes."""
+    lines = [
+        f"seq:      {entry.seq}",
+        f"subject:  {_escaped(entry.subject)}",
+        f"stored:   {_stored_text(entry.stored_at)} ({age_of(entry, now)} ago)",
+        "headers:",
+        *(f"  {_escaped(name)}: {_escaped(value)}" for name, value in headers.items()),
+    ]
+    size = f"{len(entry.data)} bytes"
+    if entry.truncated_from is not None:
+        size += f", cut from {entry.truncated_from}; the original is message {entry.source_seq} of the source stream"
+    pretty = _pretty_json(entry.data)
+    if pretty is None:
+        lines.append(f"body ({size}, not JSON; escaped):")
+        lines.extend(_escaped(line) for line in entry.data.decode("utf-8", "surrogateescape").split("\n"))
+    else:
+        lines.append(f"body ({size}, JSON, indented):")
+        lines.extend(_escaped(line) for line in pretty.split("\n"))
+    return lines
+
+
+def _escaped(text: str) -> str:
+    return "".join(_escape(c) for c in text)
+
+
+def _stored_text(stored_at: float | None) -> str:
+    if stored_at is None:
+        return "?"
+    return datetime.fromtimestamp(stored_at, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _pretty_json(data: bytes) -> str | None:
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    try:
+        return json.dumps(doc, indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return None
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` (or a bare number of seconds) in seconds; ``ValueError`` otherwise."""
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_seqs(text: str) -> list[int]:
+    """``5`` or ``5,7,12`` (spaces allowed), in the order given, without repeats; ``ValueError`` otherwise."""
+    seqs: list[int] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+            raise ValueError(f"expected stream sequences such as 5 or 5,7,12, got {text!r}")
+        if int(part) not in seqs:
+            seqs.append(int(part))
+    return seqs
 
 
 def replay_problem(entry: DeadLetterEntry, source_stream: str) -> str:
@@ -207,6 +300,8 @@ def replay_problem(entry: DeadLetterEntry, source_stream: str) -> str:
         return "no Cdc-Source-Subject header and the subject lacks the dead-letter prefix"
     if entry.source_stream and entry.source_stream != source_stream:
         return f"it came from stream {entry.source_stream}, not {source_stream} (ingest.stream)"
+    if entry.subject_escaped:
+        return "its source subject is not printable UTF-8 (shown escaped); it cannot be published again"
     if entry.truncated_from is not None:
         return (
             f"its body was cut from {entry.truncated_from} bytes to fit the dead-letter stream; the original is "
@@ -277,30 +372,69 @@ async def read_entries(js: JetStreamContext, stream: str, prefix: str) -> AsyncI
         seq = msg.seq + 1
 
 
-async def _selected(
-    js: JetStreamContext, settings: Settings, reasons: Collection[str], limit: int | None
-) -> AsyncIterator[DeadLetterEntry]:
+async def read_one(js: JetStreamContext, stream: str, seq: int, prefix: str) -> tuple[DeadLetterEntry, dict[str, str]]:
+    """The dead letter at ``seq`` and its headers; ``NotFoundError`` when there is none."""
+    msg = await js.get_msg(stream, seq)
+    headers = dict(msg.headers or {})
+    return entry_from_message(seq, msg.subject or "", headers, msg.data, msg.time, prefix), headers
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters a command works on: all of them, filtered by reason and age, or the given sequences."""
+
+    reasons: frozenset[str] = frozenset()
+    limit: int | None = None
+    seqs: tuple[int, ...] = ()
+    older_than: float | None = None  # seconds
+    missing: list[int] = field(default_factory=list, compare=False)  # requested sequences that were not there
+
+
+async def _selected(js: JetStreamContext, settings: Settings, selection: Selection) -> AsyncIterator[DeadLetterEntry]:
+    limit = selection.limit
     if limit is not None and limit < 1:
         return
+    stream, prefix, now = settings.dlq.stream, settings.dlq.subject_prefix, time.time()
+    if selection.seqs:
+        entries = []
+        for seq in selection.seqs:
+            try:
+                entries.append((await read_one(js, stream, seq, prefix))[0])
+            except NotFoundError:
+                selection.missing.append(seq)
+        found: AsyncIterator[DeadLetterEntry] = _iterate(entries)
+    else:
+        found = read_entries(js, stream, prefix)
     taken = 0
-    async for entry in read_entries(js, settings.dlq.stream, settings.dlq.subject_prefix):
-        if matches(entry, reasons):
+    async for entry in found:
+        if matches(entry, selection.reasons, selection.older_than, now):
             yield entry
             taken += 1
             if limit is not None and taken >= limit:
                 return
 
 
-async def list_command(
-    settings: Settings, reasons: Collection[str], limit: int | None, as_json: bool, out: TextIO
-) -> int:
+async def _iterate(entries: Sequence[DeadLetterEntry]) -> AsyncIterator[DeadLetterEntry]:
+    for entry in entries:
+        yield entry
+
+
+def _not_found(selection: Selection, stream: str, err: TextIO) -> int:
+    if not selection.missing:
+        return EXIT_OK
+    listed = ",".join(str(seq) for seq in selection.missing)
+    err.write(f"no dead letter with sequence {listed} in {stream}\n")
+    return EXIT_NOT_FOUND
+
+
+async def list_command(settings: Settings, selection: Selection, as_json: bool, out: TextIO, err: TextIO) -> int:
     nc = await _connect(settings)
     try:
         js = nc.jetstream(timeout=settings.publish.timeout)
         _, _, total = await _stream_bounds(js, settings.dlq.stream)
         now = time.time()
         entries: list[DeadLetterEntry] = []
-        async for entry in _selected(js, settings, reasons, limit):
+        async for entry in _selected(js, settings, selection):
             if as_json:
                 out.write(orjson.dumps(entry_json(entry, now)).decode() + "\n")
             else:
@@ -312,12 +446,34 @@ async def list_command(
         out.flush()
     finally:
         await nc.close()
-    return 0
+    return _not_found(selection, settings.dlq.stream, err)
 
 
-async def replay_command(
-    settings: Settings, reasons: Collection[str], limit: int | None, dry_run: bool, out: TextIO, err: TextIO
-) -> int:
+async def show_command(settings: Settings, seq: int, raw: bool, out: TextIO, err: TextIO) -> int:
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream(timeout=settings.publish.timeout)
+        await _stream_bounds(js, settings.dlq.stream)
+        try:
+            entry, headers = await read_one(js, settings.dlq.stream, seq, settings.dlq.subject_prefix)
+        except NotFoundError:
+            return _not_found(Selection(missing=[seq]), settings.dlq.stream, err)
+    finally:
+        await nc.close()
+    if raw:
+        out.flush()
+        buffer = getattr(out, "buffer", None)
+        if buffer is not None:
+            buffer.write(entry.data)
+        else:
+            out.write(entry.data.decode(errors="replace"))
+    else:
+        out.write("\n".join(show_lines(entry, headers, time.time())) + "\n")
+    out.flush()
+    return EXIT_OK
+
+
+async def replay_command(settings: Settings, selection: Selection, dry_run: bool, out: TextIO, err: TextIO) -> int:
     dlq_stream, source_stream = settings.dlq.stream, settings.ingest.stream
     replayed = failed = skipped = 0
     nc = await _connect(settings)
@@ -331,7 +487,7 @@ async def replay_command(
                 raise ToolError(
                     f"source stream {source_stream} (ingest.stream) does not exist; nothing replayed or removed"
                 ) from None
-        async for entry in _selected(js, settings, reasons, limit):
+        async for entry in _selected(js, settings, selection):
             line = f"seq={entry.seq} reason={entry.reason} subject={entry.source_subject or entry.subject}"
             problem = replay_problem(entry, source_stream)
             if problem:
@@ -377,7 +533,55 @@ async def replay_command(
         out.write(f"replayed={replayed} failed={failed} skipped={skipped}\n")
     out.flush()
     err.flush()
-    return 1 if failed else 0
+    if failed:
+        return EXIT_FAILED
+    return _not_found(selection, dlq_stream, err)
+
+
+async def purge_command(settings: Settings, selection: Selection, dry_run: bool, out: TextIO, err: TextIO) -> int:
+    """Delete the selected dead letters (one delete per message, so the selection is exact); stops at the first
+    failure."""
+    stream = settings.dlq.stream
+    purged = failed = 0
+    now = time.time()
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream(timeout=settings.publish.timeout)
+        await _stream_bounds(js, stream)
+        async for entry in _selected(js, settings, selection):
+            line = (
+                f"seq={entry.seq} reason={entry.reason} subject={entry.source_subject or entry.subject} "
+                f"age={age_of(entry, now)}"
+            )
+            if dry_run:
+                purged += 1
+                out.write(f"would purge {line}\n")
+                continue
+            try:
+                await js.delete_msg(stream, entry.seq)
+            except NotFoundError:
+                out.write(f"already gone {line}\n")  # removed meanwhile (replayed, expired, another purge)
+                continue
+            except Exception as exc:
+                failed += 1
+                err.write(
+                    f"cdc_service dlq purge: could not remove dead letter {line}: {type(exc).__name__}: {exc}; "
+                    "stopped, it and the rest stay\n"
+                )
+                break
+            purged += 1
+            out.write(f"purged {line}\n")
+    finally:
+        await nc.close()
+    if dry_run:
+        out.write(f"dry run: would_purge={purged}; nothing removed\n")
+    else:
+        out.write(f"purged={purged} failed={failed}\n")
+    out.flush()
+    err.flush()
+    if failed:
+        return EXIT_FAILED
+    return _not_found(selection, stream, err)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,13 +598,49 @@ def _positive(text: str) -> int:
     return value
 
 
-LIST_HELP = """\
-Print the dead-letter stream (dlq.stream), oldest first, without consuming or changing it: sequence, age, reason
-(Cdc-Error-Reason), source subject and the first characters of the body (non-printable characters escaped).
---json prints one JSON object per message instead, with the detail, source stream and sequence, and size.
+def _seqs(text: str) -> list[int]:
+    try:
+        return parse_seqs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+EXIT_CODES = """\
+exit status: 0 done; 1 a failure (one line on stderr: NATS unreachable, a stream missing, a replay or purge stopped
+part-way); 2 a usage error or a bad setting; 3 a sequence given is not in the dead-letter stream (the others were
+still handled). Output cut short by its reader (| head) ends quietly with 0.
 """
 
-REPLAY_HELP = """\
+LIST_HELP = (
+    """\
+Print the dead-letter stream (dlq.stream), oldest first, without consuming or changing it: sequence, age, reason
+(Cdc-Error-Reason), source subject, the start of the detail (Cdc-Error-Detail) and of the body (non-printable
+characters escaped). --json prints one JSON object per message instead, with the whole detail, source stream and
+sequence, and size. `dlq show SEQ` prints one message in full.
+
+"""
+    + EXIT_CODES
+)
+
+SHOW_HELP = (
+    """\
+Print one dead letter: its subject, when it was stored, every header, and the body: indented when it is JSON,
+otherwise line by line with invalid UTF-8 and control characters escaped. --raw writes the body's bytes as they are
+(for a file or another tool). Nothing is consumed or changed.
+
+"""
+    + EXIT_CODES
+)
+
+REPLAY_HELP = (
+    """\
 Re-publish dead-lettered messages, oldest first, to their source subject (Cdc-Source-Subject) in the source stream
 (ingest.stream), byte for byte. Each is removed from the dead-letter stream only after the source stream confirmed
 it (PubAck). On the first failure the replay stops: that message and the rest stay, and the exit status is 1.
@@ -409,19 +649,33 @@ from another source stream) are left in place.
 
 Replay after fixing the cause (e.g. raising ingest.max_payload_bytes for payload_too_large). A message that is still
 invalid, such as invalid_json, is simply dead-lettered again, under a new sequence.
+
 """
+    + EXIT_CODES
+)
+
+PURGE_HELP = (
+    """\
+Remove dead letters without replaying them: those with --seq, or matching --reason and --older-than (both must hold
+when both are given). At least one of them is required; there is no "purge everything" (delete the stream for
+that). Prints one line per message and a summary: purged=N failed=M. --dry-run shows what would go.
+
+"""
+    + EXIT_CODES
+)
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``dlq list`` and ``dlq replay`` to the top-level subparsers ``commands``."""
+    """Add ``dlq list``, ``show``, ``replay`` and ``purge`` to the top-level subparsers ``commands``."""
     raw = argparse.RawDescriptionHelpFormatter
     dlq = commands.add_parser(
         "dlq",
-        help="list or replay dead-lettered messages",
-        description="Dead-letter tools. Settings (CDC_NATS__URL, dlq.stream, ingest.stream, ...) as for run.",
+        help="list, show, replay or purge dead-lettered messages",
+        description="Dead-letter tools. Settings (CDC_NATS__URL, dlq.stream, ingest.stream, ...) as for run.\n\n"
+        + EXIT_CODES,
         formatter_class=raw,
     )
-    actions = dlq.add_subparsers(dest="dlq_command", metavar="{list,replay}", required=True)
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="{list,show,replay,purge}", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--reason",
@@ -431,13 +685,28 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="only messages with this Cdc-Error-Reason (repeat for several)",
     )
     common.add_argument("--limit", type=_positive, metavar="N", help="at most N matching messages, oldest first")
+    by_seq = argparse.ArgumentParser(add_help=False)
+    by_seq.add_argument(
+        "--seq",
+        type=_seqs,
+        default=[],
+        metavar="SEQ[,SEQ...]",
+        help="only these dead-letter sequences (the SEQ column), in the order given",
+    )
+    older = argparse.ArgumentParser(add_help=False)
+    older.add_argument(
+        "--older-than", type=_duration, metavar="AGE", help="only messages stored at least AGE ago (90s, 30m, 12h, 7d)"
+    )
     listing = actions.add_parser(
-        "list", parents=[common], help="show dead letters", description=LIST_HELP, formatter_class=raw
+        "list", parents=[common, older], help="show dead letters", description=LIST_HELP, formatter_class=raw
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    show = actions.add_parser("show", help="print one dead letter in full", description=SHOW_HELP, formatter_class=raw)
+    show.add_argument("seq", type=_positive, metavar="SEQ", help="its sequence in the dead-letter stream")
+    show.add_argument("--raw", action="store_true", help="write the body's bytes as they are, nothing else")
     replay = actions.add_parser(
         "replay",
-        parents=[common],
+        parents=[common, by_seq],
         help="re-publish dead letters to their source subject",
         description=REPLAY_HELP,
         formatter_class=raw,
@@ -445,20 +714,59 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     replay.add_argument(
         "--dry-run", action="store_true", help="show what would be replayed; publish and remove nothing"
     )
+    purge = actions.add_parser(
+        "purge",
+        parents=[common, by_seq, older],
+        help="remove dead letters without replaying them",
+        description=PURGE_HELP,
+        formatter_class=raw,
+    )
+    purge.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(
+        reasons=frozenset(args.reason),
+        limit=args.limit,
+        seqs=tuple(getattr(args, "seq", None) or ()),
+        older_than=getattr(args, "older_than", None),
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    """Run ``dlq list`` or ``dlq replay``: 0 on success, 1 on a failure (one line on stderr)."""
-    reasons = frozenset(args.reason)
+    """Run one ``dlq`` command; the exit status is one of ``EXIT_CODES``."""
+    command = args.dlq_command
+    out, err = sys.stdout, sys.stderr
+    if command == "purge" and not (args.seq or args.reason or args.older_than is not None):
+        print("cdc_service dlq purge: give --seq, --reason or --older-than (nothing removed)", file=err)
+        return EXIT_USAGE
     try:
-        if args.dlq_command == "list":
-            return asyncio.run(list_command(settings, reasons, args.limit, args.json, sys.stdout))
-        return asyncio.run(replay_command(settings, reasons, args.limit, args.dry_run, sys.stdout, sys.stderr))
+        if command == "list":
+            return asyncio.run(list_command(settings, _selection(args), args.json, out, err))
+        if command == "show":
+            return asyncio.run(show_command(settings, args.seq, args.raw, out, err))
+        if command == "replay":
+            return asyncio.run(replay_command(settings, _selection(args), args.dry_run, out, err))
+        return asyncio.run(purge_command(settings, _selection(args), args.dry_run, out, err))
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): not our failure. Point stdout at /dev/null so the interpreter's own
+        # flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
     except ToolError as exc:
-        sys.stdout.flush()
-        print(f"cdc_service dlq {args.dlq_command}: {exc}", file=sys.stderr)
-        return 1
+        _flush_quietly(out)
+        print(f"cdc_service dlq {command}: {exc}", file=err)
+        return EXIT_FAILED
     except Exception as exc:  # NATS timeouts and the like: one line, not a traceback
-        sys.stdout.flush()
-        print(f"cdc_service dlq {args.dlq_command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        _flush_quietly(out)
+        print(f"cdc_service dlq {command}: {type(exc).__name__}: {exc}", file=err)
+        return EXIT_FAILED
+
+
+def _flush_quietly(out: TextIO) -> None:
+    try:
+        out.flush()
+    except BrokenPipeError:
+        pass

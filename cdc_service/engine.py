@@ -22,13 +22,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 from tenacity.stop import stop_base
 
 from cdc_service.config import Settings
+from cdc_service.core.correlation import CORRELATION_HEADER_BYTES, REQUEST_ID, TRACEPARENT, request_id
 from cdc_service.core.outcomes import (
     ClaimedElsewhere,
     DeadLetter,
@@ -43,9 +44,10 @@ from cdc_service.core.outcomes import (
     decide_failure,
     is_permanent_rejection,
 )
+from cdc_service.core.subjects import dead_letter_subject, printable_subject, publishable_subject_problem
 from cdc_service.logs import bound
-from cdc_service.metrics import Metrics
-from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count
+from cdc_service.metrics import OTHER_TABLE, Metrics
+from cdc_service.ports import Claim, DedupStore, InboundMessage, PubAck, Publisher, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.engine")
 
@@ -97,7 +99,8 @@ class _Flight:
 _RECHECK_FIRST = 0.005  # a claim holder normally finishes (PubAck and marker) within a few ms
 _RECHECK_MAX = 0.25
 
-_HEADER_ROOM = 512  # Nats-Msg-Id and Nats-Expected-Stream count against the server's max_payload
+# Nats-Msg-Id, Nats-Expected-Stream and the correlation headers count against the server's max_payload.
+_HEADER_ROOM = 512 + CORRELATION_HEADER_BYTES
 
 
 class _StillFailing(Exception):
@@ -120,6 +123,15 @@ def _report_unexpected_end(task: asyncio.Task[None]) -> None:
         log.critical(
             "%s ended unexpectedly; liveness will fail once work is stuck", task.get_name(), exc_info=task.exception()
         )
+
+
+def _about(msg: InboundMessage, event_id: str = "") -> dict[str, Any]:
+    """Log fields that identify one message: its subject, source stream and sequence, and its event id when known."""
+    stream, seq = source_position(msg.reply)
+    fields: dict[str, Any] = {"subject": printable_subject(msg.subject)[0], "stream": stream, "stream_seq": seq}
+    if event_id:
+        fields["event_id"] = event_id
+    return fields
 
 
 def _header_bytes(headers: dict[str, str]) -> int:
@@ -149,23 +161,29 @@ def dead_letter(
     delivery, any replica handling its max-deliveries advisory) land in the dead-letter stream once.
     """
     dlq = settings.dlq
+    # A subject that is not UTF-8 arrives with its bad bytes as lone surrogates: the header gets it escaped.
+    printable, escaped = printable_subject(source_subject)
     headers = {
         "Nats-Msg-Id": dead_letter_id(stream, seq),
         "Nats-Expected-Stream": dlq.stream,
         "Cdc-Error-Reason": outcome.reason.value,
         "Cdc-Error-Detail": _header_text(outcome.detail),
-        "Cdc-Source-Subject": source_subject,
+        "Cdc-Source-Subject": printable,
         "Cdc-Source-Stream": stream,
         "Cdc-Source-Seq": str(seq),
         "Cdc-Delivered": str(delivered),
     }
+    if escaped:
+        headers["Cdc-Source-Subject-Escaped"] = "true"
     room = max_payload - _header_bytes(headers) - 64
     if len(data) > room:
         # The server closes the connection on a message larger than max_payload, headers included. Keep what
         # fits; the whole original stays in the source stream at Cdc-Source-Seq.
         headers["Cdc-Body-Truncated"] = str(len(data))
         data = data[: max(0, room - 64)]
-    return f"{dlq.subject_prefix}.{source_subject}", data, headers
+    # The source subject itself when it can be published, else a hashed stand-in: a subject near the server's
+    # control-line limit, not UTF-8 or with a wildcard token must not close the connection or be refused.
+    return dead_letter_subject(dlq.subject_prefix, source_subject), data, headers
 
 
 class Engine:
@@ -190,6 +208,7 @@ class Engine:
         self._batch_wait = settings.ingest.batch_wait_ms / 1000.0
         self._max_deliver = settings.ingest.max_deliver
         self._output_stream = settings.publish.stream
+        self._routed = frozenset(settings.routes)
         self._buffer: list[InboundMessage] = []
         self._buffer_started = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -225,6 +244,7 @@ class Engine:
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
         self.totals: Counter[str] = Counter()
+        self.lag: float | None = None  # seconds from source commit to PubAck of the latest published event
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -281,7 +301,7 @@ class Engine:
                 if 0 < self._max_deliver <= delivery_count(msg.reply):
                     log.critical(
                         "handing back a message on its final delivery at shutdown; the server will not redeliver it",
-                        extra={"subject": msg.subject, "delivered": delivery_count(msg.reply)},
+                        extra={**_about(msg), "delivered": delivery_count(msg.reply)},
                     )
                 await self._settle(batch, index, "nak", "", "retried")
         # Claims released by holds that gave up: let them reach Redis before the pool is shut down, so another
@@ -395,9 +415,17 @@ class Engine:
                         event.table,
                         Reason.PAYLOAD_TOO_LARGE,
                         f"the event would be {len(event.payload)} bytes; the server accepts {limit}",
+                        event.event_id,
                     )
                     if event.claimed:
                         to_release.append(event.event_id)  # other copies need not wait for the claim to expire
+                elif isinstance(event, Publish) and (problem := publishable_subject_problem(event.subject)):
+                    # A protocol line over the server's max_control_line closes the connection: never send one.
+                    outcome = DeadLetter(
+                        event.table, Reason.INVALID_SUBJECT_TOKEN, f"the event subject {problem}", event.event_id
+                    )
+                    if event.claimed:
+                        to_release.append(event.event_id)
                 if isinstance(outcome, Skip):
                     await self._settle(batch, index, "ack", outcome.table, "skipped")
                 elif isinstance(outcome, Duplicate):
@@ -424,7 +452,7 @@ class Engine:
             if to_release:
                 self._release(to_release)
             for send in sends:
-                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                send.future = await self._send(send)
             if sends:
                 self._spawn(self._finish(batch, sends))
 
@@ -505,7 +533,7 @@ class Engine:
                 return
             self._take_off(event)
             send = _Send(index, event.subject, event.payload, self._event_headers_for(event), event)
-            send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+            send.future = await self._send(send)
             self._spawn(self._finish(batch, [send]))
             return
 
@@ -579,15 +607,28 @@ class Engine:
             if renew:
                 await loop.run_in_executor(self._executor, self._dedup.claim, renew)
 
+    async def _send(self, send: _Send) -> asyncio.Future[PubAck]:
+        if type(send.outcome) is DeadLetter:
+            # Its PubAck is read in full: the dead-letter sequence goes into the `dead letter stored` line.
+            return await self._publisher.publish(send.subject, send.payload, send.headers, detailed=True)
+        return await self._publisher.publish(send.subject, send.payload, send.headers)
+
     def _event_headers_for(self, event: Publish) -> dict[str, str]:
         # Nats-Expected-Stream makes JetStream refuse the event if another stream captured the subject.
-        return {"Nats-Msg-Id": event.event_id, "Nats-Expected-Stream": self._output_stream}
+        headers = {
+            "Nats-Msg-Id": event.event_id,
+            "Nats-Expected-Stream": self._output_stream,
+            REQUEST_ID: event.request_id or request_id(event.event_id),
+        }
+        if event.traceparent:
+            headers[TRACEPARENT] = event.traceparent
+        return headers
 
     def _dead_letter_send(self, batch: _Batch, index: int, outcome: DeadLetter) -> _Send | None:
         msg = batch.messages[index]
         metadata = msg.metadata
         seq = metadata.sequence.stream
-        with bound(subject=msg.subject, table=outcome.table, stream_seq=seq, reason=outcome.reason.value):
+        with bound(**_about(msg, outcome.event_id), table=outcome.table, reason=outcome.reason.value):
             log.warning("dead-lettering message", extra={"detail": outcome.detail, "delivered": metadata.num_delivered})
         if not self._settings.dlq.enabled:
             return None
@@ -620,16 +661,19 @@ class Engine:
                 await self._give_up_send(batch, send)
             published = [s for s in sends if s.future is not None and not s.error]
             self._land(published, stored=True)
-            await self._mark([s.outcome.event_id for s in published if isinstance(s.outcome, Publish)])
+            events = [s.outcome for s in published if isinstance(s.outcome, Publish)]
+            await self._mark([e.event_id for e in events], [e.routing for e in events if e.routing is not None])
             wall = time.time()
             for send in published:
                 outcome = send.outcome
                 if isinstance(outcome, Publish):
                     if outcome.commit_time is not None:
-                        self._metrics.lag.observe(max(0.0, wall - outcome.commit_time))
+                        self.lag = max(0.0, wall - outcome.commit_time)
+                        self._metrics.lag.observe(self.lag)
                     result = "duplicate" if send.duplicate else "published"
                     await self._settle(batch, send.index, "ack", outcome.table, result)
                 else:
+                    self._log_dead_letter_stored(batch.messages[send.index], send)
                     await self._settle(batch, send.index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
         except asyncio.CancelledError:
             raise
@@ -640,6 +684,13 @@ class Engine:
             self._marked([s.outcome.event_id for s in sends if isinstance(s.outcome, Publish)])
             for send in sends:
                 await self._settle(batch, send.index, "nak", "", "retried", delay=5.0)
+
+    def _log_dead_letter_stored(self, msg: InboundMessage, send: _Send) -> None:
+        """The one line that ties the source position, the event id and the dead-letter sequence together."""
+        assert isinstance(send.outcome, DeadLetter) and send.future is not None
+        ack = send.future.result()
+        with bound(**_about(msg, send.outcome.event_id), table=send.outcome.table, reason=send.outcome.reason.value):
+            log.info("dead letter stored", extra={"dlq_stream": ack.stream, "dlq_seq": ack.seq})
 
     async def _await_acks(self, sends: list[_Send]) -> list[_Send]:
         """Wait (bounded) for every PubAck; return the sends that failed or got no answer."""
@@ -684,9 +735,15 @@ class Engine:
             async with self._hold_lock:
                 if self._stopping or self._last_give_up > queued_at:
                     return failed
+                first = failed[0].outcome
                 log.warning(
                     "publish failed, holding and retrying",
-                    extra={"count": len(failed), "error": failed[0].error[:300], "max_hold": publish.max_hold},
+                    extra={
+                        "count": len(failed),
+                        "error": failed[0].error[:300],
+                        "max_hold": publish.max_hold,
+                        "first_event_id": first.event_id or None,
+                    },
                 )
                 remaining = failed
                 refused: list[_Send] = []
@@ -701,7 +758,7 @@ class Engine:
                     ):
                         with attempt:
                             for send in remaining:
-                                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                                send.future = await self._send(send)
                             remaining = await self._await_acks(remaining)
                             # A permanent refusal leaves the hold at once: waiting cannot fix it.
                             refused.extend(s for s in remaining if s.exc is not None and is_permanent_rejection(s.exc))
@@ -735,6 +792,8 @@ class Engine:
         if isinstance(send.outcome, DeadLetter):
             outcome = send.outcome  # the dead-letter stream itself failed: keep the original reason
         assert isinstance(outcome, DeadLetter)
+        if not outcome.event_id and send.outcome.event_id:
+            outcome = replace(outcome, event_id=send.outcome.event_id)
         await self._dead_letter_final(batch, send.index, outcome)
 
     async def _nak(self, batch: _Batch, index: int, outcome: Retry) -> None:
@@ -748,7 +807,7 @@ class Engine:
         if send is None:
             await self._settle(batch, index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
             return
-        send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+        send.future = await self._send(send)
         if await self._await_acks([send]):
             await self._hold_dead_letter(batch, send)
         else:
@@ -774,7 +833,7 @@ class Engine:
             while send.error and not self._stopping:
                 await asyncio.sleep(delay)  # back-off between attempts against a failing stream
                 delay = min(publish.retry_max, delay * 2)
-                send.future = await self._publisher.publish(send.subject, send.payload, send.headers)
+                send.future = await self._send(send)
                 await self._await_acks([send])
         finally:
             self._dead_letters_held -= 1
@@ -783,25 +842,34 @@ class Engine:
             if 0 < self._max_deliver <= delivery_count(msg.reply):
                 log.critical(
                     "could not dead-letter a message on its final delivery; its max-deliveries advisory will",
-                    extra={"subject": msg.subject, "reason": outcome.reason.value},
+                    extra={**_about(msg, outcome.event_id), "reason": outcome.reason.value},
                 )
             await self._settle(batch, send.index, "nak", outcome.table, "retried")
             return
         log.info("dead-letter stream took the held dead letter", extra={"reason": outcome.reason.value})
         await self._settle(batch, send.index, "term", outcome.table, "dead_lettered", reason=outcome.reason)
 
-    async def _mark(self, event_ids: list[str]) -> None:
-        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway.
+    async def _mark(self, event_ids: list[str], routing: list[tuple[str, str]] | None = None) -> None:
+        """Write the dedup markers (after the PubAcks), waiting at most ``dedup.mark_timeout`` before acking anyway;
+        and the routing cache entries of the published rows (routes with ``routing_cache``).
 
         The in-flight table learns when the write really ended (``_marked``), also when that is after the timeout.
         """
         if not event_ids:
             return
-        write = asyncio.get_running_loop().run_in_executor(self._executor, self._dedup.mark, event_ids)
+        write = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._write_markers, event_ids, routing or []
+        )
         write.add_done_callback(lambda _: self._marked(event_ids))
         done, _ = await asyncio.wait({write}, timeout=self._settings.dedup.mark_timeout)
         if not (done and write.result()):
             self._metrics.dedup_mark_errors.inc(len(event_ids))
+
+    def _write_markers(self, event_ids: list[str], routing: list[tuple[str, str]]) -> bool:
+        # A lost routing entry only means a later delete of that row is dead-lettered (replayable): best effort.
+        if routing:
+            self._dedup.remember_routes(routing)
+        return self._dedup.mark(event_ids)
 
     # ------------------------------------------------------------------------------------------------ settling
 
@@ -820,6 +888,8 @@ class Engine:
         if index not in batch.open:
             return
         batch.open.discard(index)
+        if table not in self._routed:
+            table = OTHER_TABLE  # a metric label: unrouted table names come from input, so they share one
         msg = batch.messages[index]
         size = len(msg.data)
         batch.nbytes -= size
@@ -832,7 +902,7 @@ class Engine:
             else:
                 await msg.nak(delay=delay or None)
         except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
-            log.debug("could not %s message", action, extra={"error": str(exc)[:200], "subject": msg.subject})
+            log.debug("could not %s message", action, extra={"error": str(exc)[:200], **_about(msg)})
         now = time.monotonic()
         if action != "nak":
             self.last_settled = now

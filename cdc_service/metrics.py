@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 from cdc_service import __version__
 from cdc_service.core.outcomes import Reason
@@ -13,6 +21,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 RESULTS = ("published", "duplicate", "skipped", "dead_lettered", "retried")
 ADVISORY_RESULTS = ("dead_lettered", "already_dead_lettered", "already_published", "no_route", "gone", "retried")
 DRIFT_FIELDS = ("filter_subjects", "ack_wait", "max_deliver", "max_ack_pending", "ack_policy", "deliver_subject")
+# The ``table`` label of every table without a route (and of subjects that name none): label values come from a
+# bounded set, never from input. ">" cannot be in a routed table's name, so this never names a real route.
+OTHER_TABLE = "<other>"
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
@@ -178,6 +189,20 @@ class Metrics:
             ["exception_type"],
             registry=registry,
         )
+        self.unhandled_fields = Counter(
+            "cdc_consumer_unhandled_fields_total",
+            "Rows of a routed table with a column its routes.<table>.columns does not list, by table and column "
+            '(at most 100 table/column series per replica, then field_name="other").',
+            ["table", "field_name"],
+            registry=registry,
+        )
+        self.missing_fields = Counter(
+            "cdc_consumer_missing_fields_total",
+            "Rows of a routed table without a column its routes.<table>.columns lists (deletes not counted), by table "
+            'and column (same cap as unhandled_fields, then field_name="other").',
+            ["table", "field_name"],
+            registry=registry,
+        )
         # Series exist from the start at 0, so rate() and increase() see the first event of each kind.
         for result in ("hit", "miss", "held", "error"):
             self.dedup_lookups.labels(result)
@@ -191,8 +216,15 @@ class Metrics:
             self.consumer_drift.labels(name)
 
     def declare_tables(self, tables: Iterable[str]) -> None:
-        """Create the per-table series of the routed tables at 0."""
-        for table in tables:
+        """Create the per-table series of the routed tables (and of all others together) at 0."""
+        for table in [*tables, OTHER_TABLE]:
             self.processing.labels(table)
             for result in RESULTS:
                 self.events.labels(table, result)
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """Add the standard process (``process_resident_memory_bytes``, ``process_cpu_seconds_total``, open fds), platform
+    (``python_info``) and GC (``python_gc_*``) collectors: what the memory and CPU sizing is checked against."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)

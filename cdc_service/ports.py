@@ -48,6 +48,13 @@ class DedupStore(Protocol):
     def mark(self, event_ids: Sequence[str]) -> bool:
         """Remember ids whose publish was acknowledged; ``False`` when that did not happen."""
 
+    def routes(self, keys: Sequence[str]) -> list[str | None] | None:
+        """The routing fields remembered for each row key (JSON text, ``None`` when unknown); ``None`` when the store
+        cannot be asked."""
+
+    def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
+        """Remember ``(row key, routing fields as JSON)`` pairs for ``dedup.routing_ttl``; ``False`` on failure."""
+
     @property
     def available(self) -> bool:
         """False while the store is known to be unreachable."""
@@ -56,8 +63,13 @@ class DedupStore(Protocol):
 class Publisher(Protocol):
     """Pipelined JetStream publishing. Only the loop thread calls it."""
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
+    ) -> asyncio.Future[PubAck]:
         """Send one message; the returned future resolves with its ``PubAck`` or a ``PublishRejected``.
+
+        Only a ``detailed`` publish's ``PubAck`` is sure to carry the stream and sequence (the others are read
+        without a JSON parse).
 
         Submission order is wire order. The future may never resolve (lost reply): callers bound the wait.
         """
@@ -87,6 +99,19 @@ def delivery_count(reply: str) -> int:
     return 1
 
 
+def source_position(reply: str) -> tuple[str, int | None]:
+    """(stream, stream sequence) from a JetStream ack subject, for log lines; ``("", None)`` when it is not one."""
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return tokens[2], int(tokens[5])
+        if len(tokens) >= 11:
+            return tokens[4], int(tokens[7])
+    except ValueError:
+        pass
+    return "", None
+
+
 class InboundMessage(Protocol):
     """The part of a nats-py ``Msg`` the pipeline uses. Acks are coroutines: call them on the loop thread only."""
 
@@ -98,6 +123,9 @@ class InboundMessage(Protocol):
 
     @property
     def data(self) -> bytes: ...
+
+    @property
+    def headers(self) -> Mapping[str, str] | None: ...
 
     @property
     def metadata(self) -> Any: ...

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from cdc_service import __version__
 from cdc_service.adapters.nats_jetstream import (
+    ConnectionState,
     PipelinedPublisher,
     ProvisioningError,
     PullIntake,
@@ -32,6 +35,8 @@ from cdc_service.adapters.nats_jetstream import (
     consumer_drift,
     ensure_consumer,
     provision,
+    read_loop_stopped,
+    restart_reading,
 )
 from cdc_service.adapters.nats_partitions import PartitionedIntake, ensure_partitioned_stream
 from cdc_service.adapters.redis_dedup import RedisDedupStore
@@ -41,7 +46,7 @@ from cdc_service.core.events import EventBuilder
 from cdc_service.core.partitions import MIN_SERVER, member_id, supports_partitions
 from cdc_service.engine import Engine
 from cdc_service.http import HealthServer
-from cdc_service.metrics import Metrics
+from cdc_service.metrics import Metrics, register_runtime_collectors
 from cdc_service.worker import BatchPreparer
 
 log = logging.getLogger("cdc_service.service")
@@ -77,13 +82,39 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def interval_figures(
+    current: Counter[str], previous: Counter[str], seconds: float, lag: float | None, backlog: int | None
+) -> dict[str, Any]:
+    """The summary line's figures for the interval since the previous one: counts and rates per second of handled
+    messages and of published events, the latest lag (source commit to PubAck) and the backlog."""
+    handled = sum(current.values()) - sum(previous.values())
+    published = current["published"] - previous["published"]
+    seconds = max(seconds, 1e-9)
+    return {
+        "interval_seconds": round(seconds, 1),
+        "interval_handled": handled,
+        "interval_published": published,
+        "interval_dead_lettered": current["dead_lettered"] - previous["dead_lettered"],
+        "handled_per_second": round(handled / seconds, 1),
+        "published_per_second": round(published / seconds, 1),
+        "lag_seconds": None if lag is None else round(lag, 3),
+        "backlog": backlog,
+    }
+
+
 class Service:
     """One replica. ``run()`` blocks in the main thread until SIGTERM/SIGINT or a fatal error; returns the exit code."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.ingest.ordering == "partitioned":
+            # No Redis claims: the pin gives each partition one owner, and a claim left by an owner that died makes
+            # its successor publish that event after newer ones of the same chat (a claimed copy is published
+            # outside the receipt order, once the claim expires). docs/system_architecture.md §9.1.
+            settings = dataclasses.replace(settings, dedup=dataclasses.replace(settings.dedup, claim_ttl=0.0))
         self.settings = settings
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        register_runtime_collectors(self.registry)
         self.pool_size = settings.workers.resolved_pool_size(available_cpus())
         self.metrics.pool_size.set(self.pool_size)
         self.metrics.declare_tables(settings.routes)
@@ -93,6 +124,7 @@ class Service:
         self._ready = False
         self._loop_tick = time.monotonic()
         self._unhealthy = False  # liveness already reported failing (log the critical line once per episode)
+        self._read_loop_stopped_at: float | None = None  # when nats-py's read loop was first seen ended
         self._loop = _new_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="cdc-loop", daemon=True)
         self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix="cdc-worker")
@@ -103,17 +135,28 @@ class Service:
             on_error=lambda op: self.metrics.redis_errors.labels(op).inc(),
         )
         self._nc: Client | None = None
+        self._nats_state = ConnectionState(settings.nats)
         self._js: JetStreamContext | None = None
         self._consumer_problem: str | None = None  # set by the consumer watchdog while the durable is gone
         self._nats_problem: str | None = None  # set while nats-server does not answer pings (see _probe_nats)
         self._ack_floor = 0  # highest consumer ack floor seen: where a recreated durable resumes
+        self._backlog: int | None = None  # the durable's num_pending at the last consumer check
         self._intake: PushIntake | PullIntake | PartitionedIntake | None = None
         self._advisories: MaxDeliveriesWatcher | None = None
         self.engine: Engine | None = None
         self._background: list[asyncio.Task[None]] = []
         self._tick_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
-        self.http = HealthServer(settings.http.host, settings.http.port, self.registry, self.liveness, self.readiness)
+        self._reconnecting: asyncio.Task[None] | None = None
+        self.http = HealthServer(
+            settings.http.host,
+            settings.http.port,
+            self.registry,
+            self.liveness,
+            self.readiness,
+            read_timeout=settings.http.read_timeout,
+            max_connections=settings.http.max_connections,
+        )
 
     # ---------------------------------------------------------------------------------------------- main thread
 
@@ -206,8 +249,11 @@ class Service:
         so the restart the orchestrator is about to do has its reason in the log."""
         now = time.monotonic()
         reason = ""
+        stopped_at = self._read_loop_stopped_at
         if now - self._loop_tick > _LOOP_STALE_AFTER:
             reason = f"event loop has not run for {now - self._loop_tick:.0f}s"
+        elif stopped_at is not None and now - stopped_at > _LOOP_STALE_AFTER:
+            reason = f"the NATS read loop stopped {now - stopped_at:.0f}s ago and reconnecting has not restarted it"
         elif self.engine is not None and self.engine.stalled(now):
             engine = self.engine
             reason = f"{engine.inflight} messages pending and nothing acked for {now - engine.last_settled:.0f}s"
@@ -225,10 +271,14 @@ class Service:
         nc = self._nc
         if self._stopping:
             return False, {**detail, "reason": "shutting down"}
-        if nc is None or not self._ready:
-            return False, {**detail, "reason": "starting"}
+        if nc is None:
+            return False, {**detail, "reason": self._nats_state.describe()}
         if not nc.is_connected:
-            return False, {**detail, "reason": "not connected to NATS"}
+            return False, {**detail, "reason": f"not connected to NATS: {self._nats_state.describe()}"}
+        if self._read_loop_stopped_at is not None:
+            return False, {**detail, "reason": "NATS read loop stopped"}
+        if not self._ready:
+            return False, {**detail, "reason": "starting: connected to NATS, provisioning streams and the consumer"}
         if self._intake is None or not self._intake.active:
             return False, {**detail, "reason": "not bound to the consumer"}
         if self._consumer_problem is not None:
@@ -249,6 +299,7 @@ class Service:
             on_disconnected=self._on_disconnected,
             on_reconnected=self._on_reconnected,
             on_closed=self._on_closed,
+            state=self._nats_state,
         )
         self.metrics.nats_connected.set(1)
         partitioned = settings.ingest.ordering == "partitioned"
@@ -321,7 +372,20 @@ class Service:
         """Proves to the liveness probe that the loop runs; nothing here may block or wait on other work."""
         while True:
             self._loop_tick = time.monotonic()
+            self._check_read_loop()
             await asyncio.sleep(1.0)
+
+    def _check_read_loop(self) -> None:
+        """A connection whose read loop has ended receives nothing while looking connected: reconnect at once (a new
+        read loop), and fail readiness now and liveness if that does not help."""
+        nc = self._nc
+        if nc is None or self._stopping or not read_loop_stopped(nc):
+            self._read_loop_stopped_at = None
+            return
+        if self._read_loop_stopped_at is None:
+            self._read_loop_stopped_at = time.monotonic()
+            log.error("the NATS read loop stopped; reconnecting")
+            self._reconnecting = asyncio.get_running_loop().create_task(restart_reading(nc), name="cdc-restart-read")
 
     async def _probe_redis(self) -> None:
         loop = asyncio.get_running_loop()
@@ -389,7 +453,8 @@ class Service:
             # Only an ack floor reached under the configured filter is a safe place to resume from.
             self._ack_floor = max(self._ack_floor, int(info.ack_floor.stream_seq or 0))
             self.metrics.ack_floor.set(self._ack_floor)
-            self.metrics.backlog.set(info.num_pending or 0)
+            self._backlog = int(info.num_pending or 0)
+            self.metrics.backlog.set(self._backlog)
             self._consumer_problem = None
             return
         except NotFoundError as exc:
@@ -434,9 +499,17 @@ class Service:
         log.info("durable consumer restored", extra={"consumer": ingest.durable, "fields": drift})
 
     async def _summarise(self) -> None:
+        previous: Counter[str] = Counter()
+        since = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.log.summary_interval)
-            log.info("summary", extra=self._totals())
+            now = time.monotonic()
+            extra = self._totals()
+            if self.engine is not None:
+                current = Counter(self.engine.totals)
+                extra.update(interval_figures(current, previous, now - since, self.engine.lag, self._backlog))
+                previous, since = current, now
+            log.info("summary", extra=extra)
 
     def _totals(self) -> dict[str, Any]:
         engine = self.engine

@@ -79,7 +79,9 @@ class FakePublisher:
     attempts: int = 0
     _ids: set[str] = field(default_factory=set)
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
+    ) -> asyncio.Future[PubAck]:
         self.attempts += 1
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         if self.failing:
@@ -108,6 +110,7 @@ class FakeDedupStore:
     marked: set[str] = field(default_factory=set)
     claims: dict[str, str] = field(default_factory=dict)
     token: str = "replica-a"
+    routing: dict[str, str] = field(default_factory=dict)  # row key -> routing fields (JSON)
     down: bool = False
     claims_on: bool = True
     lookups: int = 0
@@ -159,6 +162,17 @@ class FakeDedupStore:
         self.marked.update(event_ids)
         for event_id in event_ids:  # the marker replaces the claim
             self.claims.pop(event_id, None)
+        return True
+
+    def routes(self, keys: Sequence[str]) -> list[str | None] | None:
+        if self.down:
+            return None
+        return [self.routing.get(key) for key in keys]
+
+    def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
+        if self.down:
+            return False
+        self.routing.update(entries)
         return True
 
 

@@ -5,17 +5,103 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter as TallyCounter
 from collections.abc import Sequence
+from typing import Any
 
+import orjson
 import simdjson
 
+from cdc_service.core.correlation import request_id, traceparent
 from cdc_service.core.events import EventBuilder
-from cdc_service.core.outcomes import ClaimedElsewhere, Duplicate, Outcome, Publish, dead_letter_id, decide_failure
+from cdc_service.core.outcomes import (
+    ClaimedElsewhere,
+    DeadLetter,
+    Duplicate,
+    Outcome,
+    Publish,
+    TransientError,
+    dead_letter_id,
+    decide_failure,
+)
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
-from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count
+from cdc_service.ports import Claim, DedupStore, InboundMessage, delivery_count, source_position
 
 log = logging.getLogger("cdc_service.worker")
+_RECENT_ROUTING_SIZE = 10_000  # routing fields of rows planned lately, for deletes that follow them closely
+
+MAX_DRIFT_SERIES = 100  # distinct (table, column) label pairs per replica; past it, field_name="other"
+OTHER = "other"
+_MAX_FIELD_LABEL = 64
+
+
+class ColumnDrift:
+    """Counts columns that appear in or vanish from a routed table's rows, and logs each (table, column) once.
+
+    Column names come from input: a runaway or hostile schema must not grow the series or the log without limit,
+    so past ``max_series`` distinct pairs (or for a name that is long or not printable) the count goes under
+    ``field_name="other"`` and one more warning says so. Thread-safe; the lock is taken only for a new pair.
+    """
+
+    def __init__(self, metrics: Metrics, max_series: int = MAX_DRIFT_SERIES) -> None:
+        self._counters = {"unexpected": metrics.unhandled_fields, "missing": metrics.missing_fields}
+        self._children: dict[tuple[str, str, str], Any] = {}
+        self._lock = threading.Lock()
+        self._max_series = max_series
+        self._named = 0
+        self._capped = False
+
+    def record(self, drifts: Sequence[tuple[str, tuple[str, ...], tuple[str, ...]]]) -> None:
+        """Count one batch's ``(table, unexpected, missing)`` findings: one counter update per distinct column."""
+        counts: TallyCounter[tuple[str, str, str]] = TallyCounter()
+        for (table, unexpected, missing), rows in TallyCounter(drifts).items():
+            for name in unexpected:
+                counts["unexpected", table, name] += rows
+            for name in missing:
+                counts["missing", table, name] += rows
+        for key, n in counts.items():
+            child = self._children.get(key) or self._child(*key)
+            child.inc(n)
+
+    def _child(self, change: str, table: str, name: str) -> Any:
+        with self._lock:
+            child = self._children.get((change, table, name))
+            if child is not None:
+                return child
+            label = name if name != OTHER and len(name) <= _MAX_FIELD_LABEL and name.isprintable() else ""
+            if label and self._named < self._max_series:
+                self._named += 1
+                child = self._children[(change, table, name)] = self._counters[change].labels(table, label)
+                what = "appeared in" if change == "unexpected" else "is missing from"
+                log.warning(
+                    "schema drift: column %s rows of table %s",
+                    what,
+                    table,
+                    extra={"table": table, "field_name": label, "change": change},
+                )
+                return child
+            if not self._capped and label:
+                self._capped = True
+                log.warning(
+                    "schema drift: over %d distinct columns; further ones are counted as field_name=%s, not logged",
+                    self._max_series,
+                    OTHER,
+                    extra={"table": table},
+                )
+            # Not remembered by name: a flood of distinct names must not grow this dict either.
+            key = (change, table, OTHER)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._counters[change].labels(table, OTHER)
+            return child
+
+
+def _correlate(event: Publish, msg: InboundMessage) -> None:
+    # X-Request-ID from the event id (the same on every retry); the source's traceparent passed through.
+    event.request_id = request_id(event.event_id)
+    if msg.headers:
+        event.traceparent = traceparent(msg.headers)
 
 
 class BatchPreparer:
@@ -31,6 +117,8 @@ class BatchPreparer:
         self._metrics = metrics
         self._max_deliver = max_deliver
         self._local = threading.local()
+        self._drift = ColumnDrift(metrics)
+        self._recent_routing: dict[str, str] = {}
 
     def _parser(self) -> simdjson.Parser:
         # A pysimdjson Parser is not thread-safe and its documents die at the next parse: one per worker thread.
@@ -44,21 +132,77 @@ class BatchPreparer:
         plan = self._builder.plan
         outcomes: list[Outcome] = []
         redelivered = 0
+        drifts: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         for msg in messages:
             try:
-                outcomes.append(plan(msg.subject, msg.data, parser))
+                outcome = plan(msg.subject, msg.data, parser)
+                if type(outcome) is Publish:
+                    _correlate(outcome, msg)
+                    if outcome.drift is not None:
+                        drifts.append((outcome.table, *outcome.drift))
+                outcomes.append(outcome)
             except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
                 table = self._builder.table_of(msg.subject)
                 count = delivery_count(msg.reply)
                 self._metrics.handler_errors.labels(type(exc).__name__).inc()
-                with bound(subject=msg.subject, table=table, delivered=count):
+                stream, seq = source_position(msg.reply)
+                with bound(subject=msg.subject, table=table, delivered=count, stream=stream, stream_seq=seq):
                     log.exception("unexpected error while building an event")
                 outcomes.append(decide_failure(exc, table=table, num_delivered=count, max_deliver=self._max_deliver))
             if delivery_count(msg.reply) > 1:
                 redelivered += 1
         if redelivered:
             self._metrics.redeliveries.inc(redelivered)
+        if drifts:
+            self._drift.record(drifts)
+        self._route_from_cache(messages, outcomes, parser)
         return self._drop_known_duplicates(outcomes, messages)
+
+    def _route_from_cache(self, messages: Sequence[InboundMessage], outcomes: list[Outcome], parser: Any) -> None:
+        """Deletes that lack their routing fields: plan them again with the fields remembered for their row (one
+        lookup for the batch). Unknown rows stay dead letters; an unreachable store is retried like any outage."""
+        recent = self._recent_routing
+        for outcome in outcomes:
+            if isinstance(outcome, Publish) and outcome.routing is not None:
+                if len(recent) >= _RECENT_ROUTING_SIZE:
+                    recent.clear()
+                key, fields = outcome.routing
+                recent[key] = fields
+        positions = [i for i, o in enumerate(outcomes) if isinstance(o, DeadLetter) and o.routing_key]
+        if not positions:
+            return
+        keys = [outcomes[i].routing_key for i in positions]  # type: ignore[union-attr]
+        # The row's insert may be in this batch or one still in flight, before its entry reaches Redis.
+        found = [recent.get(key) for key in keys]
+        unknown = [j for j, value in enumerate(found) if value is None]
+        store_failed = False
+        if unknown:
+            answers = self._dedup.routes([keys[j] for j in unknown])
+            if answers is None:
+                store_failed = True
+            else:
+                for j, value in zip(unknown, answers, strict=True):
+                    found[j] = value
+        for i, remembered in zip(positions, found, strict=True):
+            msg = messages[i]
+            if remembered is None:
+                if store_failed:
+                    outcomes[i] = decide_failure(
+                        TransientError("the routing cache is unavailable"),
+                        table=outcomes[i].table,
+                        num_delivered=delivery_count(msg.reply),
+                        max_deliver=self._max_deliver,
+                    )
+                continue  # not remembered: stays a dead letter
+            try:
+                routing = orjson.loads(remembered)
+            except orjson.JSONDecodeError:
+                continue  # not an entry this service wrote: stays a dead letter
+            if isinstance(routing, dict):
+                replanned = self._builder.plan(msg.subject, msg.data, parser, routing)
+                if type(replanned) is Publish:
+                    _correlate(replanned, msg)
+                outcomes[i] = replanned
 
     def _drop_known_duplicates(self, outcomes: list[Outcome], messages: Sequence[InboundMessage]) -> list[Outcome]:
         positions = [i for i, o in enumerate(outcomes) if isinstance(o, Publish)]

@@ -82,7 +82,7 @@ THEN = [
         "messages insert msg-2",
     ),
 ]
-LAST_EVENT = "1002:messages:msg-2"
+LAST_EVENT = "1002:chatdb:acme:messages:msg-2"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ async def run_demo(nats_url: str, http_port: int, service_env: dict[str, str]) -
         proc.returncode == 0
         and stored == len(set(seen)) == len(seen) == 4
         and dead == 1
-        and {s.split(":")[1] for s in seen} == {"messages", "chats", "agents"}
+        and {s.split(":")[3] for s in seen} == {"messages", "chats", "agents"}
     )
     return 0 if ok else 1
 

@@ -77,7 +77,9 @@ def main() -> int:
         print(f"run_local: Redis at {mask_url(settings.redis.url)} does not answer; dedup fails open", flush=True)
 
     # Its own session too: signals reach it once, forwarded from here, never twice from the terminal.
-    service = subprocess.Popen([sys.executable, "-m", "cdc_service"], cwd=REPO, start_new_session=True)
+    # A terminal wants readable lines; an explicit CDC_LOG__FORMAT (e.g. json, to try a log pipeline) still wins.
+    env = {**os.environ, "CDC_LOG__FORMAT": os.environ.get("CDC_LOG__FORMAT", "console")}
+    service = subprocess.Popen([sys.executable, "-m", "cdc_service"], cwd=REPO, start_new_session=True, env=env)
 
     def forward(signum: int, _frame: object) -> None:
         if service.poll() is None:

@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import nats
@@ -22,6 +22,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.nuid import NUID
 
 from cdc_service.config import IngestSettings, NatsSettings, Settings, mask_url
+from cdc_service.core.subjects import covers
 from cdc_service.ports import PubAck, PublishRejected
 
 log = logging.getLogger("cdc_service.nats")
@@ -68,27 +69,161 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
     return options
 
 
+def describe_error(exc: BaseException, connect_timeout: float) -> str:
+    """``Type: text`` for a log line; an exception without text (a black-holed host's ``TimeoutError``) says what
+    it means instead of leaving ``TimeoutError: ``."""
+    text = str(exc).strip()
+    if text:
+        return f"{type(exc).__name__}: {text}"[:300]
+    if isinstance(exc, TimeoutError):
+        return f"TimeoutError: no answer within nats.connect_timeout ({connect_timeout:g}s)"
+    return type(exc).__name__
+
+
+class ConnectionState:
+    """What the NATS connection is doing, for the log and ``/readyz``: written on the loop thread, read by probes.
+
+    nats-py reports each failed (re)connect attempt through ``error_cb`` without saying which server or which
+    attempt; this counts attempts since the last success and names the server whose attempt count moved.
+    """
+
+    def __init__(self, settings: NatsSettings) -> None:
+        self._settings = settings
+        self._client: Client | None = None
+        self._counts: dict[str, int] = {}
+        self.connected = False
+        self.attempt = 0  # failed attempts since the last successful connection
+        self.url = mask_url(settings.url[0]) if len(settings.url) == 1 else ""
+        self.error = ""
+
+    def describe(self) -> str:
+        """One phrase for ``/readyz``: the server and the last failure while not connected."""
+        servers = self.url or ", ".join(mask_url(u) for u in self._settings.url)
+        if self.connected:
+            return f"connected to NATS at {servers}"
+        if not self.attempt:
+            return f"connecting to NATS at {servers}"
+        return f"cannot connect to NATS at {servers} (attempt {self.attempt}: {self.error})"
+
+    def _failed_server(self) -> str:
+        client = self._client
+        if client is None or len(self._settings.url) == 1:
+            return self.url
+        moved = ""
+        for server in client.server_pool:
+            uri = server.uri.geturl()
+            if server.reconnects > self._counts.get(uri, 0):
+                moved = mask_url(uri)
+            self._counts[uri] = server.reconnects
+        return moved or ", ".join(mask_url(u) for u in self._settings.url)
+
+    def on_error(self, exc: Exception) -> None:
+        """An error from nats-py: while not connected it is a failed attempt, logged with server, count and wait."""
+        error = describe_error(exc, self._settings.connect_timeout)
+        if self.connected:  # until nats-py reports the disconnect, an error is about the live connection
+            log.warning("nats error", extra={"error": error})
+            return
+        self.attempt += 1
+        self.error = error
+        self.url = self._failed_server()
+        wait = self._settings.reconnect_wait
+        log.warning(
+            "cannot connect to NATS at %s (attempt %d, %s); next attempt in %gs",
+            self.url,
+            self.attempt,
+            error,
+            wait,
+            extra={"nats_url": self.url, "attempt": self.attempt, "error": error, "next_attempt_in": wait},
+        )
+
+    def on_connected(self, client: Client) -> None:
+        self._client = client
+        self.connected = True
+        self.attempt = 0
+        self.error = ""
+        url = client.connected_url
+        self.url = mask_url(url.geturl()) if url is not None else self.url
+
+    def on_disconnected(self) -> None:
+        self.connected = False
+
+
+class _Client(Client):
+    """nats-py's client, reading subjects that are not valid UTF-8 instead of dying on them.
+
+    nats-py decodes each delivered subject strictly inside its read loop; one message stored under a subject with a
+    byte like 0xff (nats-server accepts and stores it) raises there and ends the read loop for good, silently: nothing
+    more is received or acked until the ping check reconnects. Decoding with ``surrogateescape`` keeps the bad bytes
+    as lone surrogates (``core.subjects.subject_bytes`` turns them back), so the message reaches the engine, which
+    dead-letters it.
+    """
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        return self.msg_class(
+            subject=subject.decode("utf-8", "surrogateescape"),
+            reply=reply.decode("utf-8", "surrogateescape"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
+
+
+def read_loop_stopped(nc: Client) -> bool:
+    """True when the connection counts as connected but nats-py's read loop has ended.
+
+    nats-py ends its read loop on any unexpected exception and logs it, but keeps the connection's status: without
+    this check the service would look healthy and receive nothing until the ping check notices (minutes).
+    """
+    task = getattr(nc, "_reading_task", None)
+    return bool(nc.is_connected and task is not None and task.done())
+
+
+async def restart_reading(nc: Client) -> None:
+    """Reconnect, which starts a new read loop; what was received and not acked is redelivered after AckWait."""
+    # nats-py's own path for a protocol error on the read side: disconnect, reconnect, resubscribe.
+    await nc._process_op_err(nats.errors.ProtocolError())
+
+
 async def connect(
     settings: NatsSettings,
     *,
     on_disconnected: Callable[[], Awaitable[None]],
     on_reconnected: Callable[[], Awaitable[None]],
     on_closed: Callable[[], Awaitable[None]],
+    state: ConnectionState | None = None,
 ) -> Client:
+    """Connect, retrying forever; ``state`` (when given) follows every attempt."""
+    state = state or ConnectionState(settings)
+    client = _Client()
+    state._client = client
+
     async def error_cb(exc: Exception) -> None:
-        log.warning("nats error", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        state.on_error(exc)
+
+    async def disconnected_cb() -> None:
+        state.on_disconnected()
+        await on_disconnected()
+
+    async def reconnected_cb() -> None:
+        state.on_connected(client)
+        await on_reconnected()
 
     try:
-        return await nats.connect(
+        await client.connect(
             **connect_options(settings),
             error_cb=error_cb,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
             closed_cb=on_closed,
         )
     except Exception as exc:
         servers = ", ".join(mask_url(u) for u in settings.url)
-        raise ConnectionError(f"cannot connect to NATS at {servers}: {type(exc).__name__}: {exc}") from None
+        raise ConnectionError(
+            f"cannot connect to NATS at {servers}: {describe_error(exc, settings.connect_timeout)}"
+        ) from None
+    state.on_connected(client)
+    return client
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,9 +285,18 @@ async def ensure_stream(
     log.info("stream updated", extra={"stream": name, "changed": changed})
 
 
-def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
-    """The durable consumer the settings describe. Push: a queue group on a fixed deliver subject."""
+def consumer_config(ingest: IngestSettings, stream_subjects: Sequence[str] | None = None) -> ConsumerConfig:
+    """The durable consumer the settings describe. Push: a queue group on a fixed deliver subject.
+
+    nats-server stores a message published to a subject with a literal wildcard token (``cdc.>.messages`` is
+    captured by the stream's ``cdc.*.*``), but a consumer filter with ``*`` skips it on live delivery without a
+    trace. When ``ingest.subjects`` take everything the stream holds (``stream_subjects`` is a subset), the filter is
+    widened with ``>`` (``cdc.*.*`` becomes ``cdc.>``): it selects the same stored messages, those included. (Not
+    "no filter": nats-server 2.15 stops delivering to a durable whose filter is removed by an update.)
+    """
     subjects = list(ingest.subjects)
+    if stream_subjects and set(stream_subjects) <= set(subjects):
+        subjects = widened_filters(subjects)
     config = ConsumerConfig(
         durable_name=ingest.durable,
         ack_policy=AckPolicy.EXPLICIT,
@@ -160,7 +304,7 @@ def consumer_config(ingest: IngestSettings) -> ConsumerConfig:
         max_deliver=ingest.max_deliver,
         max_ack_pending=ingest.max_ack_pending,
         deliver_policy=DeliverPolicy.ALL,
-        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,  # an update with neither removes the filter
         filter_subjects=subjects if len(subjects) > 1 else None,
     )
     if ingest.mode == "push":
@@ -181,7 +325,10 @@ def _filters(config: ConsumerConfig) -> list[str]:
 def consumer_drift(expected: ConsumerConfig, actual: ConsumerConfig) -> list[str]:
     """The fields (names as in ``metrics.DRIFT_FIELDS``) in which the server's durable differs from ``expected``."""
     drift = []
-    if _filters(expected) != _filters(actual):
+    wanted, found = _filters(expected), _filters(actual)
+    # Provisioning widens the filter with ">" when it covers the whole stream (see consumer_config): both spellings
+    # are the configured filter, not drift.
+    if found != wanted and found != widened_filters(wanted):
         drift.append("filter_subjects")
     if abs(float(expected.ack_wait or 0) - float(actual.ack_wait or 0)) > 0.001:
         drift.append("ack_wait")
@@ -193,6 +340,17 @@ def consumer_drift(expected: ConsumerConfig, actual: ConsumerConfig) -> list[str
     return drift
 
 
+def widened_filters(subjects: Sequence[str]) -> list[str]:
+    """Each subject cut at its first wildcard token and ended with ``>``; overlaps removed (a consumer's filters
+    must not overlap). Literal subjects stay as they are."""
+    widened: set[str] = set()
+    for subject in subjects:
+        tokens = subject.split(".")
+        cut = next((i for i, t in enumerate(tokens) if t in ("*", ">")), None)
+        widened.add(subject if cut is None else ".".join([*tokens[:cut], ">"]))
+    return sorted(s for s in widened if not any(o != s and covers(o, s.split(".")) for o in widened))
+
+
 async def ensure_consumer(
     js: JetStreamContext, ingest: IngestSettings, *, resume_after: int | None = None
 ) -> ConsumerConfig:
@@ -202,7 +360,11 @@ async def ensure_consumer(
     recreated to resume mid-stream must stay valid for every later start-up). ``resume_after`` creates it to
     deliver from the stream sequence after that one instead of from the stream's start.
     """
-    config = consumer_config(ingest)
+    try:
+        stream_subjects = (await js.stream_info(ingest.stream)).config.subjects
+    except NotFoundError:
+        stream_subjects = None  # add_consumer below reports the missing stream
+    config = consumer_config(ingest, stream_subjects)
     try:
         existing = (await js.consumer_info(ingest.stream, ingest.durable)).config
     except NotFoundError:
@@ -316,6 +478,7 @@ class PipelinedPublisher:
         self._nc = nc
         self._prefix = f"_CDC_PUBACK.{NUID().next().decode()}."
         self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._detailed: set[str] = set()  # tokens whose PubAck is read in full (stream and sequence)
         self._tokens = itertools.count(1)
         self._sub: Any = None
 
@@ -330,10 +493,14 @@ class PipelinedPublisher:
     def max_payload(self) -> int:
         return int(self._nc.max_payload)
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
+    ) -> asyncio.Future[PubAck]:
         token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
+        if detailed:
+            self._detailed.add(token)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)  # type: ignore[arg-type]
         except Exception as exc:  # closed, draining, buffer full while reconnecting: the caller retries
@@ -344,13 +511,18 @@ class PipelinedPublisher:
     def sweep(self) -> None:
         for token in [t for t, f in self._futures.items() if f.done()]:
             del self._futures[token]
+            self._detailed.discard(token)
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        token = msg.subject[len(self._prefix) :]
+        future = self._futures.pop(token, None)
         if future is None or future.done():
             return
         data = msg.data
-        if b'"error"' not in data and data.startswith(b'{"stream"'):
+        detailed = bool(self._detailed) and token in self._detailed
+        if detailed:
+            self._detailed.discard(token)
+        if not detailed and b'"error"' not in data and data.startswith(b'{"stream"'):
             # The common case, read without a JSON parse: one reply per published event.
             duplicate = b'"duplicate": true' in data or b'"duplicate":true' in data  # the server writes the former
             future.set_result(_DUPLICATE if duplicate else _STORED)
@@ -430,9 +602,11 @@ class PullIntake:
         self._psub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._running = False
+        self._on_batch: Callable[[list[Msg]], Awaitable[None]] | None = None
 
     async def start(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
         self._psub = await self._js.pull_subscribe_bind(self._settings.durable, stream=self._settings.stream)
+        self._on_batch = on_batch
         self._running = True
         self._task = asyncio.create_task(self._loop(on_batch), name="cdc-pull")
 
@@ -457,16 +631,72 @@ class PullIntake:
                 await on_batch(msgs)
 
     async def stop(self) -> None:
-        """Stop fetching. The fetch under way finishes (it is short) so no fetched message is dropped."""
+        """Stop fetching; every message the server delivered to this client is then processed or handed back.
+
+        Contract: when ``stop`` returns, nothing delivered to this subscription is left for AckWait. nats-py queues
+        what arrives on the pull inbox and takes from that queue only at the next fetch, so messages that arrive
+        after a fetch timed out (late under load, or for the rest of a lingering request) are still there when the
+        loop ends; a plain unsubscribe would drop them while the server counts them as delivered. So: the loop ends
+        (its last batch goes to ``on_batch`` as usual), interest ends and everything already sent is collected
+        (``_take_delivered``), and those messages go to ``on_batch`` too. The engine's drain finishes them, or at its
+        deadline naks them without delay, so no delivery attempt is spent where the work can still be done. If
+        ``on_batch`` raises, they are nak'ed here without delay so another replica takes them at once. ``on_batch``
+        must own a batch before it first suspends: what follows is back-pressure, which ``stop`` may cut short.
+        """
         self._running = False
+        bound = self._settings.fetch_timeout_ms / 1000.0 + 2.0
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._task, self._settings.fetch_timeout_ms / 1000.0 + 2.0)
+                await asyncio.wait_for(self._task, bound)
             except (TimeoutError, asyncio.CancelledError):
                 pass
             self._task = None
-        if self._psub is not None:
-            try:
-                await self._psub.unsubscribe()
-            except Exception:
-                pass
+        psub, self._psub = self._psub, None
+        if psub is None or self._on_batch is None:
+            return
+        left = await _take_delivered(psub)
+        if not left:
+            return
+        log.info("handing on messages received after the last fetch", extra={"count": len(left)})
+        try:
+            await asyncio.wait_for(self._on_batch(left), bound)
+        except TimeoutError:
+            pass  # the batch was taken; only its back-pressure wait was cut short, and the drain finishes it
+        except Exception as exc:
+            log.warning("could not pass on, handing back", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            for msg in left:
+                try:
+                    await msg.nak()
+                except Exception:  # connection gone: the server redelivers after AckWait, nothing else to do
+                    pass
+
+
+async def _take_delivered(psub: Any) -> list[Msg]:
+    """End a nats-py pull subscription and return the messages it received that no fetch took.
+
+    nats-py 2.x has no public call for this, hence its internals: the UNSUB goes out while the subscription is still
+    registered in the client, the PING/PONG of ``flush`` proves that everything the server sent before the UNSUB has
+    been read into the pending queue, and only then is the queue emptied and the subscription removed from the client
+    (removing it first would drop what is still on its way). Status messages (the 408 of an expired request) are no
+    work and are left out.
+    """
+    sub = psub._sub
+    try:
+        await sub._conn._send_unsubscribe(sub._id)
+        await sub._conn.flush(2)
+    except Exception as exc:  # disconnected: take what is queued; anything still on its way returns after AckWait
+        log.warning(
+            "could not end the pull subscription cleanly", extra={"error": f"{type(exc).__name__}: {exc}"[:300]}
+        )
+    queue = sub._pending_queue
+    delivered: list[Msg] = []
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        if not JetStreamContext.is_status_msg(msg):
+            delivered.append(msg)
+    try:
+        await psub.unsubscribe()
+    except Exception:  # closed or reconnecting: the client drops the subscription with the connection
+        pass
+    return delivered

@@ -151,22 +151,37 @@ def consumer_request(ingest: IngestSettings, partition: int, start_seq: int | No
     return {"stream_name": ingest.partition_stream, "config": config}
 
 
-async def ensure_partition_consumer(nc: Client, ingest: IngestSettings, partition: int) -> None:
-    """Create the durable, or update an existing one's editable fields keeping where it starts."""
+async def ensure_partition_consumer(
+    nc: Client, ingest: IngestSettings, partition: int, attempts: int = 5, backoff: float = 0.2
+) -> None:
+    """Create the durable, or update an existing one's editable fields keeping where it starts.
+
+    Retried a few times: a running replica taking the partition over deletes and recreates the durable, and an
+    update racing that fails on the server (seen: code 10012, the consumer's store directory removed under it).
+    """
     name = durable_name(ingest, partition)
-    start: int | None = None
-    try:
-        existing = await _api(nc, f"$JS.API.CONSUMER.INFO.{ingest.partition_stream}.{name}")
-        start = int(existing.get("config", {}).get("opt_start_seq") or 0) or None
-    except ApiError as exc:
-        if exc.code != _CONSUMER_NOT_FOUND:
-            raise
-    try:
-        await _api(
-            nc, f"$JS.API.CONSUMER.CREATE.{ingest.partition_stream}.{name}", consumer_request(ingest, partition, start)
-        )
-    except ApiError as exc:
-        raise ProvisioningError(f"cannot create or update consumer {name}: {exc}") from None
+    for attempt in range(1, attempts + 1):
+        try:
+            start: int | None = None
+            try:
+                existing = await _api(nc, f"$JS.API.CONSUMER.INFO.{ingest.partition_stream}.{name}")
+                start = int(existing.get("config", {}).get("opt_start_seq") or 0) or None
+            except ApiError as exc:
+                if exc.code != _CONSUMER_NOT_FOUND:
+                    raise
+            await _api(
+                nc,
+                f"$JS.API.CONSUMER.CREATE.{ingest.partition_stream}.{name}",
+                consumer_request(ingest, partition, start),
+            )
+            return
+        except ApiError as exc:
+            if attempt == attempts:
+                raise ProvisioningError(f"cannot create or update consumer {name}: {exc}") from None
+            log.warning(
+                "partition durable not created yet; retrying", extra={"consumer": name, "error": str(exc)[:300]}
+            )
+            await asyncio.sleep(backoff * attempt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,6 +271,7 @@ class PartitionedIntake:
             await asyncio.sleep(period)
             try:
                 await self._rebalance()
+                await self._export_lag()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # disconnected, timeout: keep pulling what we pull, look again next period
@@ -281,6 +297,24 @@ class PartitionedIntake:
             elif partition.index not in mine:
                 partition.running = False  # its pull ends after the current request and releases the pin
         self._metrics.partitions_owned.set(len(self.owned()))
+
+    async def _export_lag(self) -> None:
+        """The backlog and ack-floor gauges over the durables this replica pulls.
+
+        Backlog: the sum of their ``num_pending``. Each partition is pulled by one replica, so ``sum`` across replicas
+        is the whole lag of the partitioned stream (a partition changing hands may be counted twice or not at all for
+        one round). Ack floor: the lowest of theirs, the partitioned stream's sequence below which every message of
+        this replica's partitions is acked. One consumer info per owned durable per membership round.
+        """
+        owned = [p for p in self._partitions.values() if p.running]
+        backlog, floors = 0, []
+        for partition in owned:
+            info = await self._info(partition)
+            backlog += int(info.get("num_pending") or 0)
+            floors.append(int(info.get("ack_floor", {}).get("stream_seq") or 0))
+        self._metrics.backlog.set(backlog)
+        if floors:
+            self._metrics.ack_floor.set(min(floors))
 
     # -------------------------------------------------------------------------------------------- pulling
 

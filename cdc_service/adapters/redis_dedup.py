@@ -98,6 +98,8 @@ class RedisDedupStore:
         # One token per process: a claim found with it is this replica's own (a copy in flight here, or a retried
         # call whose first reply was lost), never another's. Host and pid tell an operator who holds a key.
         self.token = CLAIM_PREFIX + f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}".encode()
+        self._routing_prefix = dedup_settings.routing_key_prefix
+        self._routing_ttl = dedup_settings.routing_ttl
         self._retry_interval = redis_settings.retry_interval
         self._cluster = redis_settings.mode == "cluster"
         self._url = mask_url(redis_settings.url)
@@ -299,6 +301,47 @@ class RedisDedupStore:
             self._failed("mark", exc, write=True)
             return False
         self._succeeded(write=True)
+        return True
+
+    def routes(self, keys: Sequence[str]) -> list[str | None] | None:
+        if not keys:
+            return []
+        if self._skip():
+            if self._on_error:
+                self._on_error("routing_lookup")
+            return None
+        full = [self._routing_prefix + key for key in keys]
+        try:
+            if self._cluster:
+                pipe = self._cluster_client().pipeline()
+                for key in full:
+                    pipe.get(key)
+                values = pipe.execute()
+            else:
+                values = self._client.mget(full)
+        except _ERRORS as exc:
+            self._failed("routing_lookup", exc)
+            return None
+        self._succeeded()
+        return [None if v is None else v.decode() for v in values]
+
+    def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
+        if not entries:
+            return True
+        if self._skip():
+            if self._on_error:
+                self._on_error("routing_mark")
+            return False
+        try:
+            client = self._cluster_client() if self._cluster else self._client
+            pipe = client.pipeline(transaction=False)
+            for key, value in entries:
+                pipe.set(self._routing_prefix + key, value, ex=self._routing_ttl)
+            pipe.execute()
+        except _ERRORS as exc:
+            self._failed("routing_mark", exc)
+            return False
+        self._succeeded()
         return True
 
     def probe(self) -> bool:

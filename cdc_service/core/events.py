@@ -7,7 +7,8 @@ because a parser is not thread-safe and each worker thread owns one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,57 @@ ACTIONS = frozenset({"insert", "update", "delete", "read"})
 _ID_FIELDS_FIRST = ("agent_id", "message_id", "chat_id")
 _MAX_ID_BYTES = 256
 _SUBJECT_CACHE_SIZE = 10_000
+_DRIFT_CACHE_SIZE = 1_000
+_DRIFT_CACHE_COLUMNS = 256
+Drift = tuple[tuple[str, ...], tuple[str, ...]]  # (columns not expected, expected columns absent)
+
+
+def _has_negative_zero(data: bytes) -> bool:
+    """Whether ``data`` may hold the number ``-0`` (after ':', '[' or ',', not followed by a digit, '.', 'e' or 'E').
+    A match inside a string only sends the body down the exact path. Found with ``bytes.find``: a regex without a
+    literal prefix costs about 20 ns per byte here."""
+    at = data.find(b"-0")
+    while at >= 0:
+        after = data[at + 2 : at + 3]
+        if after not in (b".", b"e", b"E") and not after.isdigit():
+            before = at - 1
+            while before >= 0 and data[before] in b" \t\r\n":
+                before -= 1
+            if before >= 0 and data[before] in b":[,":
+                return True
+        at = data.find(b"-0", at + 2)
+    return False
+
+
+def _needs_exact_numbers(record: Any, data: bytes) -> bool:
+    """Whether re-encoding the parsed ``record`` could change a number's text: it holds a float (the source wrote a
+    fraction or an exponent), or a 0 that may have been written "-0". Integers otherwise keep their text."""
+    stack = [record]
+    zero = False
+    while stack:
+        container = stack.pop()
+        for value in container.values() if type(container) is dict else container:
+            kind = type(value)
+            if kind is float:
+                return True
+            if kind is dict or kind is list:
+                stack.append(value)
+            elif kind is int and value == 0:
+                zero = True
+    return zero and _has_negative_zero(data)
+
+
+def _exact_int(text: str) -> Any:
+    # Integers keep their text through int() and orjson, except "-0".
+    return orjson.Fragment(text) if text == "-0" else int(text)
+
+
+def exact_record(data: bytes) -> Any:
+    """``record`` of an already validated body with each non-integer number kept as its source text (an
+    ``orjson.Fragment``), so re-encoding it writes the numbers byte for byte (``1E2`` stays ``1E2``, a 30-digit
+    ``numeric`` keeps every digit). Duplicate keys resolve like the fast parse: the last one wins."""
+    doc = json.loads(data.decode("utf-8-sig"), parse_float=orjson.Fragment, parse_int=_exact_int)
+    return doc["record"]
 
 
 def _missing(what: str) -> PoisonError:
@@ -67,6 +119,82 @@ def _object(doc: Any, key: str) -> Any:
     return value
 
 
+# simdjson's codes, for what the standard parser accepts but simdjson does not; its own texts (e.g. "TAPE_ERROR ...
+# This is a fatal and unrecoverable error") alarm operators and give no position.
+_SIMDJSON_PLAIN = {
+    "BIGINT_ERROR": "an integer does not fit in 64 bits",
+    "NUMBER_ERROR": "a number is out of range",
+    "DEPTH_ERROR": "it is nested too deeply",
+}
+
+
+def json_problem(data: bytes, exc: BaseException) -> str:
+    """A plain reason for a body simdjson refused, with the byte offset where the standard parser stops.
+
+    Runs only for bad input, so the second parse costs nothing on the hot path. Never quotes the body.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"body is not valid UTF-8 at byte {bad.start}"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as bad:
+        where = len(text[: bad.pos].encode("utf-8"))
+        what = bad.msg[:1].lower() + bad.msg[1:]
+        return f"body is not valid JSON: {what} at byte {where} (line {bad.lineno}, column {bad.colno})"
+    except RecursionError:
+        return "body cannot be parsed: it is nested too deeply"
+    except ValueError:
+        pass
+    code = str(exc).split(":", 1)[0].strip()
+    return f"body cannot be parsed: {_SIMDJSON_PLAIN.get(code, 'the parser refused it')}"
+
+
+def column_drift(columns: Iterable[str], expected: frozenset[str]) -> Drift:
+    """(columns not expected, expected columns absent), each sorted."""
+    present = set(columns)
+    return tuple(sorted(present - expected)), tuple(sorted(expected - present))
+
+
+def _id_part(text: str) -> str:
+    """One part of an event id: ``%``, ``:``, whitespace and every unprintable character (lone surrogates included)
+    percent-encoded as their UTF-8 bytes. Parts then never contain the ``:`` that joins them, so the id is injective;
+    and never start or end with whitespace, which nats-py strips from header values (``Nats-Msg-Id``)."""
+    if text.isprintable() and " " not in text and ":" not in text and "%" not in text:
+        return text
+    out = []
+    for char in text:
+        if char in "%: " or not char.isprintable():
+            out.append("".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def event_identity(database: str, company: str, table: str, pk: str, lsn: str) -> str:
+    """The event id, ``<lsn>:<database>:<company>:<table>:<pk>``: JetStream's ``Nats-Msg-Id`` and the Redis marker key.
+
+    Tenant and database are part of it because LSNs are per database and primary keys per table of one tenant's rows:
+    two different changes must never share a de-duplication key. ``lsn`` is digits, optionally ``.<digits>``; the
+    other parts are escaped by ``_id_part``, so distinct tuples always give distinct ids.
+    """
+    return f"{lsn}:{_id_part(database)}:{_id_part(company)}:{_id_part(table)}:{_id_part(pk)}"
+
+
+def row_identity(database: str, company: str, table: str, pk: str) -> str:
+    """The routing cache's key for one row: ``<database>:<company>:<table>:<pk>``, parts escaped like the event id."""
+    return f"{_id_part(database)}:{_id_part(company)}:{_id_part(table)}:{_id_part(pk)}"
+
+
+class _NeedsRouting(PoisonError):
+    """A delete without its routing fields; poison unless the routing cache knows the row."""
+
+    def __init__(self, detail: str, routing_key: str) -> None:
+        super().__init__(Reason.MISSING_FIELD, detail)
+        self.routing_key = routing_key
+
+
 def commit_time(value: Any) -> float | None:
     """Unix seconds of an ISO 8601 ``commit_timestamp``, or ``None`` when it is absent or unreadable."""
     if not isinstance(value, str):
@@ -80,13 +208,14 @@ def commit_time(value: Any) -> float | None:
 class EventBuilder:
     """Decides the outcome of one inbound message from its subject and body."""
 
-    __slots__ = ("_layout", "_max_payload_bytes", "_routes", "_subjects")
+    __slots__ = ("_drifts", "_layout", "_max_payload_bytes", "_routes", "_subjects")
 
     def __init__(self, layout: SubjectLayout, routes: Mapping[str, Route], max_payload_bytes: int) -> None:
         self._layout = layout
         self._routes = dict(routes)
         self._max_payload_bytes = max_payload_bytes
         self._subjects: dict[str, SubjectInfo | str] = {}
+        self._drifts: dict[tuple[str, ...], Drift] = {}
 
     def _parse_subject(self, subject: str) -> SubjectInfo | str:
         # Subjects repeat (companies x tables), so their parse is remembered; the bound keeps a flood of distinct
@@ -103,8 +232,13 @@ class EventBuilder:
         info = self._parse_subject(subject)
         return info.table if isinstance(info, SubjectInfo) else ""
 
-    def plan(self, subject: str, data: bytes, parser: Any) -> Outcome:
-        """Return the outcome for one message; never raises for any subject or body."""
+    def plan(self, subject: str, data: bytes, parser: Any, routing: Mapping[str, str] | None = None) -> Outcome:
+        """Return the outcome for one message; never raises for any subject or body.
+
+        A delete on a route with ``routing_cache`` that lacks subject fields is a ``DeadLetter`` (``missing_field``)
+        carrying its ``routing_key``: the caller looks the row up and plans it again with ``routing``, the remembered
+        fields (used only where the record has none).
+        """
         info = self._parse_subject(subject)
         if not isinstance(info, SubjectInfo):
             return DeadLetter("", Reason.INVALID_SUBJECT, info)
@@ -113,11 +247,15 @@ class EventBuilder:
             # F-2: unrouted tables are acknowledged without looking at the body.
             return Skip(info.table)
         try:
-            return self._build(info, route, data, parser)
+            return self._build(info, route, data, parser, routing)
+        except _NeedsRouting as exc:
+            return DeadLetter(info.table, exc.reason, exc.detail, routing_key=exc.routing_key)
         except PoisonError as exc:
             return DeadLetter(info.table, exc.reason, exc.detail)
 
-    def _build(self, info: SubjectInfo, route: Route, data: bytes, parser: Any) -> Publish:
+    def _build(
+        self, info: SubjectInfo, route: Route, data: bytes, parser: Any, routing: Mapping[str, str] | None
+    ) -> Publish:
         if len(data) > self._max_payload_bytes:
             raise PoisonError(
                 Reason.PAYLOAD_TOO_LARGE, f"body is {len(data)} bytes, limit is {self._max_payload_bytes}"
@@ -127,7 +265,7 @@ class EventBuilder:
             # minifier for row_data, and no document can outlive the parser's next parse.
             doc = parser.parse(data, True)
         except (ValueError, RuntimeError, TypeError) as exc:  # pysimdjson: bad JSON, UTF-8, depth, big integers
-            raise PoisonError(Reason.INVALID_JSON, f"body is not valid JSON: {exc}"[:300]) from None
+            raise PoisonError(Reason.INVALID_JSON, json_problem(data, exc)) from None
         if not isinstance(doc, dict):
             raise PoisonError(Reason.INVALID_SHAPE, f"body must be a JSON object, got {_type_name(doc)}")
         record = _object(doc, "record")
@@ -137,14 +275,13 @@ class EventBuilder:
         if action is None:
             raise _missing("action")
         if not isinstance(action, str) or action not in ACTIONS:
-            shown = action if isinstance(action, str) else _type_name(action)
-            raise PoisonError(Reason.INVALID_SHAPE, f"action {shown!r:.60} is not one of {', '.join(sorted(ACTIONS))}")
+            # Details name the field and the kind of problem, never input text (they go to headers and logs).
+            kind = "a string that is" if isinstance(action, str) else _type_name(action) + ","
+            raise PoisonError(Reason.INVALID_SHAPE, f"action is {kind} not one of {', '.join(sorted(ACTIONS))}")
 
         table_name = metadata.get("table_name")
         if table_name is not None and table_name != info.table:
-            raise PoisonError(
-                Reason.TABLE_MISMATCH, f"metadata.table_name {str(table_name)!r:.80} differs from subject table"
-            )
+            raise PoisonError(Reason.TABLE_MISMATCH, "metadata.table_name differs from the subject's table")
 
         lsn_value = metadata.get("commit_lsn")
         if lsn_value is None:
@@ -169,9 +306,26 @@ class EventBuilder:
         if problem:
             raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"company {problem}")
 
+        database = info.database
+        if database is None:
+            # The layout has no {database} token: Sequin names the source database in the metadata.
+            database = metadata.get("database_name")
+            if database is None:
+                database = ""
+            elif not isinstance(database, str) or len(database.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES:
+                raise PoisonError(Reason.INVALID_SHAPE, "metadata.database_name must be a string of at most 256 bytes")
+
         values = {COMPANY: company}
+        unrouted: list[str] = []  # subject fields a delete lacks (no REPLICA IDENTITY FULL): the routing cache has them
         for name in route.row_fields:
-            text = _id_text(record.get(name), f"record.{name}")
+            value = record.get(name)
+            if value is None and name in route.subject_fields and name != route.pk:
+                if routing is not None and name in routing:
+                    value = routing[name]
+                elif route.routing_cache and action == "delete":
+                    unrouted.append(name)
+                    continue
+            text = _id_text(value, f"record.{name}")
             if name in route.subject_fields:
                 problem = token_problem(text)
                 if problem:
@@ -180,8 +334,11 @@ class EventBuilder:
                 # The pk travels in the Nats-Msg-Id header and the Redis key: no control characters, bounded.
                 raise PoisonError(Reason.INVALID_SHAPE, f"record.{name} is empty, too long or not printable")
             values[name] = text
+        row_key = row_identity(database, company, info.table, values[route.pk]) if route.routing_cache else ""
+        if unrouted:
+            raise _NeedsRouting(f"record.{unrouted[0]} is missing or null (no cached routing for this row)", row_key)
 
-        event_id = f"{lsn}:{info.table}:{values[route.pk]}"
+        event_id = event_identity(database, company, info.table, values[route.pk], lsn)
         head: dict[str, str] = {"event_id": event_id, "company_id": company}
         for name in _ID_FIELDS_FIRST:
             if name in values:
@@ -192,8 +349,40 @@ class EventBuilder:
         event_time = metadata.get("commit_timestamp")
         if isinstance(event_time, str):
             head["event_time"] = event_time
+        row_data = record
+        if _needs_exact_numbers(record, data):
+            # Through a double, 123456789012345678901234567890.5 would become 1.2345678901234568e+29: numeric
+            # columns (money, counters) must arrive as the source wrote them.
+            try:
+                row_data = exact_record(data)
+            except RecursionError:  # deeper than the stdlib parser goes; orjson would refuse it too
+                raise PoisonError(Reason.INVALID_JSON, "record is nested too deeply to re-encode") from None
         try:
-            payload = orjson.dumps({**head, "row_data": record})
+            payload = orjson.dumps({**head, "row_data": row_data})
         except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
             raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
-        return Publish(info.table, event_id, route.subject(values), payload, commit_time(event_time))
+        remembered = None
+        if row_key and action != "delete":
+            fields = {name: values[name] for name in route.subject_fields if name != route.pk}
+            remembered = (row_key, orjson.dumps(fields).decode())
+        event = Publish(
+            info.table, event_id, route.subject(values), payload, commit_time(event_time), routing=remembered
+        )
+        expected = route.columns
+        # One set comparison per event when a table lists its columns; deletes may carry only the replica identity.
+        if expected is not None and action != "delete" and record.keys() != expected:
+            event.drift = self._drift_of(info.table, record, expected)
+        return event
+
+    def _drift_of(self, table: str, record: dict[str, Any], expected: frozenset[str]) -> Drift:
+        # A drifting table sends the same shape row after row: work out each shape's drift once. Bounded memory:
+        # at most _DRIFT_CACHE_SIZE shapes of at most _DRIFT_CACHE_COLUMNS columns each.
+        if len(record) > _DRIFT_CACHE_COLUMNS:
+            return column_drift(record, expected)
+        shape = (table, *record)
+        drift = self._drifts.get(shape)
+        if drift is None:
+            if len(self._drifts) >= _DRIFT_CACHE_SIZE:
+                self._drifts.clear()
+            drift = self._drifts[shape] = column_drift(record, expected)
+        return drift

@@ -89,6 +89,10 @@ class Publish:
     payload: bytes
     commit_time: float | None  # unix seconds of the source commit, for the lag metric
     claimed: bool = False  # this replica holds the Redis claim on event_id
+    request_id: str = ""  # X-Request-ID, derived from event_id: the same on every retry
+    drift: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (unexpected, missing) columns, when checked
+    traceparent: str = ""  # the source message's W3C traceparent, passed through when valid
+    routing: tuple[str, str] | None = None  # (row key, subject fields as JSON) to remember for the row's delete
 
 
 @dataclass(slots=True)
@@ -106,6 +110,8 @@ class DeadLetter:
     table: str
     reason: Reason
     detail: str
+    event_id: str = ""  # when the event was built before it failed (too large, out of delivery attempts)
+    routing_key: str = ""  # a delete that lacks its routing fields: the row key to look up in the routing cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,8 @@ class Route:
     placeholders: tuple[str, ...]  # placeholder names in token order (``company`` included)
     row_fields: tuple[str, ...]  # row columns needed as ids, in output order: subject placeholders, then the pk
     subject_fields: frozenset[str]  # the row columns among them that go into the subject
+    columns: frozenset[str] | None = None  # the columns a row is expected to have; None: not checked
+    routing_cache: bool = False  # remember each row's subject fields so a delete with only the pk can be routed
 
     def subject(self, values: dict[str, str]) -> str:
         """Render the target subject from already validated placeholder values (``KeyError`` when one is missing).
@@ -40,7 +42,9 @@ class Route:
         return self.template.format_map(values)
 
 
-def compile_route(table: str, pk: str, template: str) -> Route:
+def compile_route(
+    table: str, pk: str, template: str, columns: tuple[str, ...] | None = None, *, routing_cache: bool = False
+) -> Route:
     """Validate and compile one route. Raises ``RouteError`` naming the problem."""
     if token_problem(table):
         raise RouteError(f"table name {table!r} is not a valid subject token")
@@ -58,4 +62,20 @@ def compile_route(table: str, pk: str, template: str) -> Route:
     if pk not in row_fields:
         row_fields.append(pk)
     subject_fields = frozenset(placeholders) - {COMPANY}
-    return Route(table, pk, template, tuple(tokens), tuple(placeholders), tuple(row_fields), subject_fields)
+    expected = None
+    if columns is not None:
+        missing = [name for name in row_fields if name not in columns]
+        if missing:
+            raise RouteError(f"columns must include {missing[0]!r}, which the route needs")
+        expected = frozenset(columns)
+    return Route(
+        table,
+        pk,
+        template,
+        tuple(tokens),
+        tuple(placeholders),
+        tuple(row_fields),
+        subject_fields,
+        expected,
+        routing_cache,
+    )

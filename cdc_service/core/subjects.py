@@ -10,6 +10,7 @@ output subjects of routes.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,3 +162,73 @@ def covers(pattern: str, tokens: Sequence[str | None]) -> bool:
         if part != "*" and part != tokens[i]:
             return False
     return len(parts) == len(tokens)
+
+
+# nats-server refuses a protocol line longer than max_control_line (4,096 bytes by default, not announced in INFO)
+# and closes the connection. A publish line is ``HPUB <subject> <reply> <header bytes> <total bytes>``: this leaves
+# room for our PubAck inbox (about 45 bytes) and the two sizes with a wide margin.
+MAX_OUTBOUND_SUBJECT_BYTES = 3840
+HASHED_SUBJECT_TOKEN = "_subject"  # dlq.<HASHED_SUBJECT_TOKEN>.<hash>: the source subject could not be kept
+
+
+def subject_bytes(subject: str) -> bytes:
+    """The bytes a subject had on the wire. Subjects that are not valid UTF-8 arrive with their bad bytes kept as
+    lone surrogates (``surrogateescape``); this is the inverse. Any other lone surrogate (only possible from Python
+    callers) is kept as its UTF-8-like encoding, so distinct subjects never give the same bytes."""
+    try:
+        return subject.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return subject.encode("utf-8", "surrogatepass")
+
+
+def publishable_subject_problem(subject: str, max_bytes: int = MAX_OUTBOUND_SUBJECT_BYTES) -> str | None:
+    """Why ``subject`` cannot be published as it is (``None`` when it can): too long for the server's control line,
+    not valid UTF-8, a wildcard or empty token, whitespace or a control character."""
+    try:
+        size = len(subject.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > max_bytes:
+        return f"is {size} bytes, more than the {max_bytes} a published subject may have"
+    for token in subject.split("."):
+        if not token or token in ("*", ">"):
+            return "has an empty or wildcard token"
+    if _UNSAFE_IN_SUBJECT.search(subject):
+        return "contains whitespace or a control character"
+    return None
+
+
+_UNSAFE_IN_SUBJECT = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def dead_letter_subject(prefix: str, source: str, max_bytes: int = MAX_OUTBOUND_SUBJECT_BYTES) -> str:
+    """``<prefix>.<source subject>``, or, when that could not be published (too long, not UTF-8, a wildcard
+    token), ``<prefix>._subject.<first 32 hex digits of the SHA-256 of the source subject's bytes>``: deterministic,
+    so every delivery of one message goes to the same subject, and always within the server's limits."""
+    subject = f"{prefix}.{source}"
+    if publishable_subject_problem(subject, max_bytes) is None:
+        return subject
+    digest = hashlib.sha256(subject_bytes(source)).hexdigest()[:32]
+    return f"{prefix}.{HASHED_SUBJECT_TOKEN}.{digest}"
+
+
+def printable_subject(subject: str) -> tuple[str, bool]:
+    """``(text, escaped)``: the subject itself when it is valid, printable UTF-8, else with each undecodable byte as
+    ``\\xNN`` and each other unprintable character as ``\\xNN``/``\\uNNNN`` (``escaped`` is then true). For
+    headers and logs, which cannot carry those characters."""
+    if subject.isprintable():
+        try:
+            subject.encode("utf-8")
+            return subject, False
+        except UnicodeEncodeError:
+            pass
+    out = []
+    for char in subject:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char == "\\" or not char.isprintable() or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out), True

@@ -220,8 +220,20 @@ def _check_scaledobject(doc: dict[str, Any]) -> None:
     assert set(spec) <= _SCALEDOBJECT_SPEC, set(spec) - _SCALEDOBJECT_SPEC
     assert set(spec["scaleTargetRef"]) <= {"apiVersion", "kind", "name", "envSourceContainerName"}
     assert all(isinstance(spec[k], int) for k in ("minReplicaCount", "maxReplicaCount") if k in spec)
-    assert set(spec.get("advanced", {})) <= {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount"}
+    assert set(spec.get("advanced", {})) <= {
+        "horizontalPodAutoscalerConfig",
+        "restoreToOriginalReplicaCount",
+        "scalingModifiers",
+    }
+    modifiers = spec.get("advanced", {}).get("scalingModifiers")
+    if modifiers is not None:
+        assert set(modifiers) <= {"formula", "target", "activationTarget", "metricType"}, modifiers
+        assert all(isinstance(v, str) and v for v in modifiers.values()), modifiers
+        # The formula refers to triggers by name.
+        names = {t["name"] for t in spec["triggers"]}
+        assert set(modifiers["formula"].split(" + ")) == names, (modifiers["formula"], names)
     for trigger in spec["triggers"]:
+        assert set(trigger) <= {"type", "name", "metadata", "metricType", "authenticationRef", "useCachedMetrics"}
         assert trigger["type"] == "nats-jetstream"
         metadata = trigger["metadata"]
         assert set(metadata) <= _NATS_JETSTREAM_METADATA, set(metadata) - _NATS_JETSTREAM_METADATA
@@ -394,6 +406,7 @@ TEXT_SETTINGS: dict[str, Any] = {
     "publish.stream": "wa_out",
     "publish.subjects": ["wa.>", "wb.>"],
     "dedup.key_prefix": "dd:",
+    "dedup.routing_key_prefix": "rt:",
     "redis.url": "rediss://redis:6380/0",
     "redis.tls_ca_file": "/etc/redis/ca.pem",
     "redis.mode": "cluster",
@@ -402,11 +415,12 @@ TEXT_SETTINGS: dict[str, Any] = {
     "dlq.advisory_stream": "adv_out",
     "http.host": "::",
     "log.level": "DEBUG",
+    "log.format": "console",
 }
 ROUTES = {
     "messages": {"subject": "wa.{company}.{agent_id}.msg.{chat_id}"},
     "chats": False,
-    "contacts": {"pk": "contact_id", "subject": "wa.{company}.contacts"},
+    "contacts": {"pk": "contact_id", "subject": "wa.{company}.contacts", "columns": ["contact_id", "name"]},
 }
 SECRETS = {"nats": {"password": 'p"w\\d', "token": "tok"}, "redis": {"password": "rp"}}
 
@@ -466,6 +480,7 @@ def test_every_setting_is_reachable_through_values(tmp_path: Path, monkeypatch: 
     assert loaded.nats.password == SECRETS["nats"]["password"]
     assert loaded.nats.token == "tok"
     assert loaded.redis.password == "rp"
+    assert loaded.routes["contacts"].columns == {"contact_id", "name"}
     assert {t: (r.pk, r.template) for t, r in loaded.routes.items()} == {
         "messages": ("message_id", "wa.{company}.{agent_id}.msg.{chat_id}"),
         "agents": ("agent_id", "wa.{company}.{agent_id}.agents"),
@@ -1010,6 +1025,38 @@ def test_keda_defaults_follow_the_default_settings(tmp_path: Path) -> None:
     trigger = only(render(values, tmp=tmp_path), "ScaledObject")["spec"]["triggers"][0]["metadata"]
     assert (trigger["stream"], trigger["consumer"]) == ("cdc_events_stream", "cdc_consumers")
     assert trigger["lagThreshold"] == "10000"
+
+
+def test_keda_in_partitioned_mode_scales_on_the_partition_durables() -> None:
+    """The shared durable is unused in partitioned mode: one trigger per partition durable, their sum is the lag."""
+    spec = only(render(None, CHART / "ci" / "keda-partitioned-values.yaml"), "ScaledObject")["spec"]
+    assert [(t["name"], t["metadata"]["stream"], t["metadata"]["consumer"]) for t in spec["triggers"]] == [
+        (f"p{p}", "cdc_in_partitioned", f"cdc_workers_p{p}") for p in range(4)
+    ]
+    assert spec["advanced"]["scalingModifiers"] == {
+        "formula": "p0 + p1 + p2 + p3",
+        "target": "5000",
+        "metricType": "AverageValue",
+    }
+    assert spec["maxReplicaCount"] == 4
+
+
+def test_keda_in_partitioned_mode_follows_the_default_partition_settings(tmp_path: Path) -> None:
+    values = {
+        "keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222", "maxReplicas": 8},
+        "settings": {"ingest": {"ordering": "partitioned"}},
+    }
+    triggers = only(render(values, tmp=tmp_path), "ScaledObject")["spec"]["triggers"]
+    assert {t["metadata"]["stream"] for t in triggers} == {"cdc_events_partitioned"}
+    assert [t["metadata"]["consumer"] for t in triggers] == [f"cdc_consumers_p{p}" for p in range(8)]
+
+
+def test_keda_in_partitioned_mode_refuses_more_replicas_than_partitions(tmp_path: Path) -> None:
+    values = {
+        "keda": {"enabled": True, "natsServerMonitoringEndpoint": "n:8222", "maxReplicas": 5},
+        "settings": {"ingest": {"ordering": "partitioned", "partitions": 4}},
+    }
+    _fails(values, tmp_path, "keda.maxReplicas (5) must not exceed ingest.partitions (4)")
 
 
 def test_keda_needs_the_monitoring_endpoint(tmp_path: Path) -> None:

@@ -133,6 +133,8 @@ CASES: list[Case] = [
     Case("commit_idx_negative", MSG, raw(metadata__commit_idx=-1), "invalid_shape"),
     Case("commit_idx_string", MSG, raw(metadata__commit_idx="0"), "invalid_shape"),
     Case("unknown_action", MSG, raw(action="upsert"), "invalid_shape"),
+    # Issue 9: the detail (a header and a log field) must not quote this text.
+    Case("action_long_body_text", MSG, raw(action="s3cr3t-canary" * 10), "invalid_shape"),
     Case("action_empty", MSG, raw(action=""), "invalid_shape"),
     Case("action_object", MSG, raw(action={"insert": True}), "invalid_shape"),
     Case("pk_float", MSG, raw(record__message_id=1.0), "invalid_shape"),
@@ -149,6 +151,14 @@ CASES: list[Case] = [
     Case("metadata_empty", MSG, raw(metadata={}), "missing_field"),
     Case("record_empty", MSG, raw(record={}), "missing_field"),
     Case("pk_null", MSG, raw(record__message_id=None), "missing_field"),
+    # Issue 9: a delete of a table without REPLICA IDENTITY FULL (only the pk). Dead-lettered with the default routes;
+    # with routes.messages.routing_cache it is routed from the cache (tests/integration/test_edges.py).
+    Case(
+        "delete_with_pk_only",
+        MSG,
+        enc({**doc(action="delete"), "record": {"message_id": "del-1", "agent_id": None, "chat_id": None}}),
+        "missing_field",
+    ),
     # ------------------------------------------------------------------------------------------- invalid_subject
     Case("subject_too_few_tokens", "cdc.messages", GOOD, "invalid_subject"),
     Case("subject_too_many_tokens", "cdc.acme.public.messages", GOOD, "invalid_subject"),
@@ -184,6 +194,17 @@ CASES: list[Case] = [
         raw(record__company_id=...),
         "invalid_subject_token",
         wire=False,  # nats-py decodes subjects as strict UTF-8, so this reaches plan() only from Python
+    ),
+    # Issue 9: a company token that makes dlq.<subject> longer than a protocol line may be (crashed the service), and
+    # one that is not UTF-8 (killed nats-py's read loop; it arrives with its bytes as lone surrogates). Fed raw by
+    # tests/integration/test_edges.py, which nats-py's publish cannot do.
+    Case("subject_4kb_company", "cdc." + "C" * 4040 + ".messages", b'{"record": null}', "missing_field", wire=False),
+    Case(
+        "subject_not_utf8",
+        "cdc.\udcff\udcfe.messages",
+        raw(record__company_id=...),
+        "invalid_subject_token",
+        wire=False,
     ),
     Case("agent_id_dot", MSG, raw(record__agent_id="agent.1"), "invalid_subject_token"),
     Case("chat_id_star", MSG, raw(record__chat_id="chat-*"), "invalid_subject_token"),
@@ -227,80 +248,119 @@ CASES: list[Case] = [
     Case("unrouted_table_garbage", "cdc.acme.users", b"\xff\xfe not json at all", SKIPPED),
     Case("table_case_differs", "cdc.acme.Messages", GOOD, SKIPPED),
     Case("unicode_table", "cdc.acme.méssages", b"[" * 10_000, SKIPPED),
+    # Issue 9: one of thousands of distinct unrouted names; counted under the one "<other>" table label.
+    Case("unrouted_table_distinct_name", "cdc.acme.unrouted_4999", GOOD, SKIPPED),
     # -------------------------------------------------------------------------------------------------- published
     Case(
         "unicode_ids",
         MSG,
         raw(record__agent_id="agént-1", record__chat_id="чат-1", record__message_id="メッセージ-1😀"),
         PUBLISHED,
-        event_id="1000:messages:メッセージ-1😀",
+        event_id="1000:chatdb:acme:messages:メッセージ-1😀",
     ),
     Case(
         "unicode_company",
         "cdc.ácme.messages",
         raw(record__company_id="ácme", record__message_id="uc-1"),
         PUBLISHED,
-        event_id="1000:messages:uc-1",
+        event_id="1000:chatdb:ácme:messages:uc-1",
     ),
     Case(
         "agent_id_256_bytes",
         MSG,
         raw(record__agent_id=A256, record__message_id="a256"),
         PUBLISHED,
-        event_id="1000:messages:a256",
+        event_id="1000:chatdb:acme:messages:a256",
     ),
     Case(
         "agent_id_256_utf8_bytes",
         MSG,
         raw(record__agent_id="é" * 128, record__message_id="e256"),
         PUBLISHED,
-        event_id="1000:messages:e256",
+        event_id="1000:chatdb:acme:messages:e256",
     ),
-    Case("pk_256_bytes", MSG, raw(record__message_id=M256), PUBLISHED, event_id=f"1000:messages:{M256}"),
+    Case("pk_256_bytes", MSG, raw(record__message_id=M256), PUBLISHED, event_id=f"1000:chatdb:acme:messages:{M256}"),
     # RFC 8259 §8.1: a parser may ignore a byte order mark.
     Case(
         "bom_prefix",
         MSG,
         b"\xef\xbb\xbf" + raw(record__message_id="bom-1"),
         PUBLISHED,
-        event_id="1000:messages:bom-1",
+        event_id="1000:chatdb:acme:messages:bom-1",
     ),
     Case(
         "company_duplicate_key_last_matches",
         MSG,
         _sub(b'"company_id": "acme"', b'"company_id": "globex", "company_id": "acme"', raw(record__message_id="dup-1")),
         PUBLISHED,
-        event_id="1000:messages:dup-1",
+        event_id="1000:chatdb:acme:messages:dup-1",
     ),
     Case(
         "lsn_uint64_max",
         MSG,
         raw(metadata__commit_lsn=18446744073709551615, record__message_id="u64"),
         PUBLISHED,
-        event_id="18446744073709551615:messages:u64",
+        event_id="18446744073709551615:chatdb:acme:messages:u64",
     ),
     Case(
         "negative_int_ids",
         MSG,
         raw(record__agent_id=-7, record__message_id=-5),
         PUBLISHED,
-        event_id="1000:messages:-5",
+        event_id="1000:chatdb:acme:messages:-5",
     ),
     Case(
         "max_float_in_record",
         MSG,
         _sub(b'"hello there"', b"1.7976931348623157e308", raw(record__message_id="maxf")),
         PUBLISHED,
-        event_id="1000:messages:maxf",
+        event_id="1000:chatdb:acme:messages:maxf",
     ),
     Case(
         "nesting_200_in_record",
         MSG,
         _sub(b'"hello there"', _nested(200), raw(record__message_id="deep200")),
         PUBLISHED,
-        event_id="1000:messages:deep200",
+        event_id="1000:chatdb:acme:messages:deep200",
     ),
-    Case("body_at_limit", MSG, _padded_to(MAX_PAYLOAD_BYTES, "at-limit"), PUBLISHED, event_id="1000:messages:at-limit"),
+    # Issue 9: identity. A pk with trailing whitespace (nats-py strips header values) and another tenant or database
+    # with the same LSN and pk each get their own event_id.
+    Case(
+        "pk_trailing_space",
+        MSG,
+        raw(record__message_id="k1 "),
+        PUBLISHED,
+        event_id="1000:chatdb:acme:messages:k1%20",
+    ),
+    Case(
+        "pk_with_colon_and_percent",
+        MSG,
+        raw(record__message_id="a:b%"),
+        PUBLISHED,
+        event_id="1000:chatdb:acme:messages:a%3Ab%25",
+    ),
+    Case(
+        "other_tenant_same_lsn_and_pk",
+        "cdc.globex.messages",
+        raw(record__company_id="globex", record__message_id="shared-pk"),
+        PUBLISHED,
+        event_id="1000:chatdb:globex:messages:shared-pk",
+    ),
+    Case(
+        "other_database_same_lsn_and_pk",
+        MSG,
+        raw(metadata__database_name="archive", record__message_id="shared-pk"),
+        PUBLISHED,
+        event_id="1000:archive:acme:messages:shared-pk",
+    ),
+    Case("database_name_number", MSG, raw(metadata__database_name=7), "invalid_shape"),
+    Case(
+        "body_at_limit",
+        MSG,
+        _padded_to(MAX_PAYLOAD_BYTES, "at-limit"),
+        PUBLISHED,
+        event_id="1000:chatdb:acme:messages:at-limit",
+    ),
 ]
 
 BY_NAME = {case.name: case for case in CASES}

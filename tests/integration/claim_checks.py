@@ -10,7 +10,7 @@ from cdc_service.config import DedupSettings, RedisSettings
 from cdc_service.ports import Claim
 from tests.servers import wait_for
 
-IDS = [f"{2000 + i}:messages:msg-{i}" for i in range(300)]
+IDS = [f"{2000 + i}:chatdb:acme:messages:msg-{i}" for i in range(300)]
 
 
 def store(url: str, mode: str = "standalone", **dedup: Any) -> RedisDedupStore:

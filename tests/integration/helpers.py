@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -91,3 +92,21 @@ async def wait_until(check: Any, timeout: float = 15.0, what: str = "condition")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+def raw_publish(url: str, subject: bytes, data: bytes, timeout: float = 5.0) -> None:
+    """Publish with a raw protocol ``PUB`` on a fresh TCP connection: subjects nats-py would refuse to encode
+    (invalid UTF-8, wildcards, sizes at the control-line limit) reach the server as bytes. Waits for the server's
+    ``PONG`` after the ``PUB``, so the message has been processed (and captured by a stream) when this returns."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()  # INFO
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        sock.sendall(b"PUB " + subject + b" " + str(len(data)).encode() + b"\r\n" + data + b"\r\nPING\r\n")
+        while True:
+            line = reader.readline()
+            if not line or line.startswith(b"PONG"):
+                break
+            if line.startswith(b"-ERR"):
+                raise RuntimeError(f"server refused the raw publish: {line!r}")

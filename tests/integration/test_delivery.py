@@ -148,7 +148,7 @@ async def test_each_table_is_published_once_with_msg_id(
     event = orjson.loads(msg.data)
     pk = {"messages": "msg-1", "chats": "chat-1", "agents": "agent-1"}[table]
     assert msg.subject == expected_subject
-    assert event["event_id"] == f"1632321:{table}:{pk}"
+    assert event["event_id"] == f"1632321:chatdb:acme:{table}:{pk}"
     assert msg.headers["Nats-Msg-Id"] == event["event_id"]
     assert event["company_id"] == "acme"
     assert {k: event[k] for k in ("agent_id", "message_id", "chat_id") if k in event} == ids
@@ -179,21 +179,25 @@ async def test_same_change_twice_is_published_once_and_both_acked(js, start_serv
     assert info.num_ack_pending == 0
     assert info.num_pending == 0
     ids = [p["event_id"] for p in payloads(await read_all(js, OUTPUT))]
-    assert ids == ["77:messages:msg-1", "88.0:messages:msg-1", "88.1:messages:msg-1"]
+    assert ids == [
+        "77:chatdb:acme:messages:msg-1",
+        "88.0:chatdb:acme:messages:msg-1",
+        "88.1:chatdb:acme:messages:msg-1",
+    ]
     assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "duplicate"}) == 1
 
 
 async def test_redis_marker_drops_a_replay_older_than_the_window(js, start_service, redis_client, mode) -> None:
     await ensure_input(js)
-    redis_client.set("dedup:5:messages:msg-1", "")
+    redis_client.set("dedup:5:chatdb:acme:messages:msg-1", "")
     svc = start_service(**mode.settings())
     await feed(js, "cdc.acme.messages", body(lsn=5))
     await feed(js, "cdc.acme.messages", body(lsn=6))
     assert await wait_count(js, OUTPUT, 1) == 1
     await consumer_settled(js, mode.consumer)
-    assert [p["event_id"] for p in payloads(await read_all(js, OUTPUT))] == ["6:messages:msg-1"]
+    assert [p["event_id"] for p in payloads(await read_all(js, OUTPUT))] == ["6:chatdb:acme:messages:msg-1"]
     assert svc.metric("cdc_consumer_dedup_lookups_total", {"result": "hit"}) == 1
-    assert redis_client.ttl("dedup:6:messages:msg-1") > 250
+    assert redis_client.ttl("dedup:6:chatdb:acme:messages:msg-1") > 250
 
 
 async def test_publish_failure_holds_the_message_then_publishes_exactly_once(
@@ -223,15 +227,17 @@ async def test_publish_failure_holds_the_message_then_publishes_exactly_once(
         assert info.num_redelivered == 0
         await asyncio.sleep(0.25)  # sampling interval of an invariant check, not a wait for an event
     # No marker before the PubAck; the key holds at most this replica's "in progress" claim, renewed while held.
-    assert (redis_client.get("dedup:42:messages:msg-1") or b"claim:").startswith(b"claim:")
+    assert (redis_client.get("dedup:42:chatdb:acme:messages:msg-1") or b"claim:").startswith(b"claim:")
     await js.add_stream(StreamConfig(name=OUTPUT, subjects=["wa.>"], duplicate_window=120))
     assert await wait_count(js, OUTPUT, 1) == 1
     info = await consumer_settled(js, mode.consumer)
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
-    await wait_until(lambda: redis_client.exists("dedup:42:messages:msg-1") == 1, what="marker after PubAck")
+    await wait_until(
+        lambda: redis_client.exists("dedup:42:chatdb:acme:messages:msg-1") == 1, what="marker after PubAck"
+    )
     [msg] = await read_all(js, OUTPUT)
-    assert orjson.loads(msg.data)["event_id"] == "42:messages:msg-1"
+    assert orjson.loads(msg.data)["event_id"] == "42:chatdb:acme:messages:msg-1"
     assert seq == 1
 
 
@@ -277,7 +283,9 @@ async def test_redis_outage_fails_open_and_recovers(js, start_service, redis_ser
     await wait_until(lambda: orjson.loads(svc.get("/readyz")[1])["redis"] == "ok", what="redis ok again")
     await feed(js, "cdc.acme.messages", body(lsn=500, message_id="after"))
     assert await wait_count(js, OUTPUT, 21) == 21
-    await wait_until(lambda: redis_client.exists("dedup:500:messages:after") == 1, what="markers written again")
+    await wait_until(
+        lambda: redis_client.exists("dedup:500:chatdb:acme:messages:after") == 1, what="markers written again"
+    )
 
 
 async def test_events_of_one_chat_keep_their_order(js, start_service, mode) -> None:

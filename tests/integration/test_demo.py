@@ -35,7 +35,7 @@ def test_demo_runs_by_itself_and_stops_what_it_started() -> None:
     assert subjects.count("wa.acme.agent-1.messages.chat-1") == 2, events  # msg-1 and msg-2; the repeat is not shown
     assert subjects.count("wa.acme.agent-1.chats") == 1, events
     assert subjects.count("wa.acme.agent-1.agents") == 1, events
-    assert sum("event_id=1000:messages:msg-1 " in line for line in events) == 1, events
+    assert sum("event_id=1000:chatdb:acme:messages:msg-1 " in line for line in events) == 1, events
     assert "wa_stream stored 4 events, cdc_dlq_stream holds 1" in out
     assert 'cdc_consumer_events_total{result="duplicate",table="messages"} 1.0' in out
     assert 'cdc_consumer_dead_letters_total{reason="tenant_mismatch"} 1.0' in out
@@ -43,7 +43,9 @@ def test_demo_runs_by_itself_and_stops_what_it_started() -> None:
     # The `dlq list` table, with the poison message.
     rows = [line.split(maxsplit=4) for line in out.splitlines() if re.match(r"\s+\d+\s+\d+s\s+\w+", line)]
     assert [(r[2], r[3]) for r in rows] == [("tenant_mismatch", "cdc.acme.messages")], out
-    assert rows[0][4].startswith('{"record": {"company_id": "globex"')
+    detail_and_preview = rows[0][4]  # the DETAIL column, then the PREVIEW
+    assert detail_and_preview.startswith("record.company_id differs from the subject")
+    assert '  {"record": {"company_id": "globex"' in detail_and_preview
 
     # Its own ports, never the usual ones, and every process it started is stopped (and reaped) by pid.
     nats_url = re.search(r"NATS at nats://127\.0\.0\.1:(\d+)", out)

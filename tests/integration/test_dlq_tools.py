@@ -69,11 +69,15 @@ async def reasons_in_dlq(js: Any) -> list[str]:
 
 
 def table_rows(stdout: str) -> list[list[str]]:
-    """Rows of the ``list`` table, split into (seq, age, reason, subject, preview)."""
+    """Rows of the ``list`` table, split at the header's column offsets into (seq, age, reason, subject, detail,
+    preview)."""
     lines = stdout.splitlines()
-    assert lines[0].split() == ["SEQ", "AGE", "REASON", "SUBJECT", "PREVIEW"], stdout
+    header = lines[0]
+    assert header.split() == ["SEQ", "AGE", "REASON", "SUBJECT", "DETAIL", "PREVIEW"], stdout
     assert re.fullmatch(r"\d+ shown, \d+ in cdc_dlq_stream", lines[-1]), stdout
-    return [line.split(maxsplit=4) for line in lines[1:-1]]
+    starts = [header.index(name) for name in header.split()]
+    ends = [*starts[1:], None]
+    return [[line[a:b].strip() for a, b in zip(starts, ends, strict=True)] for line in lines[1:-1]]
 
 
 async def test_list_shows_reason_subject_age_and_preview_without_consuming(
@@ -94,10 +98,13 @@ async def test_list_shows_reason_subject_age_and_preview_without_consuming(
     assert [r[0] for r in rows] == ["1", "2", "3"]
     for row in rows:
         assert re.fullmatch(r"\d+s", row[1]), row  # seconds old
-    assert rows[0][4] == '{"record": {"message_id": "m1",\\n\\t'  # escaped, on one line
-    assert rows[1][4].startswith('{"record": {"id": 1, "message_id": "msg-1"')
-    assert len(rows[1][4]) == 80
-    assert rows[1][4].endswith("…")
+    assert rows[0][5] == '{"record": {"message_id": "m1",\\n\\t'  # escaped, on one line
+    assert rows[1][5].startswith('{"record": {"id": 1, "message_id": "msg-1"')
+    assert len(rows[1][5]) == 80
+    assert rows[1][5].endswith("…")
+    # The detail tells two rows of one reason apart without --json.
+    assert rows[0][4].startswith("body is not valid JSON: ")
+    assert rows[2][4].startswith("body is ")
     assert out.splitlines()[-1] == "3 shown, 3 in cdc_dlq_stream"
 
     code, out, err = await cli(nats_server, redis_server, "list", "--json")
@@ -177,7 +184,7 @@ async def test_replay_after_the_cause_is_fixed(js, start_service, nats_server, r
     # Each replayed event reached the output exactly once; the other reasons stay dead-lettered.
     await consumer_settled(js)
     events = payloads(await read_all(js, OUTPUT))
-    assert sorted(e["event_id"] for e in events) == ["2001:messages:msg-1", "2002:chats:chat-1"]
+    assert sorted(e["event_id"] for e in events) == ["2001:chatdb:acme:messages:msg-1", "2002:chatdb:acme:chats:chat-1"]
     assert await reasons_in_dlq(js) == ["invalid_json", "tenant_mismatch"]
     assert [m.seq for m in await read_all(js, DLQ)] == [1, 3]
     assert await count(js, INPUT) == inputs + 2

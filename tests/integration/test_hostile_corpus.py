@@ -35,7 +35,7 @@ async def test_hostile_corpus_interleaved_with_good_messages(js, start_service) 
     for i, case in enumerate(WIRE):
         by_seq[await feed(js, case.subject, case.data)] = case
         await feed(js, GOOD_SUBJECT, body("messages", message_id=f"good-{i}"))
-        good_ids.append(f"1000:messages:good-{i}")
+        good_ids.append(f"1000:chatdb:acme:messages:good-{i}")
 
     dead = [case for case in WIRE if case.expected not in (SKIPPED, PUBLISHED)]
     published = [case.event_id for case in WIRE if case.expected == PUBLISHED]

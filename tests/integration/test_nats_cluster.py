@@ -36,7 +36,7 @@ PACE = 0.05  # seconds between batches: ~400 events/s, so the run spans the kill
 
 
 def expected_id(i: int) -> str:
-    return f"{i + 1}:messages:m{i}"
+    return f"{i + 1}:chatdb:acme:messages:m{i}"
 
 
 def start_cluster(root: Path) -> dict[str, NatsServer]:

@@ -116,7 +116,7 @@ async def test_poison_is_dead_lettered_terminated_and_the_service_goes_on(js, st
     assert await wait_count(js, OUTPUT, 1) == 1, svc.output()[-3000:]
     assert await wait_count(js, DLQ, 1) == 1, svc.output()[-3000:]
     [event] = payloads(await read_all(js, OUTPUT))
-    assert event["event_id"] == "1000:messages:msg-1"
+    assert event["event_id"] == "1000:chatdb:acme:messages:msg-1"
     assert event["company_id"] == "acme"
 
     [dead] = await read_all(js, DLQ)

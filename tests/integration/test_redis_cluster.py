@@ -140,7 +140,7 @@ def _store(url: str, *, retry_interval: float = 1.0) -> RedisDedupStore:
     )
 
 
-IDS = [f"{1000 + i}:messages:msg-{i}" for i in range(500)]
+IDS = [f"{1000 + i}:chatdb:acme:messages:msg-{i}" for i in range(500)]
 
 
 def test_cluster_batch_across_slots_is_looked_up_and_marked(cluster: RedisClusterNodes, cluster_client) -> None:
@@ -154,7 +154,7 @@ def test_cluster_batch_across_slots_is_looked_up_and_marked(cluster: RedisCluste
         assert store.seen(IDS) == [False] * len(IDS)
         assert store.mark(IDS) is True
         assert store.seen(IDS) == [True] * len(IDS)
-        mixed = [IDS[0], "never:messages:x", IDS[-1]]
+        mixed = [IDS[0], "never:chatdb:acme:messages:x", IDS[-1]]
         assert store.seen(mixed) == [True, False, True]
         assert store.available is True
     finally:
@@ -224,7 +224,7 @@ async def test_service_in_cluster_mode_publishes_once_and_drops_marked(
     js, nats_server, cluster: RedisClusterNodes, cluster_client, tmp_path: Path
 ) -> None:
     await ensure_input(js)
-    cluster_client.set("dedup:5:messages:msg-1", "")  # a replay older than JetStream's window
+    cluster_client.set("dedup:5:chatdb:acme:messages:msg-1", "")  # a replay older than JetStream's window
     svc = ServiceProcess(tmp_path, nats_server.url, cluster.url, name="svc-cluster", **{"redis.mode": "cluster"})
     svc.start()
     try:
@@ -240,16 +240,18 @@ async def test_service_in_cluster_mode_publishes_once_and_drops_marked(
         assert info.num_pending == 0
         assert info.num_ack_pending == 0
         ids = [p["event_id"] for p in payloads(await read_all(js, OUTPUT))]
-        assert ids == [f"{lsn}:messages:msg-1" for lsn in range(10, 30)]
+        assert ids == [f"{lsn}:chatdb:acme:messages:msg-1" for lsn in range(10, 30)]
         assert svc.metric("cdc_consumer_dedup_lookups_total", {"result": "hit"}) >= 1
         assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "duplicate"}) == 21
         assert svc.metric("cdc_consumer_redis_errors_total") == 0
         for lsn in (10, 19, 29):
-            await wait_until(lambda lsn=lsn: cluster_client.exists(f"dedup:{lsn}:messages:msg-1"), 5, "marker")
-            assert cluster_client.ttl(f"dedup:{lsn}:messages:msg-1") > 250
-        assert {cluster_client.get_node_from_key(f"dedup:{lsn}:messages:msg-1").port for lsn in range(10, 30)} == {
-            n.port for n in cluster.nodes
-        }
+            await wait_until(
+                lambda lsn=lsn: cluster_client.exists(f"dedup:{lsn}:chatdb:acme:messages:msg-1"), 5, "marker"
+            )
+            assert cluster_client.ttl(f"dedup:{lsn}:chatdb:acme:messages:msg-1") > 250
+        assert {
+            cluster_client.get_node_from_key(f"dedup:{lsn}:chatdb:acme:messages:msg-1").port for lsn in range(10, 30)
+        } == {n.port for n in cluster.nodes}
     finally:
         svc.stop()
 
@@ -259,8 +261,8 @@ def test_an_unreachable_cluster_at_start_up_fails_open_instead_of_raising() -> N
 
     nobody = RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", mode="cluster", socket_timeout=0.2)
     store = RedisDedupStore(nobody, DedupSettings(), pool_size=2)  # the service builds this before connecting
-    assert store.seen(["1:messages:a"]) is None
-    assert store.mark(["1:messages:a"]) is False
+    assert store.seen(["1:chatdb:acme:messages:a"]) is None
+    assert store.mark(["1:chatdb:acme:messages:a"]) is False
     assert store.probe() is False
     assert store.available is False
     store.close()

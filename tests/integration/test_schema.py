@@ -46,9 +46,9 @@ async def test_published_payloads_match_the_schema(js, start_service) -> None:
         "wa.acme.agent-1.agents",
     ]
     assert [p["event_id"] for p in published] == [
-        "2001.3:messages:msg-1",
-        "2002:chats:chat-1",
-        "2003:agents:agent-1",
+        "2001.3:chatdb:acme:messages:msg-1",
+        "2002:chatdb:acme:chats:chat-1",
+        "2003:chatdb:acme:agents:agent-1",
     ]
     for payload in published:
         assert errors(check, payload) == [], payload

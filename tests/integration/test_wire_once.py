@@ -83,7 +83,7 @@ async def feed_pairs(js: Any, rounds: int = 1, base: int = 10_000) -> list[str]:
             if spacing:
                 await asyncio.sleep(spacing / 1000)  # the spacing under test, not a wait for something
             await js.publish("cdc.acme.messages", data)
-            ids.append(f"{lsn}:messages:m{lsn}")
+            ids.append(f"{lsn}:chatdb:acme:messages:m{lsn}")
     return ids
 
 
@@ -212,7 +212,7 @@ async def test_a_replica_killed_holding_claims_loses_and_repeats_nothing(perm, r
     stuck.wait_ready()
     healthy.wait_ready()
     docs = [body(lsn=30_000 + i, message_id=f"k{i}") for i in range(20)]
-    ids = [f"{30_000 + i}:messages:k{i}" for i in range(20)]
+    ids = [f"{30_000 + i}:chatdb:acme:messages:k{i}" for i in range(20)]
     for doc in docs:
         await js.publish("cdc.acme.messages", orjson.dumps(doc))
     await wait_until(lambda: claims_held(redis_client) > 0, 10, "the stuck replica holding claims")
@@ -245,6 +245,6 @@ async def test_a_publish_failing_while_a_copy_waits_is_published_once(perm) -> N
     )
     assert await count(js, OUTPUT) == 0
     stack.reload("[]")  # the output heals while the copy publishes
-    await assert_each_once(js, tap, ["40000:messages:d1"])
+    await assert_each_once(js, tap, ["40000:chatdb:acme:messages:d1"])
     assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "published"}) == 1
     assert svc.metric("cdc_consumer_events_total", {"table": "messages", "result": "retried"}) >= 1

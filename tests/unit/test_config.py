@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from cdc_service.config import (
+    ROUTING_CACHE_DEFAULT,
     ConfigError,
     IngestSettings,
     NatsSettings,
@@ -363,7 +364,11 @@ def test_masked_shape() -> None:
     ]
     assert masked["nats"]["password"] == ""  # empty secrets stay empty: nothing to hide
     assert masked["ingest"]["subjects"] == ["cdc.*.*"]
-    assert masked["routes"]["messages"] == {"pk": "message_id", "subject": "wa.{company}.{agent_id}.messages.{chat_id}"}
+    assert masked["routes"]["messages"] == {
+        "pk": "message_id",
+        "subject": "wa.{company}.{agent_id}.messages.{chat_id}",
+        "routing_cache": ROUTING_CACHE_DEFAULT,
+    }
     assert json.loads(json.dumps(masked)) == masked  # plain JSON data
 
 

@@ -23,6 +23,7 @@ class FakeJs:
         self.service = service
         self.error = error
         self.created: list[Any] = []
+        self.configs: list[Any] = []
         self.readiness_while_creating: tuple[bool, dict[str, Any]] | None = None
 
     async def consumer_info(self, stream: str, durable: str) -> Any:
@@ -35,7 +36,11 @@ class FakeJs:
             config=consumer_config(self.service.settings.ingest),  # as configured: no drift
         )
 
+    async def stream_info(self, stream: str) -> Any:
+        return SimpleNamespace(config=SimpleNamespace(subjects=["cdc.*.*"]))
+
     async def add_consumer(self, stream: str, config: Any) -> Any:
+        self.configs.append(config)
         self.readiness_while_creating = self.service.readiness()
         self.created.append((stream, config.durable_name))
         self.error = None
@@ -46,7 +51,7 @@ class FakeJs:
 def _close_services() -> Iterator[None]:
     yield
     for service in _made:
-        service.http._server.server_close()  # bound in the constructor, never served
+        service.http.stop()  # bound in the constructor, never served
         service._executor.shutdown(wait=False)
         service._loop.close()
         service.dedup.close()
@@ -72,6 +77,8 @@ def test_a_missing_consumer_is_recreated_and_readiness_says_so_meanwhile() -> No
     assert service.readiness()[0]
     asyncio.run(service._check_consumer())
     assert js.created == [("cdc_events_stream", "cdc_consumers")]
+    # Widened to ">" so subjects with literal wildcard tokens are not skipped by the filter.
+    assert js.configs[0].filter_subject == "cdc.>"
     assert js.readiness_while_creating == (False, {"redis": "ok", "reason": "consumer missing"})
     assert service.readiness()[0]
     assert service.metrics.consumer_recreated._value.get() == 1
@@ -116,6 +123,7 @@ def test_a_stall_fails_liveness_and_is_logged_critically_once(caplog: pytest.Log
         ({}, []),
         ({"filter_subject": "cdc.acme.*"}, ["filter_subjects"]),
         ({"filter_subject": None, "filter_subjects": ["cdc.*.*"]}, []),  # the same filter, spelled as a list
+        ({"filter_subject": "cdc.>"}, []),  # widened by provisioning to take literal-wildcard subjects too
         ({"ack_wait": 1.0}, ["ack_wait"]),
         ({"max_deliver": 10, "max_ack_pending": 1}, ["max_deliver", "max_ack_pending"]),
         ({"deliver_subject": "elsewhere"}, ["deliver_subject"]),
@@ -126,3 +134,48 @@ def test_consumer_drift_names_the_edited_fields(edit: dict[str, Any], fields: li
     expected = consumer_config(IngestSettings())
     actual = dataclasses.replace(expected, **edit)
     assert consumer_drift(expected, actual) == fields
+
+
+class FakeReadTask:
+    def __init__(self) -> None:
+        self.ended = False
+
+    def done(self) -> bool:
+        return self.ended
+
+
+def test_a_stopped_read_loop_reconnects_fails_readiness_and_then_liveness(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py ends its read loop on an unexpected exception but still says it is connected: the service must notice,
+    reconnect, and never report ready (nor, if the reconnect does not help, alive) meanwhile."""
+    service, _ = running_service(None)
+    task = FakeReadTask()
+    service._nc = SimpleNamespace(is_connected=True, _reading_task=task)  # type: ignore[assignment]
+    restarts: list[Any] = []
+
+    async def restart(nc: Any) -> None:
+        restarts.append(nc)
+
+    monkeypatch.setattr("cdc_service.service.restart_reading", restart)
+
+    async def tick() -> None:
+        service._check_read_loop()
+        await asyncio.sleep(0)
+
+    asyncio.run(tick())
+    assert service.readiness()[0] and service.liveness()[0] and restarts == []
+    task.ended = True
+    with caplog.at_level("ERROR", logger="cdc_service.service"):
+        asyncio.run(tick())
+        asyncio.run(tick())
+    assert len(restarts) == 1  # one reconnect per episode
+    assert any("read loop stopped" in r.message for r in caplog.records)
+    assert service.readiness() == (False, {"redis": "ok", "reason": "NATS read loop stopped"})
+    assert service.liveness()[0]  # the reconnect gets its chance first
+    service._read_loop_stopped_at = time.monotonic() - 60
+    alive, detail = service.liveness()
+    assert not alive and "read loop stopped" in detail["reason"]
+    task.ended = False  # a new read loop after the reconnect
+    asyncio.run(tick())
+    assert service.readiness()[0] and service.liveness()[0]

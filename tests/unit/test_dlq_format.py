@@ -17,9 +17,12 @@ from cdc_service.dlq import (
     format_row,
     format_table,
     matches,
+    parse_duration,
+    parse_seqs,
     preview,
     replay_msg_id,
     replay_problem,
+    show_lines,
     source_subject_of,
 )
 
@@ -179,9 +182,13 @@ def test_preview_limit_is_a_parameter() -> None:
 
 def test_format_row() -> None:
     row = format_row(_entry(), STORED.timestamp() + 3)
-    assert row == ("3", "3s", "tenant_mismatch", "cdc.acme.messages", '{"record": {}}')
+    detail = "record.company_id 'globex' differs from the subject's compa…"
+    assert row == ("3", "3s", "tenant_mismatch", "cdc.acme.messages", detail, '{"record": {}}')
+    assert len(detail) == 60
     unknown = format_row(_entry(source_subject=""), STORED.timestamp())
     assert unknown[3] == "? (dlq.cdc.acme.messages)"
+    assert format_row(_entry(detail=""), STORED.timestamp())[4] == "-"
+    assert format_row(_entry(detail="a\nb"), STORED.timestamp())[4] == "a\\nb"  # one line
 
 
 def test_format_table_aligns_columns_and_keeps_preview_last() -> None:
@@ -198,8 +205,9 @@ def test_format_table_aligns_columns_and_keeps_preview_last() -> None:
     for line, entry in zip(lines[1:], entries, strict=True):
         assert line[starts[2] :].startswith(entry.reason)
         assert line[starts[3] :].startswith(entry.source_subject)
-        assert line[starts[4] :] == preview(entry.data)
-    assert format_table([], now) == ["  ".join(["SEQ", "AGE", "REASON", "SUBJECT", "PREVIEW"])]
+        assert line[starts[4] :].startswith(entry.detail[:20])
+        assert line[starts[5] :] == preview(entry.data)
+    assert format_table([], now) == ["  ".join(["SEQ", "AGE", "REASON", "SUBJECT", "DETAIL", "PREVIEW"])]
 
 
 def test_entry_json() -> None:
@@ -221,6 +229,59 @@ def test_matches() -> None:
     assert matches(entry, {"tenant_mismatch"})
     assert matches(entry, {"invalid_json", "tenant_mismatch"})
     assert not matches(entry, {"invalid_json"})
+
+
+def test_matches_by_age() -> None:
+    entry, stored = _entry(), STORED.timestamp()
+    assert matches(entry, frozenset(), older_than=3600, now=stored + 3600)
+    assert not matches(entry, frozenset(), older_than=3600, now=stored + 3599)
+    assert not matches(entry, {"invalid_json"}, older_than=1, now=stored + 10)  # both must hold
+    assert not matches(_entry(stored_at=None), frozenset(), older_than=0, now=stored)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("1.5h", 5400), ("45", 45)]
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7w", "-1d", "d", "1 d d"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_parse_seqs() -> None:
+    assert parse_seqs("5") == [5]
+    assert parse_seqs("7, 5,7 ,12") == [7, 5, 12]
+    for bad in ("", "0", "5,,6", "a", "5-7", "²"):
+        with pytest.raises(ValueError, match="sequences"):
+            parse_seqs(bad)
+
+
+def test_show_json_body_is_indented_and_headers_listed() -> None:
+    lines = show_lines(_entry(), HEADERS, STORED.timestamp() + 65)
+    assert lines[:3] == [
+        "seq:      3",
+        "subject:  dlq.cdc.acme.messages",
+        "stored:   2026-01-02T03:04:05.000Z (1m05s ago)",
+    ]
+    assert "  Cdc-Error-Reason: tenant_mismatch" in lines
+    assert lines[-4:] == ["body (14 bytes, JSON, indented):", "{", '  "record": {}', "}"]
+
+
+def test_show_raw_body_is_escaped_never_raw_control_bytes() -> None:
+    data = b'{"a": 1,\n\x1b[31mred\xff\xfe\t'
+    lines = show_lines(_entry(data=data), {"Cdc-Error-Detail": "x\x1by"}, STORED.timestamp())
+    assert "  Cdc-Error-Detail: x\\x1by" in lines
+    assert lines[-3:] == [f"body ({len(data)} bytes, not JSON; escaped):", '{"a": 1,', "\\x1b[31mred\\xff\\xfe\\t"]
+    assert not any("\x1b" in line for line in lines)
+
+
+def test_show_says_when_the_body_was_cut() -> None:
+    lines = show_lines(_entry(truncated_from=5000), HEADERS, STORED.timestamp())
+    assert "cut from 5000; the original is message 7 of the source stream" in lines[-4]
 
 
 # ------------------------------------------------------------------------------------------------ replay rules

@@ -50,11 +50,16 @@ def published(subject: str, doc: Any, parser: Any, **kwargs: Any) -> Publish:
         (
             "messages",
             "wa.acme.agent-1.messages.chat-1",
-            "1000:messages:msg-1",
+            "1000:chatdb:acme:messages:msg-1",
             {"agent_id": "agent-1", "message_id": "msg-1", "chat_id": "chat-1"},
         ),
-        ("chats", "wa.acme.agent-1.chats", "1000:chats:chat-1", {"agent_id": "agent-1", "chat_id": "chat-1"}),
-        ("agents", "wa.acme.agent-1.agents", "1000:agents:agent-1", {"agent_id": "agent-1"}),
+        (
+            "chats",
+            "wa.acme.agent-1.chats",
+            "1000:chatdb:acme:chats:chat-1",
+            {"agent_id": "agent-1", "chat_id": "chat-1"},
+        ),
+        ("agents", "wa.acme.agent-1.agents", "1000:chatdb:acme:agents:agent-1", {"agent_id": "agent-1"}),
     ],
 )
 def test_default_routes_publish(parser: Any, table: str, subject: str, event_id: str, ids: dict[str, str]) -> None:
@@ -80,14 +85,14 @@ def test_action_is_copied(parser: Any, action: str) -> None:
 @pytest.mark.parametrize(
     ("lsn", "idx", "action", "event_id"),
     [
-        (1000, None, "insert", "1000:messages:msg-1"),
-        (1000, 0, "insert", "1000.0:messages:msg-1"),
-        (1000, 3, "update", "1000.3:messages:msg-1"),
-        (0, None, "insert", "0:messages:msg-1"),
-        (None, None, "read", "0:messages:msg-1"),
-        (None, 2, "read", "0.2:messages:msg-1"),
-        (555, None, "read", "555:messages:msg-1"),
-        (2**63, None, "insert", f"{2**63}:messages:msg-1"),
+        (1000, None, "insert", "1000:chatdb:acme:messages:msg-1"),
+        (1000, 0, "insert", "1000.0:chatdb:acme:messages:msg-1"),
+        (1000, 3, "update", "1000.3:chatdb:acme:messages:msg-1"),
+        (0, None, "insert", "0:chatdb:acme:messages:msg-1"),
+        (None, None, "read", "0:chatdb:acme:messages:msg-1"),
+        (None, 2, "read", "0.2:chatdb:acme:messages:msg-1"),
+        (555, None, "read", "555:chatdb:acme:messages:msg-1"),
+        (2**63, None, "insert", f"{2**63}:chatdb:acme:messages:msg-1"),
     ],
 )
 def test_event_id(parser: Any, lsn: int | None, idx: int | None, action: str, event_id: str) -> None:
@@ -100,7 +105,7 @@ def test_integer_ids_become_decimal_strings(parser: Any) -> None:
     doc = body("messages", message_id=789, chat_id=12, agent_id=3, company_id=42)
     outcome = published("cdc.42.messages", doc, parser)
     assert outcome.subject == "wa.42.3.messages.12"
-    assert outcome.event_id == "1000:messages:789"
+    assert outcome.event_id == "1000:chatdb:42:messages:789"
     payload = orjson.loads(outcome.payload)
     assert (payload["company_id"], payload["agent_id"], payload["message_id"], payload["chat_id"]) == (
         "42",
@@ -161,7 +166,7 @@ def test_commit_time(value: Any, expected: float | None) -> None:
 def test_table_name_may_be_absent(parser: Any) -> None:
     doc = body("agents")
     del doc["metadata"]["table_name"]
-    assert published("cdc.acme.agents", doc, parser).event_id == "1000:agents:agent-1"
+    assert published("cdc.acme.agents", doc, parser).event_id == "1000:chatdb:acme:agents:agent-1"
 
 
 def test_record_without_company_uses_subject_company(parser: Any) -> None:
@@ -181,7 +186,7 @@ def test_extra_route_is_published(parser: Any) -> None:
     doc = {"record": {"contact_id": 5, "company_id": "acme"}, "action": "insert", "metadata": {"commit_lsn": 9}}
     outcome = EventBuilder(SubjectLayout(CDC), routes, 1 << 20).plan("cdc.acme.contacts", encode(doc), parser)
     assert isinstance(outcome, Publish)
-    assert (outcome.subject, outcome.event_id) == ("wa.acme.contacts.5", "9:contacts:5")
+    assert (outcome.subject, outcome.event_id) == ("wa.acme.contacts.5", "9::acme:contacts:5")
     payload = orjson.loads(outcome.payload)
     assert payload["contact_id"] == "5"
     assert "agent_id" not in payload

@@ -68,3 +68,35 @@ def test_outcome_does_not_depend_on_parser_history() -> None:
         shared = builders[case.layout].plan(case.subject, case.data, parser)
         fresh = builders[case.layout].plan(case.subject, case.data, simdjson.Parser())
         assert shared == fresh, case.name
+
+
+CANARY = "s3cr3t-canary"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"action": CANARY},
+        {"action": [CANARY]},
+        {"metadata__table_name": CANARY},
+        {"record__company_id": CANARY},
+        {"record__message_id": CANARY * 30},  # too long
+        {"record__message_id": CANARY + "\x1b"},
+        {"record__agent_id": CANARY + ".x"},
+        {"record__chat_id": {"id": CANARY}},
+        {"metadata__commit_lsn": CANARY},
+        {"metadata__commit_idx": CANARY},
+        {"metadata__database_name": CANARY * 30},
+        {"metadata": CANARY},
+        {"record": CANARY},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_dead_letter_details_never_quote_body_text(changes: dict[str, Any]) -> None:
+    """The detail goes to the Cdc-Error-Detail header and the warning log: field path and kind of problem only."""
+    from tests.corpus.hostile import raw
+
+    builder = EventBuilder(SubjectLayout("cdc.{company}.{table}"), ROUTES, MAX_PAYLOAD_BYTES)
+    outcome = builder.plan("cdc.acme.messages", raw(**changes), simdjson.Parser())
+    assert isinstance(outcome, DeadLetter), outcome
+    assert "s3cr3t" not in outcome.detail, outcome.detail

@@ -20,7 +20,7 @@ from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
 from tests.integration.helpers import wait_until
 from tests.unit.test_pipeline import harness, message
 
-EVENT = "1000:messages:msg-1"
+EVENT = "1000:chatdb:acme:messages:msg-1"
 ONE_BY_ONE = Settings(ingest=IngestSettings(batch_size=1))
 
 
@@ -38,8 +38,10 @@ class Gated(FakePublisher):
         super().__init__()
         self.waiting: list[tuple[asyncio.Future[PubAck], asyncio.Future[PubAck]]] = []
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
-        answer = await super().publish(subject, payload, headers)
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **options: Any
+    ) -> asyncio.Future[PubAck]:
+        answer = await super().publish(subject, payload, headers, **options)
         held: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self.waiting.append((answer, held))
         return held

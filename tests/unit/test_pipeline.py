@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cdc_service.config import DlqSettings, HealthSettings, IngestSettings, PublishSettings, Settings
+from cdc_service.core.correlation import request_id
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import Outcome
 from cdc_service.engine import Engine
@@ -117,7 +118,9 @@ class FailingFor(FakePublisher):
         super().__init__()
         self.prefix = prefix
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+    ) -> asyncio.Future[PubAck]:
         self.failing = subject.startswith(self.prefix)
         return await super().publish(subject, payload, headers)
 
@@ -131,7 +134,9 @@ class Recovering(FakePublisher):
         self.failures = 0
         self._scheduled = False
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+    ) -> asyncio.Future[PubAck]:
         if self.failing:
             self.failures += 1
             if not self._scheduled:
@@ -144,7 +149,7 @@ class Recovering(FakePublisher):
 
 
 async def test_every_message_settled_exactly_once(executor: ThreadPoolExecutor) -> None:
-    h = harness(executor, dedup=FakeDedupStore(marked={"7:agents:agent-1"}))
+    h = harness(executor, dedup=FakeDedupStore(marked={"7:chatdb:acme:agents:agent-1"}))
     msgs = [
         message("messages", seq=1),
         message("chats", seq=2),
@@ -159,7 +164,11 @@ async def test_every_message_settled_exactly_once(executor: ThreadPoolExecutor) 
     assert msgs[4].termed == 1
     assert engine.inflight == 0
     assert dict(engine.totals) == {"published": 3, "duplicate": 1, "skipped": 1, "dead_lettered": 1}
-    assert h.published_ids == ["1000:messages:msg-1", "1000:chats:chat-1", "8:agents:agent-1"]
+    assert h.published_ids == [
+        "1000:chatdb:acme:messages:msg-1",
+        "1000:chatdb:acme:chats:chat-1",
+        "8:chatdb:acme:agents:agent-1",
+    ]
     assert h.sample("cdc_consumer_inflight_messages") == 0
 
 
@@ -175,9 +184,26 @@ async def test_published_events_and_headers(executor: ThreadPoolExecutor) -> Non
     ]
     for published, msg in zip(out, msgs, strict=True):
         payload = orjson.loads(published.payload)
-        assert published.headers == {"Nats-Msg-Id": payload["event_id"], "Nats-Expected-Stream": "wa_stream"}
+        assert published.headers == {
+            "Nats-Msg-Id": payload["event_id"],
+            "Nats-Expected-Stream": "wa_stream",
+            "X-Request-ID": request_id(payload["event_id"]),
+        }
         assert payload["row_data"] == orjson.loads(msg.data)["record"]
         assert msg.acked == 1
+
+
+async def test_traceparent_passes_through_when_well_formed(executor: ThreadPoolExecutor) -> None:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced, forged = message(seq=1), message(seq=2, lsn=7, message_id="other")
+    traced.headers = {"traceparent": trace}
+    forged.headers = {"traceparent": "00-not-a-trace\r\nX-Evil: 1"}
+    h = harness(executor)
+    await h.run([traced, forged])
+    out = h.publisher.published
+    assert out[0].headers["traceparent"] == trace
+    assert "traceparent" not in out[1].headers and "X-Evil" not in out[1].headers
+    assert out[0].headers["X-Request-ID"] != out[1].headers["X-Request-ID"]
 
 
 async def test_expected_stream_follows_settings(executor: ThreadPoolExecutor) -> None:
@@ -226,7 +252,7 @@ async def test_interleaved_chats_keep_receipt_order(executor: ThreadPoolExecutor
         for i in range(20)
     ]
     await h.run(msgs)
-    assert h.published_ids == [f"{2000 + i}:messages:m{i}" for i in range(20)]
+    assert h.published_ids == [f"{2000 + i}:chatdb:acme:messages:m{i}" for i in range(20)]
     assert [p.subject for p in h.publisher.published] == [
         f"wa.acme.agent-{i % 2}.messages.chat-{i % 3}" for i in range(20)
     ]
@@ -249,12 +275,12 @@ async def test_pull_batches(executor: ThreadPoolExecutor) -> None:
 
 
 async def test_redis_marked_event_is_acked_as_duplicate(executor: ThreadPoolExecutor) -> None:
-    dedup = FakeDedupStore(marked={"1000:messages:msg-1"})
+    dedup = FakeDedupStore(marked={"1000:chatdb:acme:messages:msg-1"})
     h = harness(executor, dedup=dedup)
     marked, fresh = message(seq=1), message(seq=2, lsn=1001, message_id="msg-2")
     engine = await h.run([marked, fresh])
     assert (marked.acked, marked.termed, marked.naked) == (1, 0, [])
-    assert h.published_ids == ["1001:messages:msg-2"]
+    assert h.published_ids == ["1001:chatdb:acme:messages:msg-2"]
     assert engine.totals["duplicate"] == 1
     assert h.events("messages", "duplicate") == 1
     assert h.events("messages", "published") == 1
@@ -267,7 +293,7 @@ async def test_same_event_twice_is_published_once(executor: ThreadPoolExecutor, 
     h = harness(executor, settings=Settings(ingest=IngestSettings(batch_size=batch_size)))
     first, again = message(seq=1), message(seq=2)  # a redelivery under a new stream sequence
     engine = await h.run([first, again])
-    assert h.published_ids == ["1000:messages:msg-1"]
+    assert h.published_ids == ["1000:chatdb:acme:messages:msg-1"]
     assert (first.acked, again.acked) == (1, 1)
     assert (first.termed, again.termed, first.naked, again.naked) == (0, 0, [], [])
     assert dict(engine.totals) == {"published": 1, "duplicate": 1}
@@ -279,7 +305,7 @@ async def test_commit_idx_keeps_two_changes_of_one_row(executor: ThreadPoolExecu
     h = harness(executor)
     a, b = message(seq=1, idx=0), message(seq=2, idx=1, action="update")
     await h.run([a, b])
-    assert h.published_ids == ["1000.0:messages:msg-1", "1000.1:messages:msg-1"]
+    assert h.published_ids == ["1000.0:chatdb:acme:messages:msg-1", "1000.1:chatdb:acme:messages:msg-1"]
 
 
 async def test_redis_down_fails_open(executor: ThreadPoolExecutor) -> None:
@@ -287,7 +313,7 @@ async def test_redis_down_fails_open(executor: ThreadPoolExecutor) -> None:
     h = harness(executor, dedup=dedup, settings=Settings(ingest=IngestSettings(batch_size=4)))
     msgs = chat_messages(10)
     engine = await h.run(msgs)
-    assert h.published_ids == [f"{1000 + i}:messages:msg-{i}" for i in range(10)]
+    assert h.published_ids == [f"{1000 + i}:chatdb:acme:messages:msg-{i}" for i in range(10)]
     assert all(m.acked == 1 for m in msgs)
     assert engine.totals["published"] == 10
     assert h.sample("cdc_consumer_dedup_lookups_total", {"result": "error"}) == 10
@@ -307,7 +333,7 @@ async def test_markers_only_for_published_events(executor: ThreadPoolExecutor) -
         message("agents", seq=5),
     ]
     await h.run(msgs)
-    assert dedup.marked == {"1000:messages:msg-1", "1000:agents:agent-1"}
+    assert dedup.marked == {"1000:chatdb:acme:messages:msg-1", "1000:chatdb:acme:agents:agent-1"}
     assert dedup.marked == set(h.published_ids)
     assert h.sample("cdc_consumer_dedup_mark_errors_total") == 0
 
@@ -381,7 +407,7 @@ async def test_dlq_disabled_terminates_without_publishing(executor: ThreadPoolEx
     poison, good = FakeMessage("cdc.acme.messages", b"[", seq=1), message(seq=2)
     engine = await h.run([poison, good])
     assert (poison.termed, poison.acked, poison.naked) == (1, 0, [])
-    assert h.published_ids == ["1000:messages:msg-1"]
+    assert h.published_ids == ["1000:chatdb:acme:messages:msg-1"]
     assert [p.subject for p in h.publisher.published] == ["wa.acme.agent-1.messages.chat-1"]
     assert engine.totals == {"dead_lettered": 1, "published": 1}
     assert h.sample("cdc_consumer_dead_letters_total", {"reason": "invalid_json"}) == 1
@@ -458,7 +484,7 @@ async def test_final_delivery_is_held_while_the_dlq_fails_and_handed_back_at_shu
     assert poison.termed == 0 and poison.acked == 0
     assert poison.naked == [None]  # only at shutdown, without delay, for another replica
     assert publisher.attempts > 3  # it kept trying the dead-letter stream until then
-    assert h.published_ids == ["1000:messages:msg-1"]
+    assert h.published_ids == ["1000:chatdb:acme:messages:msg-1"]
     assert good.acked == 1
 
 
@@ -493,7 +519,9 @@ class Refusing(FakePublisher):
         self.subject, self.detail, self.code = subject, detail, code
         self.refusals = 0
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+    ) -> asyncio.Future[PubAck]:
         if subject != self.subject:
             return await super().publish(subject, payload, headers)
         self.refusals += 1
@@ -569,7 +597,7 @@ async def test_publisher_recovers_and_publishes_each_event_once(executor: Thread
     assert publisher.failures >= 1
     assert publisher.failing is False
     assert sorted(h.published_ids) == sorted(
-        [f"{1000 + i}:messages:msg-{i}" for i in range(10)] + ["1000:agents:agent-1"]
+        [f"{1000 + i}:chatdb:acme:messages:msg-{i}" for i in range(10)] + ["1000:chatdb:acme:agents:agent-1"]
     )
     assert len(set(h.published_ids)) == len(h.published_ids) == 11
     assert all(m.acked == 1 and m.naked == [] and m.termed == 0 for m in msgs)
@@ -590,7 +618,7 @@ async def test_order_is_kept_when_the_output_recovers(executor: ThreadPoolExecut
     h = harness(executor, publisher=publisher, settings=settings)
     await h.run(chat_messages(40))
     assert publisher.failures >= 1
-    assert h.published_ids == [f"{1000 + i}:messages:msg-{i}" for i in range(40)]
+    assert h.published_ids == [f"{1000 + i}:chatdb:acme:messages:msg-{i}" for i in range(40)]
 
 
 async def test_lost_puback_retry_counts_as_duplicate(executor: ThreadPoolExecutor) -> None:
@@ -599,7 +627,9 @@ async def test_lost_puback_retry_counts_as_duplicate(executor: ThreadPoolExecuto
     class LosesFirstAck(FakePublisher):
         lost = False
 
-        async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+        async def publish(
+            self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+        ) -> asyncio.Future[PubAck]:
             future = await super().publish(subject, payload, headers)
             if not self.lost:
                 self.lost = True
@@ -610,7 +640,7 @@ async def test_lost_puback_retry_counts_as_duplicate(executor: ThreadPoolExecuto
     h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
     msg = message()
     engine = await h.run([msg])
-    assert h.published_ids == ["1000:messages:msg-1"]
+    assert h.published_ids == ["1000:chatdb:acme:messages:msg-1"]
     assert msg.acked == 1
     assert engine.totals == {"duplicate": 1}
 
@@ -656,7 +686,7 @@ async def test_a_failing_batch_is_retried_and_the_loop_keeps_going(executor: Thr
     engine = await h.run(msgs)
     assert [m.naked for m in msgs[:2]] == [[1.0], [1.0]]
     assert [m.acked for m in msgs] == [0, 0, 1, 1]
-    assert h.published_ids == ["1002:messages:msg-2", "1003:messages:msg-3"]
+    assert h.published_ids == ["1002:chatdb:acme:messages:msg-2", "1003:chatdb:acme:messages:msg-3"]
     assert engine.totals == {"retried": 2, "published": 2}
     assert h.sample("cdc_consumer_handler_errors_total", {"exception_type": "RuntimeError"}) == 1
 
@@ -700,7 +730,7 @@ async def test_a_bug_on_the_final_attempt_is_dead_lettered(
 
 
 async def test_event_metrics_match_totals(executor: ThreadPoolExecutor) -> None:
-    h = harness(executor, dedup=FakeDedupStore(marked={"5:chats:chat-1"}))
+    h = harness(executor, dedup=FakeDedupStore(marked={"5:chatdb:acme:chats:chat-1"}))
     msgs = [
         *chat_messages(4),
         message("chats", seq=20, lsn=5),
@@ -717,7 +747,7 @@ async def test_event_metrics_match_totals(executor: ThreadPoolExecutor) -> None:
         ("chats", "duplicate"): 1,
         ("chats", "published"): 1,
         ("agents", "published"): 1,
-        ("contacts", "skipped"): 2,
+        ("<other>", "skipped"): 2,  # unrouted tables share one label
         ("agents", "dead_lettered"): 1,
         ("messages", "dead_lettered"): 1,
     }
@@ -727,7 +757,7 @@ async def test_event_metrics_match_totals(executor: ThreadPoolExecutor) -> None:
     assert sum(engine.totals.values()) == len(msgs)
     assert dict(engine.totals) == {"published": 6, "duplicate": 1, "skipped": 2, "dead_lettered": 2}
     assert h.sample("cdc_consumer_processing_seconds_count", {"table": "messages"}) == 4
-    assert h.sample("cdc_consumer_processing_seconds_count", {"table": "contacts"}) == 2
+    assert h.sample("cdc_consumer_processing_seconds_count", {"table": "<other>"}) == 2
     assert h.sample("cdc_consumer_lag_seconds_count") == 6
     assert h.sample("cdc_consumer_redeliveries_total") == 0
     assert h.sample("cdc_consumer_last_ack_timestamp_seconds") > 0
@@ -785,7 +815,9 @@ class Gated(FakePublisher):
         super().__init__()
         self.release = asyncio.Event()
 
-    async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str]) -> asyncio.Future[PubAck]:
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any
+    ) -> asyncio.Future[PubAck]:
         answer = await super().publish(subject, payload, headers)
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
 

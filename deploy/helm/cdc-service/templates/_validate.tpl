@@ -47,6 +47,13 @@ once, from deployment.yaml, so every render (install, upgrade, template, lint) r
 {{- if and $keda.enabled (not $keda.natsServerMonitoringEndpoint) }}
 {{- fail "keda.natsServerMonitoringEndpoint is required when keda.enabled: host:port of the NATS server's monitoring endpoint, e.g. nats.nats.svc.cluster.local:8222" }}
 {{- end }}
+{{- if $keda.enabled }}
+{{- $ingest := dig "ingest" (dict) (include "cdc-service.effectiveSettings" . | fromJson) }}
+{{- $partitions := dig "partitions" 8 $ingest | int }}
+{{- if and (eq (dig "ordering" "replica" $ingest) "partitioned") (gt ($keda.maxReplicas | int) $partitions) }}
+{{- fail (printf "keda.maxReplicas (%v) must not exceed ingest.partitions (%d) with ingest.ordering = partitioned: a replica past the partition count owns no partition" $keda.maxReplicas $partitions) }}
+{{- end }}
+{{- end }}
 {{- if and $hpa.enabled $keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled: choose one autoscaler (KEDA creates its own HorizontalPodAutoscaler)" }}
 {{- end }}
