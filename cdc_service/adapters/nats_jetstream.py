@@ -22,7 +22,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.nuid import NUID
 
 from cdc_service.config import IngestSettings, NatsSettings, Settings, mask_url
-from cdc_service.core.subjects import covers
+from cdc_service.core.subjects import captured_by, covers
 from cdc_service.ports import PubAck, PublishRejected
 
 log = logging.getLogger("cdc_service.nats")
@@ -263,7 +263,9 @@ async def ensure_stream(
             info = await js.stream_info(name)
     current = info.config
     changed = []
-    missing = [s for s in subjects if s not in (current.subjects or [])]
+    # A subject an existing one already captures (the settings' cdc.*.* on a stream made with cdc.>) is not missing:
+    # adding it would overlap, which JetStream refuses.
+    missing = [s for s in subjects if not captured_by(s, current.subjects or [])]
     if missing:
         current.subjects = [*(current.subjects or []), *missing]
         changed.append("subjects")

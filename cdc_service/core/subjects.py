@@ -148,6 +148,20 @@ class SubjectLayout:
         return next((index for index, existing, _ in self._fields if existing == name), None)
 
 
+def captured_by(subject: str, patterns: Sequence[str]) -> bool:
+    """Whether one of the stream subjects ``patterns`` already captures every subject that ``subject`` (itself a
+    pattern) captures. JetStream refuses a stream whose subjects overlap, so such a subject must not be added."""
+    tokens = subject.split(".")
+    shape = [None if t in ("*", ">") else t for t in tokens]
+    for pattern in patterns:
+        # A tail ">" is captured only by a ">" at the same place or before it.
+        if tokens[-1] == ">" and ">" not in pattern.split(".")[: len(tokens)]:
+            continue
+        if covers(pattern, shape):
+            return True
+    return False
+
+
 def covers(pattern: str, tokens: Sequence[str | None]) -> bool:
     """Whether the NATS subject ``pattern`` (with ``*`` and ``>``) matches every subject of this shape.
 

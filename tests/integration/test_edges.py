@@ -284,3 +284,13 @@ async def test_without_the_routing_cache_a_delete_lacking_routing_fields_is_dead
     assert await wait_count(js, OUTPUT, 1) >= 1
     [letter] = await read_all(js, DLQ)
     assert letter.headers["Cdc-Error-Reason"] == "missing_field"
+
+
+async def test_an_input_stream_made_with_a_wider_subject_is_used_as_it_is(js, start_service):
+    """An input stream made with ``cdc.>`` (a common Sequin set-up) already captures the default ``cdc.*.*``:
+    provisioning adds nothing. Adding it would overlap, JetStream would refuse the update, and start-up would stop."""
+    await ensure_input(js, ["cdc.>"])
+    start_service()
+    await feed(js, "cdc.acme.messages", body("messages", lsn=7, message_id="m7"))
+    assert await wait_count(js, OUTPUT, 1) == 1
+    assert (await js.stream_info(INPUT)).config.subjects == ["cdc.>"]

@@ -9,6 +9,7 @@ from cdc_service.core.subjects import (
     LayoutError,
     SubjectInfo,
     SubjectLayout,
+    captured_by,
     covers,
     token_problem,
 )
@@ -189,3 +190,23 @@ def test_max_token_bytes_is_256() -> None:
 )
 def test_covers(pattern: str, tokens: list[str | None], expected: bool) -> None:
     assert covers(pattern, tokens) is expected
+
+
+@pytest.mark.parametrize(
+    ("subject", "patterns", "expected"),
+    [
+        ("cdc.*.*", ["cdc.*.*"], True),
+        ("cdc.*.*", ["cdc.>"], True),  # Sequin's stream made with cdc.>: adding cdc.*.* would overlap
+        ("cdc.*.*", [">"], True),
+        ("cdc.acme.*", ["cdc.*.*"], True),
+        ("cdc.>", ["cdc.>"], True),
+        ("cdc.>", ["cdc.*.*"], False),  # cdc.a.b.c is not captured
+        ("cdc.>", ["cdc.*"], False),
+        ("cdc.*.*", ["cdc.acme.*"], False),
+        ("cdc.*.*", ["other.>"], False),
+        ("cdc.*.*", [], False),
+        ("cdc.*.*", ["cdc.*"], False),
+    ],
+)
+def test_a_stream_subject_captured_by_existing_ones(subject: str, patterns: list[str], expected: bool) -> None:
+    assert captured_by(subject, patterns) is expected
