@@ -193,26 +193,31 @@ class RedisDedupStore:
                 log.info("redis reachable again", extra={"redis_url": self._url, "writes": write})
 
     def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
-        if not event_ids:
+        values = self._get_many([self._prefix + event_id for event_id in event_ids], "lookup")
+        return None if values is None else [_is_marker(v) for v in values]
+
+    def _get_many(self, keys: list[str], operation: str) -> list[Any] | None:
+        """The values of ``keys`` in one round trip (``MGET``; a pipeline of ``GET`` on a cluster, whose keys span
+        slots), or None when Redis is skipped or fails: the caller fails open."""
+        if not keys:
             return []
         if self._skip():
             if self._on_error:
-                self._on_error("lookup")
+                self._on_error(operation)
             return None
-        keys = [self._prefix + event_id for event_id in event_ids]
         try:
             if self._cluster:
                 pipe = self._cluster_client().pipeline()
                 for key in keys:
                     pipe.get(key)
-                found = [_is_marker(v) for v in pipe.execute()]
+                values: list[Any] = pipe.execute()
             else:
-                found = [_is_marker(v) for v in self._client.mget(keys)]
+                values = self._client.mget(keys)
         except _ERRORS as exc:
-            self._failed("lookup", exc)
+            self._failed(operation, exc)
             return None
         self._succeeded()
-        return found
+        return values
 
     def claim(self, event_ids: Sequence[str]) -> list[Claim] | None:
         if not event_ids:
@@ -304,26 +309,8 @@ class RedisDedupStore:
         return True
 
     def routes(self, keys: Sequence[str]) -> list[str | None] | None:
-        if not keys:
-            return []
-        if self._skip():
-            if self._on_error:
-                self._on_error("routing_lookup")
-            return None
-        full = [self._routing_prefix + key for key in keys]
-        try:
-            if self._cluster:
-                pipe = self._cluster_client().pipeline()
-                for key in full:
-                    pipe.get(key)
-                values = pipe.execute()
-            else:
-                values = self._client.mget(full)
-        except _ERRORS as exc:
-            self._failed("routing_lookup", exc)
-            return None
-        self._succeeded()
-        return [None if v is None else v.decode() for v in values]
+        values = self._get_many([self._routing_prefix + key for key in keys], "routing_lookup")
+        return None if values is None else [None if v is None else v.decode() for v in values]
 
     def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
         if not entries:
