@@ -9,6 +9,7 @@ import simdjson
 from prometheus_client import CollectorRegistry
 
 from cdc_service.config import Settings
+from cdc_service.core.correlation import request_id
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import DeadLetter, Publish, Reason, Retry
 from cdc_service.core.routes import compile_route
@@ -53,6 +54,7 @@ def test_an_insert_carries_its_routing_entry_and_a_delete_is_routed_by_it() -> N
     assert isinstance(delete, Publish), delete
     assert delete.subject == "wa.acme.a7.messages.c9"
     assert delete.routing is None  # deletes do not write entries
+    assert delete.request_id == request_id(delete.event_id)  # re-planned deletes carry X-Request-ID like any event
     event = orjson.loads(delete.payload)
     assert (event["action"], event["agent_id"], event["row_data"]) == ("delete", "a7", {"message_id": "m1"})
 
