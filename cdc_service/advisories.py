@@ -34,8 +34,8 @@ from nats.js.errors import NotFoundError
 
 from cdc_service.adapters.nats_jetstream import advisory_durable
 from cdc_service.config import Settings
+from cdc_service.core.dead_letters import build_dead_letter
 from cdc_service.core.outcomes import DeadLetter, Duplicate, Outcome, Publish, Reason, Retry, Skip, dead_letter_id
-from cdc_service.engine import dead_letter
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
 from cdc_service.ports import DedupStore, Publisher
@@ -205,17 +205,19 @@ class MaxDeliveriesWatcher:
                     extra={"subject": subject, "reason": outcome.reason.value},
                 )
                 return "gone"
-            dlq_subject, body, headers = dead_letter(
-                self._settings,
-                self._publisher.max_payload,
+            dead = build_dead_letter(
+                subject_prefix=self._settings.dlq.subject_prefix,
+                dlq_stream=self._settings.dlq.stream,
+                max_payload=self._publisher.max_payload,
                 source_subject=subject,
                 data=data,
                 stream=stream,
                 seq=seq,
                 delivered=deliveries,
-                outcome=outcome,
+                reason=outcome.reason.value,
+                detail=outcome.detail,
             )
-            future = await self._publisher.publish(dlq_subject, body, headers)
+            future = await self._publisher.publish(dead.subject, dead.data, dead.headers)
             try:
                 await asyncio.wait_for(future, self._settings.publish.timeout)
             except (TimeoutError, Exception) as exc:

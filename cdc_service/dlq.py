@@ -36,6 +36,7 @@ from nats.js.errors import NotFoundError
 
 from cdc_service.adapters.nats_jetstream import connect_options
 from cdc_service.config import Settings, mask_url
+from cdc_service.core.dead_letters import parse_dead_letter
 
 PREVIEW_CHARS = 80
 DETAIL_CHARS = 60  # of Cdc-Error-Detail in the table; --json and show have all of it
@@ -44,15 +45,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-# Header names written by ``Engine._dead_letter_send``.
-H_REASON = "Cdc-Error-Reason"
-H_DETAIL = "Cdc-Error-Detail"
-H_SOURCE_SUBJECT = "Cdc-Source-Subject"
-H_SOURCE_SUBJECT_ESCAPED = "Cdc-Source-Subject-Escaped"  # "true": the source subject was not printable UTF-8
-H_SOURCE_STREAM = "Cdc-Source-Stream"
-H_TRUNCATED = "Cdc-Body-Truncated"  # set by the engine when the original did not fit beside the headers
-H_SOURCE_SEQ = "Cdc-Source-Seq"
-H_DELIVERED = "Cdc-Delivered"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,22 +69,6 @@ class DeadLetterEntry:
     subject_escaped: bool = False  # source_subject is an escaped rendering, not the subject's own bytes
 
 
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def source_subject_of(subject: str, headers: Mapping[str, str], prefix: str) -> str:
-    """The subject the message was dead-lettered from: ``Cdc-Source-Subject``, else the subject minus the prefix."""
-    named = headers.get(H_SOURCE_SUBJECT, "").strip()
-    if named:
-        return named
-    lead = prefix + "."
-    return subject[len(lead) :] if subject.startswith(lead) and len(subject) > len(lead) else ""
-
-
 def entry_from_message(
     seq: int,
     subject: str,
@@ -101,21 +77,22 @@ def entry_from_message(
     stored_at: datetime | float | None,
     prefix: str,
 ) -> DeadLetterEntry:
-    headers = headers or {}
+    """A stored dead letter as a row; its headers are read by ``core.dead_letters.parse_dead_letter``."""
     when = stored_at.timestamp() if isinstance(stored_at, datetime) else stored_at
+    fields = parse_dead_letter(subject, headers, prefix)
     return DeadLetterEntry(
         seq=seq,
         subject=subject,
-        reason=headers.get(H_REASON, "").strip() or "unknown",
-        detail=headers.get(H_DETAIL, ""),
-        source_subject=source_subject_of(subject, headers, prefix),
-        source_stream=headers.get(H_SOURCE_STREAM, ""),
-        source_seq=_int_or_none(headers.get(H_SOURCE_SEQ)),
-        delivered=_int_or_none(headers.get(H_DELIVERED)),
+        reason=fields.reason,
+        detail=fields.detail,
+        source_subject=fields.source_subject,
+        source_stream=fields.source_stream,
+        source_seq=fields.source_seq,
+        delivered=fields.delivered,
         stored_at=when,
         data=data or b"",
-        truncated_from=_int_or_none(headers.get(H_TRUNCATED)),
-        subject_escaped=headers.get(H_SOURCE_SUBJECT_ESCAPED, "").strip() == "true",
+        truncated_from=fields.truncated_from,
+        subject_escaped=fields.subject_escaped,
     )
 
 

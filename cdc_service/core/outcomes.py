@@ -126,6 +126,51 @@ class Retry:
 Outcome = Skip | Duplicate | Publish | ClaimedElsewhere | DeadLetter | Retry
 
 
+class Action(StrEnum):
+    """What the loop thread does with an inbound message once its result is known."""
+
+    ACK = "ack"  # done: the server forgets it
+    NAK = "nak"  # hand it back, after a delay when one is given: the server redelivers it
+    TERM = "term"  # done without success (dead-lettered): never redelivered
+
+
+class Result(StrEnum):
+    """How one inbound message ended: the ``result`` label of ``cdc_consumer_events_total`` and the engine's totals.
+
+    Each member knows how the message is settled (``action``), so a result and its action cannot disagree.
+    """
+
+    PUBLISHED = "published"
+    DUPLICATE = "duplicate"
+    SKIPPED = "skipped"
+    DEAD_LETTERED = "dead_lettered"
+    RETRIED = "retried"
+
+    @property
+    def action(self) -> Action:
+        return _ACTIONS[self]
+
+    @property
+    def progress(self) -> bool:
+        """True when the message is finished for good (acked or terminated): what liveness and no-acks watch."""
+        return _ACTIONS[self] is not Action.NAK
+
+    @property
+    def timed(self) -> bool:
+        """True for the results that the processing-time histogram measures (the message went through)."""
+        return self in _TIMED
+
+
+_ACTIONS = {
+    Result.PUBLISHED: Action.ACK,
+    Result.DUPLICATE: Action.ACK,
+    Result.SKIPPED: Action.ACK,
+    Result.DEAD_LETTERED: Action.TERM,
+    Result.RETRIED: Action.NAK,
+}
+_TIMED = frozenset({Result.PUBLISHED, Result.DUPLICATE, Result.SKIPPED})
+
+
 def dead_letter_id(stream: str, seq: int) -> str:
     """The ``Nats-Msg-Id`` of stream message ``seq``'s dead letter, and the key of its Redis marker: one per message,
     however many replicas or paths dead-letter it."""

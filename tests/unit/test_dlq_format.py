@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from cdc_service.core.dead_letters import source_subject_of
 from cdc_service.dlq import (
     HEADER,
     DeadLetterEntry,
@@ -23,7 +24,6 @@ from cdc_service.dlq import (
     replay_msg_id,
     replay_problem,
     show_lines,
-    source_subject_of,
 )
 
 HEADERS = {
