@@ -182,7 +182,7 @@ def retry_delay(num_delivered: int, base: float = 1.0, cap: float = 30.0) -> flo
     return float(min(cap, base * (2 ** max(0, num_delivered - 1))))
 
 
-def decide_failure(exc: BaseException, *, table: str, num_delivered: int, max_deliver: int) -> Outcome:
+def decide_failure(exc: BaseException, *, table: str, num_delivered: int, max_deliver: int) -> DeadLetter | Retry:
     """Map an exception raised while handling one message to its outcome.
 
     Poison input is dead-lettered at once, and so is a publish the output refuses for good
