@@ -2,13 +2,15 @@
 
 ``FakeMessage`` records what the pipeline did with it (``acked``, ``naked``, ``termed``, ``in_progress``);
 ``FakePublisher`` resolves every publish at once, or fails while ``failing`` is set; ``FakeDedupStore`` is a set of
-markers and a dict of claims, which several stores (replicas) may share.
+markers and a dict of claims, which several stores (replicas) may share; ``ManualClock`` is the engine's clock, moved
+ahead by the test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +219,24 @@ SAMPLE_RECORDS: dict[str, dict[str, Any]] = {
         "updated_at": "2026-11-27T04:00:00.123456Z",
     },
 }
+
+
+class ManualClock:
+    """A ``pipeline.clock.Clock`` that runs with the real one but can be moved ahead (``advance``): a test makes
+    ``publish.max_hold`` or ``health.stall_timeout`` pass at once instead of waiting for it. asyncio's own timers
+    (``sleep``, ``wait_for``) still run on the real clock."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 def sample_record(table: str, **overrides: Any) -> dict[str, Any]:

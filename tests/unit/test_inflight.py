@@ -17,8 +17,7 @@ from cdc_service.config import DedupSettings, IngestSettings, PublishSettings, S
 from cdc_service.core.outcomes import Outcome
 from cdc_service.ports import PubAck
 from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
-from tests.integration.helpers import wait_until
-from tests.unit.test_pipeline import harness, message
+from tests.unit.pipeline_harness import harness, message, wait_until
 
 EVENT = "1000:chatdb:acme:messages:msg-1"
 ONE_BY_ONE = Settings(ingest=IngestSettings(batch_size=1))

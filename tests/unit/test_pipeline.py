@@ -7,24 +7,19 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
 from cdc_service.config import DlqSettings, HealthSettings, IngestSettings, PublishSettings, Settings
 from cdc_service.core.correlation import request_id
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.outcomes import Outcome
-from cdc_service.engine import Engine
-from cdc_service.metrics import Metrics
 from cdc_service.ports import Claim, PubAck, PublishRejected
 from cdc_service.testing import FakeDedupStore, FakeMessage, FakePublisher
-from cdc_service.worker import BatchPreparer
-from tests.integration.helpers import wait_until
 from tests.sequin import body, encode
+from tests.unit.pipeline_harness import chat_messages, harness, message, settled_once, wait_until
 
 FAST_PUBLISH = PublishSettings(max_hold=0.3, retry_initial=0.01, retry_max=0.05, timeout=0.2)
 
@@ -34,81 +29,6 @@ def executor() -> Iterator[ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-worker")
     yield pool
     pool.shutdown(wait=True)
-
-
-@dataclass
-class Harness:
-    settings: Settings
-    publisher: Any
-    dedup: Any
-    executor: ThreadPoolExecutor
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    wrap: Any = None  # optional callable(preparer) -> preparer
-    engine: Engine | None = None
-
-    def build(self) -> Engine:
-        metrics = Metrics(self.registry)
-        s = self.settings
-        builder = EventBuilder(s.layout, s.routes, s.ingest.max_payload_bytes)
-        prepare: Any = BatchPreparer(builder, self.dedup, metrics, max_deliver=s.ingest.max_deliver)
-        if self.wrap is not None:
-            prepare = self.wrap(prepare)
-        self.engine = Engine(s, prepare, self.dedup, self.publisher, self.executor, metrics)
-        return self.engine
-
-    async def run(self, messages: Sequence[FakeMessage], *, deadline: float = 5.0, on_start: Any = None) -> Engine:
-        engine = self.build()
-        await engine.start()
-        if on_start is not None:
-            on_start()
-        for msg in messages:
-            await engine.on_message(msg)
-        await engine.drain(time.monotonic() + deadline)
-        return engine
-
-    def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float:
-        value = self.registry.get_sample_value(name, dict(labels or {}))
-        return 0.0 if value is None else value
-
-    def events(self, table: str, result: str) -> float:
-        return self.sample("cdc_consumer_events_total", {"table": table, "result": result})
-
-    @property
-    def published_ids(self) -> list[str]:
-        return [p.headers["Nats-Msg-Id"] for p in self.publisher.published if p.subject.startswith("wa.")]
-
-
-def harness(
-    executor: ThreadPoolExecutor,
-    *,
-    settings: Settings | None = None,
-    publisher: Any = None,
-    dedup: Any = None,
-    **kwargs: Any,
-) -> Harness:
-    return Harness(
-        settings or Settings(),
-        publisher if publisher is not None else FakePublisher(),
-        dedup if dedup is not None else FakeDedupStore(),
-        executor,
-        **kwargs,
-    )
-
-
-def message(
-    table: str = "messages", *, seq: int = 1, delivered: int = 1, company: str = "acme", **fields: Any
-) -> FakeMessage:
-    return FakeMessage(f"cdc.{company}.{table}", encode(body(table, **fields)), seq=seq, delivered=delivered)
-
-
-def chat_messages(count: int, *, chat: str = "chat-1", start: int = 0, seq0: int = 1) -> list[FakeMessage]:
-    return [
-        message(seq=seq0 + i, lsn=1000 + start + i, message_id=f"msg-{start + i}", chat_id=chat) for i in range(count)
-    ]
-
-
-def settled_once(msg: FakeMessage) -> bool:
-    return msg.acked + msg.termed + len(msg.naked) == 1
 
 
 class FailingFor(FakePublisher):
@@ -265,7 +185,7 @@ async def test_pull_batches(executor: ThreadPoolExecutor) -> None:
     first, second = chat_messages(5), chat_messages(5, start=5, seq0=6)
     await engine.on_batch(list(first))
     await engine.on_batch(list(second))
-    await engine.drain(time.monotonic() + 5)
+    await engine.drain(h.clock.monotonic() + 5)
     assert len(h.publisher.published) == 10
     assert all(m.acked == 1 for m in first + second)
     assert h.sample("cdc_consumer_batch_size_count") == 2
@@ -479,11 +399,17 @@ async def test_final_delivery_is_held_while_the_dlq_fails_and_handed_back_at_shu
 ) -> None:
     publisher = FailingFor("dlq.")
     h = harness(executor, publisher=publisher, settings=Settings(publish=FAST_PUBLISH))
+    engine = h.build()
+    await engine.start()
     poison, good = FakeMessage("cdc.acme.messages", b"nope", seq=1, delivered=3), message(seq=2)
-    await h.run([poison, good], deadline=0.5)
+    await engine.on_message(poison)
+    await engine.on_message(good)
+    # it keeps trying the dead-letter stream, while the event after it goes through
+    await wait_until(lambda: publisher.attempts > 4 and good.acked == 1, timeout=5, what="dead letter retried")
+    assert poison.termed == 0 and poison.acked == 0 and poison.naked == []
+    await engine.drain(h.clock.monotonic())  # the deadline has passed: hand back what is held
     assert poison.termed == 0 and poison.acked == 0
     assert poison.naked == [None]  # only at shutdown, without delay, for another replica
-    assert publisher.attempts > 3  # it kept trying the dead-letter stream until then
     assert h.published_ids == ["1000:chatdb:acme:messages:msg-1"]
     assert good.acked == 1
 
@@ -506,7 +432,7 @@ async def test_a_dead_letter_waits_outside_the_output_gate_while_the_dlq_fails(e
         await engine.on_message(msg)
     await wait_until(lambda: all(m.acked == 1 for m in good), timeout=5, what="events after the poison acked")
     assert poison.termed == 0 and poison.naked == []  # still held, the dead-letter stream still failing
-    await engine.drain(time.monotonic() + 0.2)
+    await engine.drain(h.clock.monotonic())
     assert poison.termed == 0 and poison.naked == [None]  # handed back at shutdown, at once
     assert publisher.attempts > 3 + len(good)  # the dead letter was retried meanwhile
 
@@ -651,9 +577,16 @@ async def test_held_messages_are_kept_alive(executor: ThreadPoolExecutor) -> Non
         publish=PublishSettings(max_hold=0.4, retry_initial=0.01, retry_max=0.05, timeout=0.2),
     )
     h = harness(executor, publisher=FakePublisher(failing=True), settings=settings)
+    engine = h.build()
+    await engine.start()
     msg = message()
-    await h.run([msg])
-    assert msg.in_progress_count >= 1
+    await engine.on_message(msg)
+    # max_hold runs on the engine's clock: the hold lasts until the test moves it, however slow the machine is
+    await wait_until(lambda: msg.in_progress_count >= 1, timeout=5, what="a keep-alive of the held message")
+    assert msg.naked == []
+    h.clock.advance(1.0)
+    await wait_until(lambda: msg.naked, timeout=5, what="the hold to give up")
+    await engine.drain(h.clock.monotonic() + 5)
     assert msg.naked == [1.0]
 
 
@@ -803,9 +736,30 @@ async def test_a_hold_is_not_a_stall(executor: ThreadPoolExecutor) -> None:
     await engine.start()
     await engine.on_message(message(seq=1))
     await engine.on_message(message(seq=2, lsn=2, message_id="m2"))
-    await wait_until(lambda: engine._holds == 1, timeout=5, what="the hold to begin")
-    assert engine.stalled(time.monotonic() + 60) is False
-    await engine.drain(time.monotonic() + 0.2)
+    # The hold lasts max_hold on the engine's clock, which only the test moves: it cannot end before it is seen.
+    await wait_until(lambda: engine.output.holds == 1, timeout=5, what="the hold to begin")
+    assert engine.stalled(h.clock.monotonic() + 60) is False
+    h.clock.advance(1.0)  # past max_hold: the hold gives up and naks
+    await wait_until(lambda: engine.output.holds == 0, timeout=5, what="the hold to give up")
+    await engine.drain(h.clock.monotonic() + 5)
+    assert engine.inflight == 0
+
+
+async def test_pending_work_with_no_progress_is_a_stall(executor: ThreadPoolExecutor) -> None:
+    """The other side of the stall guard: work pending, no hold, nothing settled for stall_timeout."""
+    publisher = Gated()
+    h = harness(executor, publisher=publisher, settings=Settings(health=HealthSettings(stall_timeout=30)))
+    engine = h.build()
+    await engine.start()
+    await engine.on_message(message())
+    engine.batcher.flush()
+    await wait_until(lambda: publisher.attempts == 1, timeout=5, what="the publish to be sent")
+    assert engine.stalled() is False
+    h.clock.advance(31)
+    assert engine.stalled() is True
+    publisher.release.set()
+    await engine.drain(h.clock.monotonic() + 5)
+    assert engine.inflight == 0 and not engine.stalled()
 
 
 class Gated(FakePublisher):
@@ -855,6 +809,6 @@ async def test_intake_waits_while_the_in_flight_bytes_are_at_their_bound(
     publisher.release.set()
     await asyncio.wait_for(second, 10)
     await asyncio.wait_for(feed([big[2]]), 10)
-    await engine.drain(time.monotonic() + 10)
+    await engine.drain(h.clock.monotonic() + 10)
     assert all(m.acked == 1 for m in big)
     assert engine.inflight_bytes == 0
