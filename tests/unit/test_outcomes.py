@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from cdc_service.core.outcomes import (
+    Action,
     DeadLetter,
     PoisonError,
     PublishRejected,
     Reason,
+    Result,
     Retry,
     TransientError,
     decide_failure,
@@ -141,3 +143,21 @@ def test_publish_rejections_are_classified(exc: Exception, permanent: bool, deli
         assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.MAX_DELIVERIES
     else:
         assert isinstance(outcome, Retry)
+
+
+@pytest.mark.parametrize(
+    ("result", "action", "progress", "timed"),
+    [
+        (Result.PUBLISHED, Action.ACK, True, True),
+        (Result.DUPLICATE, Action.ACK, True, True),
+        (Result.SKIPPED, Action.ACK, True, True),
+        (Result.DEAD_LETTERED, Action.TERM, True, False),
+        (Result.RETRIED, Action.NAK, False, False),
+    ],
+)
+def test_each_result_knows_how_it_is_settled(result: Result, action: Action, progress: bool, timed: bool) -> None:
+    assert (result.action, result.progress, result.timed) == (action, progress, timed)
+
+
+def test_results_are_the_metric_labels() -> None:
+    assert [r.value for r in Result] == ["published", "duplicate", "skipped", "dead_lettered", "retried"]
