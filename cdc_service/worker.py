@@ -161,6 +161,23 @@ class BatchPreparer:
     def _route_from_cache(self, messages: Sequence[InboundMessage], outcomes: list[Outcome], parser: Any) -> None:
         """Deletes that lack their routing fields: plan them again with the fields remembered for their row (one
         lookup for the batch). Unknown rows stay dead letters; an unreachable store is retried like any outage."""
+        self._remember_routing(outcomes)
+        lacking = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, DeadLetter) and o.routing_key]
+        if not lacking:
+            return
+        found, store_failed = self._remembered([dead.routing_key for _, dead in lacking])
+        for (i, dead), remembered in zip(lacking, found, strict=True):
+            if remembered is None and store_failed:
+                outcomes[i] = decide_failure(
+                    TransientError("the routing cache is unavailable"),
+                    table=dead.table,
+                    num_delivered=delivery_count(messages[i].reply),
+                    max_deliver=self._max_deliver,
+                )
+            elif remembered is not None:
+                outcomes[i] = self._replan(messages[i], dead, remembered, parser)
+
+    def _remember_routing(self, outcomes: list[Outcome]) -> None:
         recent = self._recent_routing
         for outcome in outcomes:
             if isinstance(outcome, Publish) and outcome.routing is not None:
@@ -168,83 +185,85 @@ class BatchPreparer:
                     recent.clear()
                 key, fields = outcome.routing
                 recent[key] = fields
-        positions = [i for i, o in enumerate(outcomes) if isinstance(o, DeadLetter) and o.routing_key]
-        if not positions:
-            return
-        keys = [outcomes[i].routing_key for i in positions]  # type: ignore[union-attr]
-        # The row's insert may be in this batch or one still in flight, before its entry reaches Redis.
-        found = [recent.get(key) for key in keys]
+
+    def _remembered(self, keys: list[str]) -> tuple[list[str | None], bool]:
+        """The routing fields remembered for each row key (None: unknown), and whether the store failed to answer.
+        The row's insert may be in this batch or one still in flight, before its entry reaches Redis."""
+        found = [self._recent_routing.get(key) for key in keys]
         unknown = [j for j, value in enumerate(found) if value is None]
-        store_failed = False
-        if unknown:
-            answers = self._dedup.routes([keys[j] for j in unknown])
-            if answers is None:
-                store_failed = True
-            else:
-                for j, value in zip(unknown, answers, strict=True):
-                    found[j] = value
-        for i, remembered in zip(positions, found, strict=True):
-            msg = messages[i]
-            if remembered is None:
-                if store_failed:
-                    outcomes[i] = decide_failure(
-                        TransientError("the routing cache is unavailable"),
-                        table=outcomes[i].table,
-                        num_delivered=delivery_count(msg.reply),
-                        max_deliver=self._max_deliver,
-                    )
-                continue  # not remembered: stays a dead letter
-            try:
-                routing = orjson.loads(remembered)
-            except orjson.JSONDecodeError:
-                continue  # not an entry this service wrote: stays a dead letter
-            if isinstance(routing, dict):
-                replanned = self._builder.plan(msg.subject, msg.data, parser, routing)
-                if type(replanned) is Publish:
-                    _correlate(replanned, msg)
-                outcomes[i] = replanned
+        if not unknown:
+            return found, False
+        answers = self._dedup.routes([keys[j] for j in unknown])
+        if answers is None:
+            return found, True
+        for j, value in zip(unknown, answers, strict=True):
+            found[j] = value
+        return found, False
+
+    def _replan(self, msg: InboundMessage, dead: DeadLetter, remembered: str, parser: Any) -> Outcome:
+        try:
+            routing = orjson.loads(remembered)
+        except orjson.JSONDecodeError:
+            return dead  # not an entry this service wrote: stays a dead letter
+        if not isinstance(routing, dict):
+            return dead
+        replanned = self._builder.plan(msg.subject, msg.data, parser, routing)
+        if type(replanned) is Publish:
+            _correlate(replanned, msg)
+        return replanned
 
     def _drop_known_duplicates(self, outcomes: list[Outcome], messages: Sequence[InboundMessage]) -> list[Outcome]:
-        positions = [i for i, o in enumerate(outcomes) if isinstance(o, Publish)]
-        if not positions:
+        """Look up and claim the batch's events in Redis (one call): known ones become duplicates, ones another
+        replica is publishing become ``ClaimedElsewhere``, the rest carry this replica's claim."""
+        events = [(i, o) for i, o in enumerate(outcomes) if type(o) is Publish]
+        if events:
+            events = self._drop_dead_lettered_finals(outcomes, messages, events)
+        if not events:
             return outcomes
-        ids = [outcomes[i].event_id for i in positions]  # type: ignore[union-attr]
-        # A final delivery that was held past its AckWait may already have been dead-lettered from its
-        # max-deliveries advisory (cdc_service.advisories): then publishing it too would make it both.
-        finals = [i for i in positions if 0 < self._max_deliver <= delivery_count(messages[i].reply)]
-        if finals:
-            dead = [dead_letter_id(messages[i].metadata.stream, messages[i].metadata.sequence.stream) for i in finals]
-            for i, was_dead in zip(finals, self._dedup.seen(dead) or [False] * len(finals), strict=True):
-                if was_dead:
-                    event = outcomes[i]
-                    assert isinstance(event, Publish)
-                    outcomes[i] = Duplicate(event.table, event.event_id)
-            positions = [i for i in positions if isinstance(outcomes[i], Publish)]
-            if not positions:
-                return outcomes
-            ids = [outcomes[i].event_id for i in positions]  # type: ignore[union-attr]
-        states = self._dedup.claim(ids)
-        lookups = self._metrics.dedup_lookups
+        states = self._dedup.claim([event.event_id for _, event in events])
         if states is None:
             # Fail open, unclaimed: JetStream's Nats-Msg-Id window still keeps a repeat out of the stream.
-            lookups.labels("error").inc(len(ids))
+            self._metrics.dedup_lookups.labels("error").inc(len(events))
             return outcomes
-        hits = held = 0
-        for i, state in zip(positions, states, strict=True):
-            event = outcomes[i]
-            assert isinstance(event, Publish)
-            if state is Claim.DONE:
+        self._apply_claims(outcomes, events, states)
+        return outcomes
+
+    def _drop_dead_lettered_finals(
+        self, outcomes: list[Outcome], messages: Sequence[InboundMessage], events: list[tuple[int, Publish]]
+    ) -> list[tuple[int, Publish]]:
+        """A final delivery that was held past its AckWait may already have been dead-lettered from its
+        max-deliveries advisory (cdc_service.advisories): then publishing it too would make it both."""
+        finals = [(i, e) for i, e in events if 0 < self._max_deliver <= delivery_count(messages[i].reply)]
+        if not finals:
+            return events
+        dead = [dead_letter_id(messages[i].metadata.stream, messages[i].metadata.sequence.stream) for i, _ in finals]
+        gone = set()
+        for (i, event), was_dead in zip(finals, self._dedup.seen(dead) or [False] * len(finals), strict=True):
+            if was_dead:
                 outcomes[i] = Duplicate(event.table, event.event_id)
-                hits += 1
-            elif state is Claim.HELD:
-                outcomes[i] = ClaimedElsewhere(event.table, event)
-                held += 1
-            elif state is Claim.CLAIMED:
-                event.claimed = True
+                gone.add(i)
+        return [(i, e) for i, e in events if i not in gone] if gone else events
+
+    def _apply_claims(
+        self, outcomes: list[Outcome], events: list[tuple[int, Publish]], states: Sequence[Claim]
+    ) -> None:
+        hits = held = 0
+        for (i, event), state in zip(events, states, strict=True):
+            match state:
+                case Claim.DONE:
+                    outcomes[i] = Duplicate(event.table, event.event_id)
+                    hits += 1
+                case Claim.HELD:
+                    outcomes[i] = ClaimedElsewhere(event.table, event)
+                    held += 1
+                case Claim.CLAIMED:
+                    event.claimed = True
+                case Claim.FREE:
+                    pass  # claims are off (dedup.claim_ttl = 0): publish unclaimed
+        lookups = self._metrics.dedup_lookups
         if hits:
             lookups.labels("hit").inc(hits)
         if held:
             lookups.labels("held").inc(held)
-        if len(ids) - hits - held:
-            lookups.labels("miss").inc(len(ids) - hits - held)
-        return outcomes
+        if len(events) - hits - held:
+            lookups.labels("miss").inc(len(events) - hits - held)
