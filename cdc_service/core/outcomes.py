@@ -137,38 +137,30 @@ class Action(StrEnum):
 class Result(StrEnum):
     """How one inbound message ended: the ``result`` label of ``cdc_consumer_events_total`` and the engine's totals.
 
-    Each member knows how the message is settled (``action``), so a result and its action cannot disagree.
+    Each member carries how the message is settled (``action``) and whether the processing-time histogram measures
+    it (``timed``: the message went through), so a result and its action cannot disagree.
     """
 
-    PUBLISHED = "published"
-    DUPLICATE = "duplicate"
-    SKIPPED = "skipped"
-    DEAD_LETTERED = "dead_lettered"
-    RETRIED = "retried"
+    action: Action
+    timed: bool
 
-    @property
-    def action(self) -> Action:
-        return _ACTIONS[self]
+    PUBLISHED = "published", Action.ACK, True
+    DUPLICATE = "duplicate", Action.ACK, True
+    SKIPPED = "skipped", Action.ACK, True
+    DEAD_LETTERED = "dead_lettered", Action.TERM, False
+    RETRIED = "retried", Action.NAK, False
+
+    def __new__(cls, label: str, action: Action, timed: bool) -> Result:
+        member = str.__new__(cls, label)
+        member._value_ = label
+        member.action = action
+        member.timed = timed
+        return member
 
     @property
     def progress(self) -> bool:
         """True when the message is finished for good (acked or terminated): what liveness and no-acks watch."""
-        return _ACTIONS[self] is not Action.NAK
-
-    @property
-    def timed(self) -> bool:
-        """True for the results that the processing-time histogram measures (the message went through)."""
-        return self in _TIMED
-
-
-_ACTIONS = {
-    Result.PUBLISHED: Action.ACK,
-    Result.DUPLICATE: Action.ACK,
-    Result.SKIPPED: Action.ACK,
-    Result.DEAD_LETTERED: Action.TERM,
-    Result.RETRIED: Action.NAK,
-}
-_TIMED = frozenset({Result.PUBLISHED, Result.DUPLICATE, Result.SKIPPED})
+        return self.action is not Action.NAK
 
 
 def dead_letter_id(stream: str, seq: int) -> str:
