@@ -260,9 +260,7 @@ class Engine:
         to_release: list[str] = []
         limit = self.output.max_payload - EVENT_HEADER_ROOM
         for index, planned in enumerate(outcomes):
-            outcome = _vetted(planned, limit)
-            if outcome is not planned and (claimed := _claimed_id(planned)):
-                to_release.append(claimed)  # other copies need not wait for the claim to expire
+            outcome = _vetted(planned, limit, to_release) if type(planned) in _EVENTS else planned
             match outcome:
                 case Skip():
                     await settle(batch, index, Result.SKIPPED, outcome.table)
@@ -297,26 +295,28 @@ class Engine:
             sends.append(send)
 
 
-def _claimed_id(planned: Outcome) -> str:
-    """The event id of ``planned`` when it is an event under this replica's claim, else ""."""
-    event = planned.event if isinstance(planned, ClaimedElsewhere) else planned
-    return event.event_id if isinstance(event, Publish) and event.claimed else ""
+_EVENTS = (Publish, ClaimedElsewhere)  # the outcomes that carry an event to vet before it is sent
 
 
-def _vetted(planned: Outcome, limit: int) -> Outcome:
+def _vetted(planned: Outcome, limit: int, to_release: list[str]) -> Outcome:
     """``planned``, or a dead letter for an event the server would refuse on every attempt (poison, not an outage):
-    larger than ``limit`` bytes, or with a subject that would close the connection."""
+    larger than ``limit`` bytes, or with a subject that would close the connection. The claim of an event turned
+    into a dead letter goes into ``to_release``: other copies need not wait for it to expire."""
     event = planned.event if isinstance(planned, ClaimedElsewhere) else planned
     if not isinstance(event, Publish):
         return planned
     if len(event.payload) > limit:
-        return DeadLetter(
+        dead = DeadLetter(
             event.table,
             Reason.PAYLOAD_TOO_LARGE,
             f"the event would be {len(event.payload)} bytes; the server accepts {limit}",
             event.event_id,
         )
-    if problem := publishable_subject_problem(event.subject):
+    elif problem := publishable_subject_problem(event.subject):
         # A protocol line over the server's max_control_line closes the connection: never send one.
-        return DeadLetter(event.table, Reason.INVALID_SUBJECT_TOKEN, f"the event subject {problem}", event.event_id)
-    return planned
+        dead = DeadLetter(event.table, Reason.INVALID_SUBJECT_TOKEN, f"the event subject {problem}", event.event_id)
+    else:
+        return planned
+    if event.claimed:
+        to_release.append(event.event_id)
+    return dead

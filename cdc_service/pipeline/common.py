@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdc_service.core.outcomes import DeadLetter, Outcome, Publish
+from cdc_service.core.outcomes import DeadLetter, Outcome, Publish, Result
 from cdc_service.core.subjects import printable_subject
 from cdc_service.ports import InboundMessage, PubAck, source_position
 
@@ -27,7 +27,7 @@ class Batch:
     started: bool = False  # a worker has picked it up
     number: int = 0  # dispatch order, from 1
     nbytes: int = 0  # payload bytes of the messages still open (the in-flight memory bound counts these)
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (table, result), counted when it closes
+    counts: Counter[tuple[str, Result]] = field(default_factory=Counter)  # (table, result), counted when it closes
 
 
 @dataclass(eq=False)

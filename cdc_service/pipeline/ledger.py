@@ -119,7 +119,7 @@ class SettleLedger:
         if action is not Action.NAK:
             self.last_settled = now
             self._last_settled_wall = self._clock.time()
-        batch.counts[(table, result.value)] += 1
+        batch.counts[(table, result)] += 1  # the member itself: .value is a Python-level descriptor
         if result.timed:
             timed = self._timers.get(table)
             if timed is None:
@@ -133,7 +133,8 @@ class SettleLedger:
 
     def _close(self, batch: Batch) -> None:
         self.open_batches.discard(batch)
-        for (table_name, result_name), n in batch.counts.items():
+        for (table_name, result), n in batch.counts.items():
+            result_name = result.value
             self.totals[result_name] += n
             counter = self._counters.get((table_name, result_name))
             if counter is None:
