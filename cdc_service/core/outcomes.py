@@ -138,11 +138,13 @@ class Result(StrEnum):
     """How one inbound message ended: the ``result`` label of ``cdc_consumer_events_total`` and the engine's totals.
 
     Each member carries how the message is settled (``action``) and whether the processing-time histogram measures
-    it (``timed``: the message went through), so a result and its action cannot disagree.
+    it (``timed``: the message went through), so a result and its action cannot disagree. Plain attributes, not
+    properties or lookups: the ledger reads them once per message.
     """
 
     action: Action
     timed: bool
+    progress: bool  # finished for good (acked or terminated): what liveness and the no-acks alert watch
 
     PUBLISHED = "published", Action.ACK, True
     DUPLICATE = "duplicate", Action.ACK, True
@@ -155,12 +157,8 @@ class Result(StrEnum):
         member._value_ = label
         member.action = action
         member.timed = timed
+        member.progress = action is not Action.NAK
         return member
-
-    @property
-    def progress(self) -> bool:
-        """True when the message is finished for good (acked or terminated): what liveness and no-acks watch."""
-        return self.action is not Action.NAK
 
 
 def dead_letter_id(stream: str, seq: int) -> str:

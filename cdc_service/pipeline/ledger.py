@@ -116,7 +116,7 @@ class SettleLedger:
         except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
             log.debug("could not %s message", action.value, extra={"error": str(exc)[:200], **about(msg)})
         now = self._clock.monotonic()
-        if action is not Action.NAK:
+        if result.progress:
             self.last_settled = now
             self._last_settled_wall = self._clock.time()
         batch.counts[(table, result)] += 1  # the member itself: .value is a Python-level descriptor
