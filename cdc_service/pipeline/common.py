@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -12,8 +11,6 @@ from typing import Any
 from cdc_service.core.outcomes import DeadLetter, Outcome, Publish, Result
 from cdc_service.core.subjects import printable_subject
 from cdc_service.ports import InboundMessage, PubAck, source_position
-
-log = logging.getLogger("cdc_service.engine")
 
 
 @dataclass(eq=False)
