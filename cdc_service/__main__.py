@@ -85,15 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in _notices(loaded):
         log.warning(line)
     log.info("settings loaded", extra={"version": __version__, "files": list(loaded.files)})
-    try:
-        service = Service(settings)
-    except OSError as exc:  # the HTTP port is taken or cannot be bound: name the setting that chooses it
-        where = f"{settings.http.host}:{settings.http.port}"
-        logging.getLogger("cdc_service.service").critical(
-            "cannot start: cannot listen on %s (http.port, http.host): %s", where, exc.strerror or exc
-        )
-        return 1
-    return service.run()
+    return Service(settings).run()
 
 
 def _notices(loaded: Loaded) -> list[str]:

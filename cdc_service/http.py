@@ -31,7 +31,8 @@ _MAX_REQUEST_HEAD = 8192  # request line and headers; a probe or a scrape sends 
 class HealthServer:
     """Serves the probes. ``liveness`` and ``readiness`` return ``(ok, detail)``; detail is sent as JSON.
 
-    The port is bound in the constructor, so a port in use raises ``OSError`` before anything starts.
+    The constructor only stores; ``start()`` binds the port (a port in use raises ``OSError`` there, before the
+    serving thread starts) and serves.
     """
 
     def __init__(
@@ -56,18 +57,25 @@ class HealthServer:
         self._max_connections = max_connections
         self._open = 0
         self.refused = 0  # connections closed unanswered because max_connections were open
-        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        self._socket = socket.create_server((host, port), family=family, backlog=128)
-        self._socket.setblocking(False)
+        self._address = (host, port)
+        self._socket: socket.socket | None = None
         self._loop = asyncio.new_event_loop()
         self._stopped: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="cdc-http", daemon=True)
 
     @property
     def port(self) -> int:
+        """The bound port (the one chosen for port 0), or the configured one before ``start()``."""
+        if self._socket is None:
+            return self._address[1]
         return int(self._socket.getsockname()[1])
 
     def start(self) -> None:
+        """Bind, then serve on the server's own thread. Raises ``OSError`` when the address cannot be bound."""
+        host, port = self._address
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        self._socket = socket.create_server((host, port), family=family, backlog=128)
+        self._socket.setblocking(False)
         self._thread.start()
 
     def stop(self) -> None:
@@ -77,7 +85,8 @@ class HealthServer:
             self._thread.join(timeout=5)
         elif not self._loop.is_closed() and self._thread.ident is None:
             self._loop.close()
-        self._socket.close()
+        if self._socket is not None:
+            self._socket.close()
 
     def _request_stop(self) -> None:
         if self._stopped is not None:
@@ -92,6 +101,7 @@ class HealthServer:
 
     async def _serve(self) -> None:
         self._stopped = asyncio.Event()
+        assert self._socket is not None  # bound by start() before this thread runs
         server = await asyncio.start_server(self._connection, sock=self._socket, limit=_MAX_REQUEST_HEAD)
         async with server:
             await self._stopped.wait()

@@ -72,7 +72,7 @@ def test_operator_setting_defaults() -> None:
 def test_interval_figures() -> None:
     from collections import Counter
 
-    from cdc_service.service import interval_figures
+    from cdc_service.summary import interval_figures
 
     before = Counter({"published": 10, "skipped": 5})
     after = Counter({"published": 40, "skipped": 5, "dead_lettered": 2})
