@@ -580,13 +580,7 @@ def _from_data(d: Declared, raw: Any) -> Any:
     if isinstance(raw, str):
         return _from_text(d, raw)
     if d.kind is tuple:
-        if not isinstance(raw, list | tuple):
-            raise ConfigError(f"{d.key}: expected a list of strings, got {_kind_name(raw)}")
-        for i, item in enumerate(raw):
-            if not isinstance(item, str) or not item:
-                what = "an empty string" if item == "" else _kind_name(item)
-                raise ConfigError(f"{d.key}[{i}]: expected a non-empty string, got {what}")
-        return tuple(raw)
+        return _strings_from_data(d, raw)
     if d.kind is str:
         hint = " (write it in quotes)" if isinstance(raw, int | float) and not isinstance(raw, bool) else ""
         raise ConfigError(f"{d.key}: expected a string, got {_kind_name(raw)}{hint}")
@@ -594,9 +588,24 @@ def _from_data(d: Declared, raw: Any) -> Any:
         if isinstance(raw, bool):
             return raw
         raise ConfigError(f"{d.key}: expected true or false, got {_kind_name(raw)}")
-    if d.kind is int and isinstance(raw, int) and not isinstance(raw, bool):
+    return _number_from_data(d, raw)
+
+
+def _strings_from_data(d: Declared, raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list | tuple):
+        raise ConfigError(f"{d.key}: expected a list of strings, got {_kind_name(raw)}")
+    for i, item in enumerate(raw):
+        if not isinstance(item, str) or not item:
+            what = "an empty string" if item == "" else _kind_name(item)
+            raise ConfigError(f"{d.key}[{i}]: expected a non-empty string, got {what}")
+    return tuple(raw)
+
+
+def _number_from_data(d: Declared, raw: Any) -> int | float:
+    number = isinstance(raw, int | float) and not isinstance(raw, bool)  # bool is an int to Python, not to TOML
+    if d.kind is int and number and isinstance(raw, int):
         return raw
-    if d.kind is float and isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+    if d.kind is float and number and math.isfinite(raw):
         return float(raw)
     kind = "an integer" if d.kind is int else "a number"
     raise ConfigError(f"{d.key}: expected {kind}, got {_kind_name(raw)}")
@@ -605,26 +614,35 @@ def _from_data(d: Declared, raw: Any) -> Any:
 def _check(d: Declared, value: Any, check_files: bool) -> None:
     rule, key = d.rule, d.key
     if d.kind in (int, float) and value not in rule.allow:
-        also = f" (or {', '.join(f'{a:g}' for a in rule.allow)})" if rule.allow else ""
-        if rule.gt is not None and not value > rule.gt:
-            raise ConfigError(f"{key}: must be greater than {rule.gt:g}{also}, got {value}")
-        if rule.ge is not None and not value >= rule.ge:
-            raise ConfigError(f"{key}: must be at least {rule.ge:g}{also}, got {value}")
-        if rule.le is not None and not value <= rule.le:
-            raise ConfigError(f"{key}: must be at most {rule.le:g}{also}, got {value}")
-    if rule.non_empty and not value:
-        raise ConfigError(f"{key}: at least one value is required")
-    if rule.choices and value not in rule.choices:
-        raise ConfigError(f"{key}: {_quoted(d, value)} is not one of {', '.join(rule.choices)}")
+        _check_range(d, value)
+    _check_choice(d, value)
     if rule.url:
         for i, url in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
             _check_url(key if i is None else f"{key}[{i}]", url, rule.url)
     if rule.file and value and check_files and not os.path.isfile(value):
         raise ConfigError(f"{key}: no such file: {value!r}")
-    if rule.check is not None:
-        problem = rule.check(value)
-        if problem:
-            raise ConfigError(f"{key}: {problem}")
+    problem = rule.check(value) if rule.check is not None else None
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _check_choice(d: Declared, value: Any) -> None:
+    rule, key = d.rule, d.key
+    if rule.non_empty and not value:
+        raise ConfigError(f"{key}: at least one value is required")
+    if rule.choices and value not in rule.choices:
+        raise ConfigError(f"{key}: {_quoted(d, value)} is not one of {', '.join(rule.choices)}")
+
+
+def _check_range(d: Declared, value: float) -> None:
+    rule, key = d.rule, d.key
+    also = f" (or {', '.join(f'{a:g}' for a in rule.allow)})" if rule.allow else ""
+    if rule.gt is not None and not value > rule.gt:
+        raise ConfigError(f"{key}: must be greater than {rule.gt:g}{also}, got {value}")
+    if rule.ge is not None and not value >= rule.ge:
+        raise ConfigError(f"{key}: must be at least {rule.ge:g}{also}, got {value}")
+    if rule.le is not None and not value <= rule.le:
+        raise ConfigError(f"{key}: must be at most {rule.le:g}{also}, got {value}")
 
 
 def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
@@ -736,42 +754,53 @@ def _cross_check(s: Settings) -> None:
 
 
 def _routes(raw: Any) -> dict[str, Route]:
+    return {table: _route(table, spec) for table, spec in _merged_routes(raw).items()}
+
+
+def _merged_routes(raw: Any) -> dict[str, dict[str, Any]]:
+    """The default routes with ``raw`` (the ``routes`` table) laid over them."""
     merged: dict[str, Any] = {t: dict(r) for t, r in DEFAULT_ROUTES.items()}
-    if raw is not None:
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"routes: expected a table of tables, got {_kind_name(raw)}")
-        # Defaults stay unless a table is redefined; a table can be dropped with routes.<table> = false.
-        for table, spec in raw.items():
-            if spec is False or (isinstance(spec, str) and spec.strip().lower() in _FALSE):
-                merged.pop(table, None)
-            elif isinstance(spec, Mapping):
-                merged[table] = {**merged.get(table, {}), **spec}
-            else:
-                raise ConfigError(f"routes.{table}: expected pk and subject, or false, got {_kind_name(spec)}")
-    routes: dict[str, Route] = {}
-    for table, spec in merged.items():
-        key = f"routes.{table}"
-        unknown = set(spec) - set(ROUTE_KEYS)
-        if unknown:
-            raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(ROUTE_KEYS)}")
-        pk, subject = spec.get("pk"), spec.get("subject")
-        routing_cache = spec.get("routing_cache", ROUTING_CACHE_DEFAULT)
-        if isinstance(routing_cache, str) and routing_cache.strip().lower() in _TRUE + _FALSE:
-            routing_cache = routing_cache.strip().lower() in _TRUE  # from an environment variable
-        if not isinstance(routing_cache, bool):
-            raise ConfigError(f"{key}.routing_cache: expected true or false, got {_kind_name(routing_cache)}")
-        if not isinstance(pk, str) or not pk:
-            raise ConfigError(f"{key}.pk: a column name is required")
-        if not isinstance(subject, str) or not subject:
-            raise ConfigError(f"{key}.subject: a subject template is required")
-        columns = _columns(f"{key}.columns", spec.get("columns"))
-        try:
-            routes[table] = compile_route(table, pk, subject, columns, routing_cache=routing_cache)
-        except RouteError as exc:
-            # Name the key that holds the bad value: the table name itself, its columns or its subject template.
-            where = key if token_problem(table) else key + (".columns" if "columns" in str(exc) else ".subject")
-            raise ConfigError(f"{where}: {exc}") from None
-    return routes
+    if raw is None:
+        return merged
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"routes: expected a table of tables, got {_kind_name(raw)}")
+    # Defaults stay unless a table is redefined; a table can be dropped with routes.<table> = false.
+    for table, spec in raw.items():
+        if spec is False or (isinstance(spec, str) and spec.strip().lower() in _FALSE):
+            merged.pop(table, None)
+        elif isinstance(spec, Mapping):
+            merged[table] = {**merged.get(table, {}), **spec}
+        else:
+            raise ConfigError(f"routes.{table}: expected pk and subject, or false, got {_kind_name(spec)}")
+    return merged
+
+
+def _route(table: str, spec: dict[str, Any]) -> Route:
+    key = f"routes.{table}"
+    unknown = set(spec) - set(ROUTE_KEYS)
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(ROUTE_KEYS)}")
+    pk, subject = spec.get("pk"), spec.get("subject")
+    routing_cache = _routing_cache(key, spec.get("routing_cache", ROUTING_CACHE_DEFAULT))
+    if not isinstance(pk, str) or not pk:
+        raise ConfigError(f"{key}.pk: a column name is required")
+    if not isinstance(subject, str) or not subject:
+        raise ConfigError(f"{key}.subject: a subject template is required")
+    columns = _columns(f"{key}.columns", spec.get("columns"))
+    try:
+        return compile_route(table, pk, subject, columns, routing_cache=routing_cache)
+    except RouteError as exc:
+        # Name the key that holds the bad value: the table name itself, its columns or its subject template.
+        where = key if token_problem(table) else key + (".columns" if "columns" in str(exc) else ".subject")
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _routing_cache(key: str, raw: Any) -> bool:
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE  # from an environment variable
+    if not isinstance(raw, bool):
+        raise ConfigError(f"{key}.routing_cache: expected true or false, got {_kind_name(raw)}")
+    return raw
 
 
 def _columns(key: str, raw: Any) -> tuple[str, ...] | None:
@@ -852,31 +881,46 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     prefix = f"{ENV_PREFIX}_"
     for name in sorted(environ):
-        if not name.startswith(prefix) or "__" not in name:
-            continue
-        value = environ[name]
-        parts = name[len(prefix) :].lower().split("__")
-        section = parts[0]
-        if section in _SECTIONS and len(parts) == 2 and any(d.name == parts[1] for d in _DECLARED[section]):
-            data.setdefault(section, {})[parts[1]] = value
-        elif section == "routes" and len(parts) == 3 and parts[2] in ROUTE_KEYS and parts[1]:
-            route = data.setdefault("routes", {}).setdefault(parts[1], {})
-            if isinstance(route, dict):
-                route[parts[2]] = value
-        elif section == "routes" and len(parts) == 2 and parts[1] and value.strip().lower() in _FALSE:
-            data.setdefault("routes", {})[parts[1]] = False
-        elif _SERVICE_LINK.fullmatch(name):
-            continue
-        elif section == "routes":
-            raise ConfigError(
-                f"{'.'.join(parts)}: set {name.split('__')[0]}__<TABLE>__PK or __SUBJECT, or <TABLE> to false"
-            )
-        elif section in _SECTIONS:
-            raise ConfigError(f"{'.'.join(parts)}: unknown setting ({name}); known: {_known(section)}")
-        else:
-            known = ", ".join([*_SECTIONS, "routes"])
-            raise ConfigError(f"{section}: unknown settings section ({name}); known: {known}")
+        if name.startswith(prefix) and "__" in name:
+            _environ_setting(data, name, name[len(prefix) :].lower().split("__"), environ[name])
     return data
+
+
+def _environ_setting(data: dict[str, Any], name: str, parts: list[str], value: str) -> None:
+    """Put the variable ``name`` (``parts``: its path, lower case) into ``data``, ignore it as a service link, or
+    raise naming what it fails to name."""
+    section = parts[0]
+    if section in _SECTIONS and len(parts) == 2 and any(d.name == parts[1] for d in _DECLARED[section]):
+        data.setdefault(section, {})[parts[1]] = value
+    elif section == "routes" and _route_variable(data, parts, value):
+        pass
+    elif not _SERVICE_LINK.fullmatch(name):
+        raise _unknown_variable(name, parts)
+
+
+def _route_variable(data: dict[str, Any], parts: list[str], value: str) -> bool:
+    """``CDC_ROUTES__<TABLE>__<KEY>``, or ``CDC_ROUTES__<TABLE>`` set to false (drops the table): True if taken."""
+    if len(parts) == 3 and parts[2] in ROUTE_KEYS and parts[1]:
+        route = data.setdefault("routes", {}).setdefault(parts[1], {})
+        if isinstance(route, dict):
+            route[parts[2]] = value
+        return True
+    if len(parts) == 2 and parts[1] and value.strip().lower() in _FALSE:
+        data.setdefault("routes", {})[parts[1]] = False
+        return True
+    return False
+
+
+def _unknown_variable(name: str, parts: list[str]) -> ConfigError:
+    section = parts[0]
+    if section == "routes":
+        return ConfigError(
+            f"{'.'.join(parts)}: set {name.split('__', maxsplit=1)[0]}__<TABLE>__PK or __SUBJECT, or <TABLE> to false"
+        )
+    if section in _SECTIONS:
+        return ConfigError(f"{'.'.join(parts)}: unknown setting ({name}); known: {_known(section)}")
+    known = ", ".join([*_SECTIONS, "routes"])
+    return ConfigError(f"{section}: unknown settings section ({name}); known: {known}")
 
 
 def _known(section: str) -> str:
