@@ -62,12 +62,7 @@ def compile_route(
     if pk not in row_fields:
         row_fields.append(pk)
     subject_fields = frozenset(placeholders) - {COMPANY}
-    expected = None
-    if columns is not None:
-        missing = [name for name in row_fields if name not in columns]
-        if missing:
-            raise RouteError(f"columns must include {missing[0]!r}, which the route needs")
-        expected = frozenset(columns)
+    expected = _expected_columns(columns, row_fields)
     return Route(
         table,
         pk,
@@ -79,3 +74,13 @@ def compile_route(
         expected,
         routing_cache,
     )
+
+
+def _expected_columns(columns: tuple[str, ...] | None, row_fields: list[str]) -> frozenset[str] | None:
+    """The columns a row is expected to have, which must include every column the route reads."""
+    if columns is None:
+        return None
+    missing = [name for name in row_fields if name not in columns]
+    if missing:
+        raise RouteError(f"columns must include {missing[0]!r}, which the route needs")
+    return frozenset(columns)
