@@ -26,12 +26,12 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig, StreamSource, SubjectTransform
 from nats.js.errors import BadRequestError, NotFoundError
@@ -96,19 +96,9 @@ async def ensure_partitioned_stream(js: JetStreamContext, settings: Settings) ->
     except NotFoundError:
         info = None
     if info is not None:
-        sources = info.config.sources or []
-        have = [(t.src, t.dest) for s in sources for t in (s.subject_transforms or [])]
-        if have != [(t.src, t.dest) for t in wanted]:
-            raise ProvisioningError(
-                f"ingest.partitions: stream {ingest.partition_stream} partitions as {have}, the settings as "
-                f"{[(t.src, t.dest) for t in wanted]}; the count is fixed when the stream is created "
-                "(docs/operations.md: changing the partition count)"
-            )
+        _check_partitioning(ingest, info.config, wanted)
         return
-    start = 0
-    with contextlib.suppress(NotFoundError):
-        replica = await js.consumer_info(ingest.stream, ingest.durable)
-        start = int(replica.ack_floor.stream_seq or 0) + 1 if replica.ack_floor else 0
+    start = await _replica_resume_point(js, ingest)
     source = StreamSource(name=ingest.stream, subject_transforms=wanted)
     if start > 1:
         source.opt_start_seq = start
@@ -128,6 +118,25 @@ async def ensure_partitioned_stream(js: JetStreamContext, settings: Settings) ->
         "partitioned stream created",
         extra={"stream": ingest.partition_stream, "partitions": ingest.partitions, "source_start": start or 1},
     )
+
+
+def _check_partitioning(ingest: IngestSettings, config: StreamConfig, wanted: list[SubjectTransform]) -> None:
+    """An existing partitioned stream must partition as the settings say: the count is fixed at creation."""
+    have = [(t.src, t.dest) for s in config.sources or [] for t in (s.subject_transforms or [])]
+    if have != [(t.src, t.dest) for t in wanted]:
+        raise ProvisioningError(
+            f"ingest.partitions: stream {ingest.partition_stream} partitions as {have}, the settings as "
+            f"{[(t.src, t.dest) for t in wanted]}; the count is fixed when the stream is created "
+            "(docs/operations.md: changing the partition count)"
+        )
+
+
+async def _replica_resume_point(js: JetStreamContext, ingest: IngestSettings) -> int:
+    """The input stream sequence after the replica-mode durable's ack floor; 0 when there is no such durable."""
+    with contextlib.suppress(NotFoundError):
+        replica = await js.consumer_info(ingest.stream, ingest.durable)
+        return int(replica.ack_floor.stream_seq or 0) + 1 if replica.ack_floor else 0
+    return 0
 
 
 def consumer_request(ingest: IngestSettings, partition: int, start_seq: int | None) -> dict[str, Any]:
@@ -184,25 +193,36 @@ async def ensure_partition_consumer(
             await asyncio.sleep(backoff * attempt)
 
 
+async def create_partition_consumer(nc: Client, ingest: IngestSettings, partition: int, start: int) -> None:
+    """Create the durable to deliver from ``start``, unless someone else created it first (a replica taking the
+    partition over at the same moment): that one is kept, replacing it would move its start."""
+    body = consumer_request(ingest, partition, start)
+    body["action"] = "create"
+    try:
+        await _api(nc, f"$JS.API.CONSUMER.CREATE.{ingest.partition_stream}.{durable_name(ingest, partition)}", body)
+    except ApiError as exc:
+        if exc.code != _CONSUMER_EXISTS:
+            raise
+
+
+async def unpin(nc: Client, ingest: IngestSettings, partition: int) -> None:
+    """Release the partition's pin, whoever holds it: the server pins the next puller with a message to deliver."""
+    await _api(
+        nc,
+        f"$JS.API.CONSUMER.UNPIN.{ingest.partition_stream}.{durable_name(ingest, partition)}",
+        {"group": core.PRIORITY_GROUP},
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Intake
 
 
-@dataclass(eq=False)
-class _Partition:
-    index: int
-    durable: str
-    pin: str | None = None  # the pin this replica accepted; None while it holds none
-    floor: int = 0  # highest ack floor seen: where a recreated durable resumes
-    # Pins of durables this replica deleted in a takeover: their late messages are dropped, as the recreated
-    # durable delivers them again in order (processing one would put it ahead of the ones dropped with it).
-    retired: deque[str] = field(default_factory=lambda: deque(maxlen=32))
-    running: bool = False
-    task: asyncio.Task[None] | None = None
-
-
 class PartitionedIntake:
-    """Pull the partitions this replica owns, each from its own pinned durable, handing batches to ``on_batch``."""
+    """Pull the partitions this replica owns, each from its own pinned durable, handing batches to ``on_batch``.
+
+    This class keeps the membership and decides which partitions to pull; a ``PartitionPuller`` per partition
+    pulls."""
 
     def __init__(self, nc: Client, js: JetStreamContext, settings: Settings, metrics: Metrics, member: str) -> None:
         self._nc = nc
@@ -211,7 +231,6 @@ class PartitionedIntake:
         self._ingest = settings.ingest
         self._metrics = metrics
         self.member = member
-        self._partitions = {p: _Partition(p, durable_name(self._ingest, p)) for p in range(self._ingest.partitions)}
         self._bucket = self._ingest.member_bucket
         self._kv: Any = None
         self._on_batch: Callable[[list[Msg]], Awaitable[None]] | None = None
@@ -221,6 +240,12 @@ class PartitionedIntake:
         # With no_wait a request returns as soon as anything is delivered, so a long expiry adds no latency; it only
         # bounds idle polling. Every request renews the pin, so it must come well within pin_timeout.
         self._expires = min(1.0, self._ingest.pin_timeout / 4)
+        self._partitions = {
+            p: PartitionPuller(
+                p, nc, self._ingest, metrics, member, f"{self._inbox}.{p}", self._expires, self._count_owned
+            )
+            for p in range(self._ingest.partitions)
+        }
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
@@ -248,7 +273,10 @@ class PartitionedIntake:
         return [p.index for p in self._partitions.values() if p.running]
 
     async def stop(self) -> None:
-        """Leave the membership (others take over at their next look), stop pulling, release the pins held."""
+        """Leave the membership (others take over at their next look), stop pulling, release the pins held.
+
+        Every message the server delivered to a partition's inbox is handed to ``on_batch`` first, as with
+        ``PullIntake.stop`` (see ``PartitionPuller``)."""
         self._running = False
         if self._membership is not None:
             self._membership.cancel()
@@ -258,10 +286,13 @@ class PartitionedIntake:
         for partition in self._partitions.values():
             partition.running = False
         tasks = [p.task for p in self._partitions.values() if p.task is not None]
-        # A pull ends within its expiry; then its batch is handed over and its pin released.
+        # A pull ends within its expiry; then its batch and what came late are handed over and its pin released.
         _done, late = await asyncio.wait(tasks, timeout=self._expires + 5.0) if tasks else (set(), set())
         for task in late:
             task.cancel()
+
+    def _count_owned(self) -> None:
+        self._metrics.partitions_owned.set(len(self.owned()))
 
     # -------------------------------------------------------------------------------------------- membership
 
@@ -284,6 +315,7 @@ class PartitionedIntake:
         return [s[len(prefix) :] for s in (info.state.subjects or {})]
 
     async def _rebalance(self) -> None:
+        assert self._on_batch is not None
         await self._kv.put(self.member, b"1")
         members = await self.live_members()
         if self.member not in members:
@@ -291,12 +323,11 @@ class PartitionedIntake:
         mine = {p for p, owner in core.assign(self._ingest.partitions, members).items() if owner == self.member}
         self._metrics.partition_members.set(len(members))
         for partition in self._partitions.values():
-            idle = partition.task is None or partition.task.done()
-            if partition.index in mine and idle:
-                self._start_partition(partition)
+            if partition.index in mine and partition.idle:
+                partition.start(self._on_batch)
             elif partition.index not in mine:
                 partition.running = False  # its pull ends after the current request and releases the pin
-        self._metrics.partitions_owned.set(len(self.owned()))
+        self._count_owned()
 
     async def _export_lag(self) -> None:
         """The backlog and ack-floor gauges over the durables this replica pulls.
@@ -309,72 +340,166 @@ class PartitionedIntake:
         owned = [p for p in self._partitions.values() if p.running]
         backlog, floors = 0, []
         for partition in owned:
-            info = await self._info(partition)
+            info = await partition.info()
             backlog += int(info.get("num_pending") or 0)
             floors.append(int(info.get("ack_floor", {}).get("stream_seq") or 0))
         self._metrics.backlog.set(backlog)
         if floors:
             self._metrics.ack_floor.set(min(floors))
 
-    # -------------------------------------------------------------------------------------------- pulling
 
-    def _start_partition(self, partition: _Partition) -> None:
-        partition.running = True
-        partition.task = asyncio.create_task(self._pull(partition), name=f"cdc-pull-p{partition.index}")
-        log.info("pulling partition", extra={"partition": partition.index, "member": self.member})
+# ---------------------------------------------------------------------------------------------------------------
+# Pulling one partition
 
-    async def _release(self, partition: _Partition) -> None:
+
+class PartitionPuller:
+    """Pulls one partition from its pinned durable while ``running``: accepts a new pin, takes the partition over
+    in order when another owner still holds messages, recreates a deleted durable, and releases the pin when done.
+
+    Its subscription on ``<inbox>.*`` takes the messages of every pull request; when pulling ends, what reached it
+    after the last request (late under load, or for the rest of a request answered late) is handed to ``on_batch``
+    too, as ``PullIntake.stop`` does: dropping it would leave it delivered and unacked until AckWait.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        nc: Client,
+        ingest: IngestSettings,
+        metrics: Metrics,
+        member: str,
+        inbox: str,
+        expires: float,
+        on_released: Callable[[], None],
+    ) -> None:
+        self.index = index
+        self.durable = durable_name(ingest, index)
+        self._nc = nc
+        self._ingest = ingest
+        self._metrics = metrics
+        self._member = member
+        self._inbox = inbox
+        self._expires = expires
+        self._on_released = on_released
+        self.pin: str | None = None  # the pin this replica accepted; None while it holds none
+        self.floor = 0  # highest ack floor seen: where a recreated durable resumes
+        # Pins of durables this replica deleted in a takeover: their late messages are dropped, as the recreated
+        # durable delivers them again in order (processing one would put it ahead of the ones dropped with it).
+        self.retired: deque[str] = deque(maxlen=32)
+        self.running = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def start(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+        self.running = True
+        self.task = asyncio.create_task(self._pull(on_batch), name=f"cdc-pull-p{self.index}")
+        log.info("pulling partition", extra={"partition": self.index, "member": self._member})
+
+    async def info(self) -> dict[str, Any]:
+        """The durable's consumer info (also records its ack floor)."""
+        info = await _api(self._nc, f"$JS.API.CONSUMER.INFO.{self._ingest.partition_stream}.{self.durable}")
+        self.floor = max(self.floor, int(info.get("ack_floor", {}).get("stream_seq") or 0))
+        return info
+
+    async def _release(self) -> None:
         """After the last pull: release the pin now, so the next owner need not wait for pin_timeout; only if it is
         still ours (the next owner may already have unpinned us and been pinned)."""
-        pin, partition.pin = partition.pin, None
-        self._metrics.partitions_owned.set(len(self.owned()))
+        pin, self.pin = self.pin, None
+        self._on_released()
         if pin is not None:
             with contextlib.suppress(Exception):
-                if await self._pinned_id(partition) == pin:
-                    await self._unpin(partition)
+                if await self._pinned_id() == pin:
+                    await unpin(self._nc, self._ingest, self.index)
 
-    async def _pull(self, partition: _Partition) -> None:
-        assert self._on_batch is not None
+    async def _pull(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def deliver(msg: Msg) -> None:
             queue.put_nowait(msg)
 
-        inbox = f"{self._inbox}.{partition.index}"
-        sub = await self._nc.subscribe(inbox + ".*", cb=deliver)
+        sub = await self._nc.subscribe(self._inbox + ".*", cb=deliver)
         try:
             # A departed owner's pin would otherwise hold the partition until pin_timeout.
             with contextlib.suppress(Exception):
-                await self._unpin(partition)
+                await unpin(self._nc, self._ingest, self.index)
             token = 0
-            while partition.running:
+            while self.running:
                 token += 1
                 try:
-                    msgs, status = await self._request(partition, queue, f"{inbox}.{token}")
+                    msgs, status = await self._request(queue, f"{self._inbox}.{token}")
                     if status == "423":  # someone else holds the pin: wait as a standby until it is released
-                        self._lose_pin(partition)
+                        self._lose_pin()
                     elif status == "503":  # no durable answered: deleted, by an operator or by a takeover under way
-                        await self._recreate(partition)
-                    if partition.retired:
-                        msgs = [m for m in msgs if (m.headers or {}).get(PIN_HEADER) not in partition.retired]
-                    if msgs and await self._accept(partition, msgs):
-                        for msg in msgs:
-                            msg.subject = core.original_subject(msg.subject)
-                        await self._on_batch(msgs)
+                        await self._recreate()
+                    await self._hand_on(msgs, on_batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # disconnected, timeout: back off briefly and ask again
                     log.warning(
                         "partition pull failed",
-                        extra={"partition": partition.index, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                        extra={"partition": self.index, "error": f"{type(exc).__name__}: {exc}"[:300]},
                     )
                     await asyncio.sleep(0.5)
+            await self._hand_on_late(sub, queue, on_batch)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            await self._release(partition)
+            await self._release()
 
-    async def _request(self, partition: _Partition, queue: asyncio.Queue[Msg], reply: str) -> tuple[list[Msg], str]:
+    async def _hand_on(self, msgs: list[Msg], on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+        """Pass ``msgs`` on unless they came under a retired pin or a takeover drops them."""
+        if self.retired:
+            msgs = [m for m in msgs if (m.headers or {}).get(PIN_HEADER) not in self.retired]
+        if msgs and await self._accept(msgs):
+            for msg in msgs:
+                msg.subject = core.original_subject(msg.subject)
+            await on_batch(msgs)
+
+    async def _hand_on_late(
+        self, sub: Subscription, queue: asyncio.Queue[Msg], on_batch: Callable[[list[Msg]], Awaitable[None]]
+    ) -> None:
+        """Pulling ended: end interest and pass on everything the server already sent to this inbox.
+
+        ``Subscription.drain`` sends UNSUB, proves by a PING/PONG that everything sent before it was read, and waits
+        until the subscription's callback put each of those messages in ``queue``. Status messages (the end of a
+        request) are no work. If passing on fails, the messages are nak'ed without delay so the partition's next
+        owner takes them at once; a batch that ``on_batch`` took but whose back-pressure wait was cut short is left
+        to the engine's drain.
+        """
+        try:
+            await asyncio.wait_for(sub.drain(), 2.0)  # type: ignore[no-untyped-call]
+        except Exception as exc:  # disconnected: hand on what came; anything still on its way returns after AckWait
+            log.warning(
+                "could not end the partition's pull subscription cleanly",
+                extra={"partition": self.index, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+        late: list[Msg] = []
+        while not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply:
+                late.append(msg)
+        if not late:
+            return
+        log.info(
+            "handing on messages received after the last pull", extra={"partition": self.index, "count": len(late)}
+        )
+        try:
+            await asyncio.wait_for(self._hand_on(late, on_batch), self._expires + 2.0)
+        except TimeoutError:
+            pass  # the batch was taken; only its back-pressure wait was cut short, and the drain finishes it
+        except Exception as exc:
+            log.warning(
+                "could not pass on, handing back",
+                extra={"partition": self.index, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            for msg in late:
+                with contextlib.suppress(Exception):  # connection gone: the server redelivers after AckWait
+                    await msg.nak()
+
+    async def _request(self, queue: asyncio.Queue[Msg], reply: str) -> tuple[list[Msg], str]:
         """One pull request: what is available now (up to a batch), or the first messages within the fetch timeout.
 
         Returns the messages and the status that ended the request ("" when the batch filled or time ran out).
@@ -388,10 +513,10 @@ class PartitionedIntake:
             "no_wait": True,  # with expires: return as soon as anything was delivered
             "group": core.PRIORITY_GROUP,
         }
-        if partition.pin is not None:
-            body["id"] = partition.pin  # renews the pin; a stale one is answered with 423
+        if self.pin is not None:
+            body["id"] = self.pin  # renews the pin; a stale one is answered with 423
         await self._nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{ingest.partition_stream}.{partition.durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{ingest.partition_stream}.{self.durable}",
             orjson.dumps(body),
             reply=reply,
         )
@@ -414,79 +539,56 @@ class PartitionedIntake:
                 if status not in ("404", "408", "409", "423", "503"):
                     log.warning(
                         "pull request refused",
-                        extra={"partition": partition.index, "status": status, "detail": str(msg.headers)[:200]},
+                        extra={"partition": self.index, "status": status, "detail": str(msg.headers)[:200]},
                     )
                 return msgs, status
         return msgs, ""
 
-    async def _accept(self, partition: _Partition, msgs: list[Msg]) -> bool:
+    async def _accept(self, msgs: list[Msg]) -> bool:
         """Whether to process ``msgs``; False after a takeover dropped them (they come again, in order)."""
         pins = {(m.headers or {}).get(PIN_HEADER) for m in msgs}
-        if pins == {partition.pin}:
+        if pins == {self.pin}:
             return True
-        pending = await self._ack_pending(partition)
+        pending = await self._ack_pending()
         if len(pins) == 1 and pending <= len(msgs):
             # A new pin and nobody else holds anything unacked: nothing older can arrive behind these.
-            partition.pin = pins.pop()
-            log.info("partition pinned", extra={"partition": partition.index, "member": self.member})
+            self.pin = pins.pop()
+            log.info("partition pinned", extra={"partition": self.index, "member": self._member})
             return True
-        partition.retired.extend(p for p in pins if p)
-        if partition.pin:
-            partition.retired.append(partition.pin)
-        await self._take_over(partition, pending)
+        self.retired.extend(p for p in pins if p)
+        if self.pin:
+            self.retired.append(self.pin)
+        await self._take_over(pending)
         return False
 
-    async def _take_over(self, partition: _Partition, pending: int) -> None:
+    async def _take_over(self, pending: int) -> None:
         """Recreate the durable to start after its ack floor: what another owner left unacked is delivered again,
         before anything newer. The messages received under the new pin are dropped unacked with the old durable."""
-        subject = f"{self._ingest.partition_stream}.{partition.durable}"
-        info = await self._info(partition)
+        subject = f"{self._ingest.partition_stream}.{self.durable}"
+        info = await self.info()
         floor = int(info.get("ack_floor", {}).get("stream_seq") or 0)
         configured = int(info.get("config", {}).get("opt_start_seq") or 0)
         with contextlib.suppress(ApiError):
             await _api(self._nc, f"$JS.API.CONSUMER.DELETE.{subject}")
-        await self._create(partition, max(partition.floor + 1, configured))
-        self._lose_pin(partition)
+        await create_partition_consumer(self._nc, self._ingest, self.index, max(self.floor + 1, configured))
+        self._lose_pin()
         self._metrics.partition_takeovers.inc()
         log.info(
             "partition taken over; resuming after its ack floor",
-            extra={"partition": partition.index, "ack_floor": floor, "unacked": pending, "member": self.member},
+            extra={"partition": self.index, "ack_floor": floor, "unacked": pending, "member": self._member},
         )
 
-    def _lose_pin(self, partition: _Partition) -> None:
-        partition.pin = None
+    def _lose_pin(self) -> None:
+        self.pin = None
 
-    async def _recreate(self, partition: _Partition) -> None:
-        log.warning("partition durable missing; recreating it", extra={"partition": partition.index})
-        await self._create(partition, partition.floor + 1)
+    async def _recreate(self) -> None:
+        log.warning("partition durable missing; recreating it", extra={"partition": self.index})
+        await create_partition_consumer(self._nc, self._ingest, self.index, self.floor + 1)
 
-    async def _create(self, partition: _Partition, start: int) -> None:
-        """Create the durable to deliver from ``start``, unless someone else created it first (a replica taking
-        the partition over at the same moment): that one is kept, replacing it would move its start."""
-        body = consumer_request(self._ingest, partition.index, start)
-        body["action"] = "create"
-        try:
-            await _api(self._nc, f"$JS.API.CONSUMER.CREATE.{self._ingest.partition_stream}.{partition.durable}", body)
-        except ApiError as exc:
-            if exc.code != _CONSUMER_EXISTS:
-                raise
+    async def _ack_pending(self) -> int:
+        return int((await self.info()).get("num_ack_pending") or 0)
 
-    async def _info(self, partition: _Partition) -> dict[str, Any]:
-        info = await _api(self._nc, f"$JS.API.CONSUMER.INFO.{self._ingest.partition_stream}.{partition.durable}")
-        partition.floor = max(partition.floor, int(info.get("ack_floor", {}).get("stream_seq") or 0))
-        return info
-
-    async def _ack_pending(self, partition: _Partition) -> int:
-        return int((await self._info(partition)).get("num_ack_pending") or 0)
-
-    async def _pinned_id(self, partition: _Partition) -> str:
-        info = await self._info(partition)
+    async def _pinned_id(self) -> str:
+        info = await self.info()
         groups = info.get("priority_groups") or []
         return str(groups[0].get("pinned_client_id", "")) if groups else ""
-
-    async def _unpin(self, partition: _Partition) -> None:
-        await _api(
-            self._nc,
-            f"$JS.API.CONSUMER.UNPIN.{self._ingest.partition_stream}.{partition.durable}",
-            {"group": core.PRIORITY_GROUP},
-        )
