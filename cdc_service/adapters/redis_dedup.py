@@ -81,6 +81,72 @@ def _is_marker(value: bytes | None) -> bool:
     return value is not None and not value.startswith(CLAIM_PREFIX)
 
 
+class RedisHealth:
+    """Whether Redis answers and takes writes, from the outcome of each call; thread-safe. After a failure, calls
+    skip Redis for ``retry_interval`` seconds rather than wait on a dead socket for every batch. Logs the first
+    failure and the recovery; ``on_error(operation)`` counts every failed or skipped call."""
+
+    def __init__(self, url: str, retry_interval: float, on_error: Callable[[str], None] | None) -> None:
+        self._url = url
+        self._retry_interval = retry_interval
+        self._on_error = on_error
+        self._retry_at = 0.0  # while Redis is down, calls before this time skip it
+        self._was_down = False
+        # A read-only replica or a full Redis (noeviction) answers reads and refuses writes: only a write that
+        # succeeds clears this, never a read.
+        self._write_problem: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return not self._was_down and self._write_problem is None
+
+    @property
+    def problem(self) -> str | None:
+        if self._write_problem is not None:
+            return f"writes fail ({self._write_problem}); markers are not stored"
+        if self._was_down:
+            return "unreachable; deduplicating with JetStream's window only"
+        return None
+
+    def skip(self, operation: str | None = None) -> bool:
+        """True while Redis is down and its retry time has not come; a skipped ``operation`` counts as an error."""
+        skipping = self._was_down and time.monotonic() < self._retry_at
+        if skipping and operation is not None and self._on_error:
+            self._on_error(operation)
+        return skipping
+
+    def failed(self, what: str, exc: Exception, *, write: bool = False) -> None:
+        # Only a write the server answered with a refusal (READONLY, OOM, an ACL) is a write problem; a lost
+        # connection or a wrong password is an outage, cleared by any call that succeeds.
+        write = write and isinstance(exc, redis.ResponseError)
+        with self._lock:
+            self._retry_at = time.monotonic() + self._retry_interval
+            first = not self._was_down and (not write or self._write_problem is None)
+            self._was_down = True
+            if write:
+                self._write_problem = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        if first:
+            log.warning(
+                "redis refuses writes, markers are not stored; deduplicating with JetStream's window only"
+                if write
+                else "redis unavailable, deduplicating with JetStream's window only",
+                extra={"operation": what, "error": f"{type(exc).__name__}: {exc}"[:300], "redis_url": self._url},
+            )
+        if self._on_error:
+            self._on_error(what)
+
+    def succeeded(self, *, write: bool = False) -> None:
+        if self._was_down or (write and self._write_problem is not None):
+            with self._lock:
+                recovered = self._was_down and (write or self._write_problem is None)
+                self._was_down = False
+                if write:
+                    self._write_problem = None
+            if recovered:
+                log.info("redis reachable again", extra={"redis_url": self._url, "writes": write})
+
+
 class RedisDedupStore:
     """``DedupStore`` on Redis (standalone or cluster). Thread-safe: workers share one client and its pool."""
 
@@ -100,15 +166,8 @@ class RedisDedupStore:
         self.token = CLAIM_PREFIX + f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}".encode()
         self._routing_prefix = dedup_settings.routing_key_prefix
         self._routing_ttl = dedup_settings.routing_ttl
-        self._retry_interval = redis_settings.retry_interval
         self._cluster = redis_settings.mode == "cluster"
-        self._url = mask_url(redis_settings.url)
-        self._on_error = on_error
-        self._retry_at = 0.0  # while Redis is down, calls before this time skip it
-        self._was_down = False
-        # A read-only replica or a full Redis (noeviction) answers reads and refuses writes: only a write that
-        # succeeds clears this, never a read.
-        self._write_problem: str | None = None
+        self._health = RedisHealth(mask_url(redis_settings.url), redis_settings.retry_interval, on_error)
         self._probe_key = f"{self._prefix}__probe__"
         self._lock = threading.Lock()
         common: dict[str, Any] = {
@@ -148,49 +207,12 @@ class RedisDedupStore:
     def available(self) -> bool:
         """False from a failure until a call (or ``probe``) succeeds again, and from a failed write until a write
         succeeds again."""
-        return not self._was_down and self._write_problem is None
+        return self._health.available
 
     @property
     def problem(self) -> str | None:
         """What fails, naming the operation (``mark``, ``probe``, ``lookup``); None while all works."""
-        if self._write_problem is not None:
-            return f"writes fail ({self._write_problem}); markers are not stored"
-        if self._was_down:
-            return "unreachable; deduplicating with JetStream's window only"
-        return None
-
-    def _skip(self) -> bool:
-        return self._was_down and time.monotonic() < self._retry_at
-
-    def _failed(self, what: str, exc: Exception, *, write: bool = False) -> None:
-        # Only a write the server answered with a refusal (READONLY, OOM, an ACL) is a write problem; a lost
-        # connection or a wrong password is an outage, cleared by any call that succeeds.
-        write = write and isinstance(exc, redis.ResponseError)
-        with self._lock:
-            self._retry_at = time.monotonic() + self._retry_interval
-            first = not self._was_down and (not write or self._write_problem is None)
-            self._was_down = True
-            if write:
-                self._write_problem = f"{what}: {type(exc).__name__}: {exc}"[:300]
-        if first:
-            log.warning(
-                "redis refuses writes, markers are not stored; deduplicating with JetStream's window only"
-                if write
-                else "redis unavailable, deduplicating with JetStream's window only",
-                extra={"operation": what, "error": f"{type(exc).__name__}: {exc}"[:300], "redis_url": self._url},
-            )
-        if self._on_error:
-            self._on_error(what)
-
-    def _succeeded(self, *, write: bool = False) -> None:
-        if self._was_down or (write and self._write_problem is not None):
-            with self._lock:
-                recovered = self._was_down and (write or self._write_problem is None)
-                self._was_down = False
-                if write:
-                    self._write_problem = None
-            if recovered:
-                log.info("redis reachable again", extra={"redis_url": self._url, "writes": write})
+        return self._health.problem
 
     def seen(self, event_ids: Sequence[str]) -> list[bool] | None:
         values = self._get_many([self._prefix + event_id for event_id in event_ids], "lookup")
@@ -201,9 +223,7 @@ class RedisDedupStore:
         slots), or None when Redis is skipped or fails: the caller fails open."""
         if not keys:
             return []
-        if self._skip():
-            if self._on_error:
-                self._on_error(operation)
+        if self._health.skip(operation):
             return None
         try:
             if self._cluster:
@@ -214,9 +234,9 @@ class RedisDedupStore:
             else:
                 values = self._client.mget(keys)
         except _ERRORS as exc:
-            self._failed(operation, exc)
+            self._health.failed(operation, exc)
             return None
-        self._succeeded()
+        self._health.succeeded()
         return values
 
     def claim(self, event_ids: Sequence[str]) -> list[Claim] | None:
@@ -225,9 +245,7 @@ class RedisDedupStore:
         if self._claim_ms <= 0:
             seen = self.seen(event_ids)
             return None if seen is None else [Claim.DONE if s else Claim.FREE for s in seen]
-        if self._skip():
-            if self._on_error:
-                self._on_error("lookup")
+        if self._health.skip("lookup"):
             return None
         keys = [self._prefix + event_id for event_id in event_ids]
         try:
@@ -236,9 +254,9 @@ class RedisDedupStore:
             else:
                 states = [_STATES[int(v)] for v in self._claim_script(keys=keys, args=[self.token, self._claim_ms])]
         except _ERRORS as exc:
-            self._failed("lookup", exc, write=True)  # the lookup takes claims: a refused write shows here first
+            self._health.failed("lookup", exc, write=True)  # the lookup takes claims: a refused write shows here first
             return None
-        self._succeeded(write=True)
+        self._health.succeeded(write=True)
         return states
 
     def _claim_cluster(self, keys: list[str]) -> list[Claim]:
@@ -269,7 +287,7 @@ class RedisDedupStore:
         return states
 
     def release(self, event_ids: Sequence[str]) -> None:
-        if not event_ids or self._claim_ms <= 0 or self._skip():
+        if not event_ids or self._claim_ms <= 0 or self._health.skip():
             return
         keys = [self._prefix + event_id for event_id in event_ids]
         try:
@@ -282,16 +300,14 @@ class RedisDedupStore:
             else:
                 self._release_script(keys=keys, args=[self.token])
         except _ERRORS as exc:
-            self._failed("release", exc)  # the claims expire on their own
+            self._health.failed("release", exc)  # the claims expire on their own
             return
-        self._succeeded()
+        self._health.succeeded()
 
     def mark(self, event_ids: Sequence[str]) -> bool:
         if not event_ids:
             return True
-        if self._skip():
-            if self._on_error:
-                self._on_error("mark")
+        if self._health.skip("mark"):
             return False
         keys = [self._prefix + event_id for event_id in event_ids]
         try:
@@ -303,9 +319,9 @@ class RedisDedupStore:
                     pipe.set(key, b"", ex=self._ttl)
                 pipe.execute()
         except _ERRORS as exc:
-            self._failed("mark", exc, write=True)
+            self._health.failed("mark", exc, write=True)
             return False
-        self._succeeded(write=True)
+        self._health.succeeded(write=True)
         return True
 
     def routes(self, keys: Sequence[str]) -> list[str | None] | None:
@@ -315,9 +331,7 @@ class RedisDedupStore:
     def remember_routes(self, entries: Sequence[tuple[str, str]]) -> bool:
         if not entries:
             return True
-        if self._skip():
-            if self._on_error:
-                self._on_error("routing_mark")
+        if self._health.skip("routing_mark"):
             return False
         try:
             client = self._cluster_client() if self._cluster else self._client
@@ -326,9 +340,9 @@ class RedisDedupStore:
                 pipe.set(self._routing_prefix + key, value, ex=self._routing_ttl)
             pipe.execute()
         except _ERRORS as exc:
-            self._failed("routing_mark", exc)
+            self._health.failed("routing_mark", exc)
             return False
-        self._succeeded()
+        self._health.succeeded()
         return True
 
     def probe(self) -> bool:
@@ -340,9 +354,9 @@ class RedisDedupStore:
         try:
             (self._cluster_client() if self._cluster else self._client).set(self._probe_key, b"", ex=10)
         except _ERRORS as exc:
-            self._failed("probe", exc, write=True)
+            self._health.failed("probe", exc, write=True)
             return False
-        self._succeeded(write=True)
+        self._health.succeeded(write=True)
         return True
 
     def close(self) -> None:
