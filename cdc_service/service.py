@@ -77,6 +77,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _effective(settings: Settings) -> Settings:
+    """The settings as this replica runs them."""
     if settings.ingest.ordering == "partitioned":
         # No Redis claims: the pin gives each partition one owner, and a claim left by an owner that died makes its
         # successor publish that event after newer ones of the same chat (a claimed copy is published outside the
@@ -100,6 +101,7 @@ def _starting(settings: Settings, pool_size: int, http_port: int) -> dict[str, A
 
 
 def _check_server(nc: Client, settings: Settings) -> None:
+    """Raise ``UnsupportedServer`` when a setting needs a newer nats-server than the one connected."""
     version = str(nc._server_info.get("version", ""))
     if settings.ingest.ordering == "partitioned" and not supports_partitions(version):
         raise UnsupportedServer(
