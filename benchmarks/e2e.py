@@ -81,7 +81,9 @@ from benchmarks.common import (
 )
 from benchmarks.sampler import HOST, Sampler
 from cdc_service.config import Settings
-from tests.servers import REPO, NatsServer, Process, RedisServer, ServiceProcess, binary
+from tests.servers import ServiceProcess
+from tools.localservers import REPO, NatsServer, Process, RedisServer, binary
+from tools.polling import GiveUp, wait_for_async
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 _DEFAULTS = Settings().ingest
@@ -440,10 +442,11 @@ class Bench:
         self, config: RunConfig, proc: Process, total: int, within: float, desc: str
     ) -> dict[str, Any]:
         """Poll the consumer until everything is delivered and acked and wa_stream holds ``total``."""
-        deadline = time.monotonic() + within
         info: dict[str, Any] | None = None
         with tqdm(total=total, desc=desc, unit="ev", leave=False, dynamic_ncols=True, disable=None) as bar:
-            while True:
+
+            async def drained() -> dict[str, Any] | None:
+                nonlocal info
                 info = await self._consumer(config)
                 if info is not None:
                     settled = total - int(info["num_pending"]) - int(info["num_ack_pending"])
@@ -456,13 +459,18 @@ class Bench:
                     ):
                         return info
                 if not proc.alive() and (config.kind == "service" or proc.wait(1) != 0):
-                    raise BenchFailure(f"{desc}: {config.label} exited early\n{_tail(proc)}")
-                if time.monotonic() > deadline:
-                    raise BenchFailure(
-                        f"{desc}: not drained within {within:.0f}s: consumer {_consumer_summary(info)}, "
-                        f"wa_stream {await stream_count(self.nc, OUT_STREAM)}\n{_tail(proc)}"
-                    )
-                await asyncio.sleep(0.05)
+                    raise GiveUp(f"{desc}: {config.label} exited early\n{_tail(proc)}")
+                return None
+
+            try:
+                return await wait_for_async(drained, within, 0.05, what=f"{desc}: drained", retry_on=())
+            except GiveUp as exc:
+                raise BenchFailure(str(exc)) from None
+            except TimeoutError:
+                raise BenchFailure(
+                    f"{desc}: not drained within {within:.0f}s: consumer {_consumer_summary(info)}, "
+                    f"wa_stream {await stream_count(self.nc, OUT_STREAM)}\n{_tail(proc)}"
+                ) from None
 
     async def _consumer(self, config: RunConfig) -> dict[str, Any] | None:
         """The durable's info; in partitioned mode the partition durables summed (their sequences are the
@@ -613,18 +621,25 @@ class Bench:
         steal0 = _steal()
         self._spawn(producer)
         self.sampler.watch(f"{key}-producer", producer.pid)
-        deadline = time.monotonic() + plan.seconds + 120
         desc = f"fixed {plan.rate:,.0f}/s {config.label}"
         with tqdm(total=total, desc=desc, unit="ev", leave=False, dynamic_ncols=True, disable=None) as bar:
-            while producer.alive():
+
+            async def producer_done() -> bool:
+                if not producer.alive():
+                    return True
                 stored = await stream_count(self.nc, IN_STREAM)
                 bar.update(max(0, stored - bar.n))
                 bar.set_postfix_str(f"out {await stream_count(self.nc, OUT_STREAM):,}", refresh=False)
                 if not service.alive():
-                    raise BenchFailure(f"{desc}: service exited\n{_tail(service)}")
-                if time.monotonic() > deadline:
-                    raise BenchFailure(f"{desc}: producer still running after {plan.seconds + 120:.0f}s")
-                await asyncio.sleep(0.25)
+                    raise GiveUp(f"{desc}: service exited\n{_tail(service)}")
+                return False
+
+            try:
+                await wait_for_async(producer_done, plan.seconds + 120, 0.25, what=f"{desc}: producer", retry_on=())
+            except GiveUp as exc:
+                raise BenchFailure(str(exc)) from None
+            except TimeoutError:
+                raise BenchFailure(f"{desc}: producer still running after {plan.seconds + 120:.0f}s") from None
         rc = self._reap(producer)
         self.sampler.unwatch(f"{key}-producer")
         if rc != 0 or not result_path.exists():

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from cdc_service.config import ENV_PREFIX, SECRET_KEYS  # noqa: E402
 from cdc_service.testing import sample_record, sequin_message  # noqa: E402
-from tools.localservers import answers, free_port, nats_command, redis_command  # noqa: E402
+from tools.localservers import NatsServer, P, Process, ProcessSet, RedisServer, free_port  # noqa: E402
+from tools.polling import GiveUp, wait_for, wait_for_async  # noqa: E402
 
 BUDGET = 30.0  # seconds for start-up and the demo itself; stopping comes after
 INPUT, OUTPUT, DLQ, DURABLE = "cdc_events_stream", "wa_stream", "cdc_dlq_stream", "cdc_consumers"
@@ -89,42 +89,23 @@ LAST_EVENT = "1002:chatdb:acme:messages:msg-2"
 # Processes
 
 
-class Children:
-    """What this demo started, stopped in reverse order by pid."""
+class Children(ProcessSet):
+    """What this demo started (each in its own session: a Ctrl-C at the terminal reaches only the demo, which stops
+    them in order), stopped in reverse order by pid."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    def add(self, process: P) -> P:
+        started = super().add(process)
+        say(f"demo: started {started.name} (pid {started.pid})")
+        return started
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with open(self.workdir / f"{name}.log", "ab") as log:
-            # Own session: a Ctrl-C at the terminal reaches only the demo, which stops these in order.
-            proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-            )
-        self.procs.append((name, proc))
-        say(f"demo: started {name} (pid {proc.pid})")
-        return proc
-
-    def stop_all(self) -> None:
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
-            say(f"demo: stopped {name} (pid {proc.pid}, exit {proc.returncode})")
-        self.procs.clear()
+    def stop_demo(self) -> None:
+        for process, status in self.stop_all(timeout=15):
+            say(f"demo: stopped {process.name} (pid {process.pid}, exit {status})")
 
 
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + min(timeout, remaining())
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout:.0f}s")
-        time.sleep(0.05)  # poll interval of a deadline loop
+def within(timeout: float) -> float:
+    """``timeout``, cut to what is left of the demo's budget."""
+    return min(timeout, remaining())
 
 
 def ready(port: int) -> bool:
@@ -161,23 +142,10 @@ async def run_demo(nats_url: str, http_port: int, service_env: dict[str, str]) -
     nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=1)
     js = nc.jetstream()
     seen: list[str] = []
-    arrived = asyncio.Event()
 
     async def on_event(msg: Any) -> None:
         say(event_line(msg.subject, msg.data))
         seen.append(json.loads(msg.data)["event_id"])
-        arrived.set()
-
-    async def wait_for(check: Any, what: str, within: float = 10.0) -> None:
-        deadline = time.monotonic() + min(within, remaining())
-        while not await check():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} not within {within:.0f}s")
-            arrived.clear()
-            try:
-                await asyncio.wait_for(arrived.wait(), 0.05)
-            except TimeoutError:
-                pass
 
     try:
         # An ordered consumer on the output stream: only what JetStream stored, so a deduplicated repeat never shows.
@@ -191,7 +159,7 @@ async def run_demo(nats_url: str, http_port: int, service_env: dict[str, str]) -
         async def first_three() -> bool:
             return len(seen) >= 3
 
-        await wait_for(first_three, "the three first events")
+        await wait_for_async(first_three, within(10), what="the three first events")
         for subject, data, label in THEN:
             await js.publish(subject, data)
             say(f"  SENT  {subject}  {label}")
@@ -203,7 +171,7 @@ async def run_demo(nats_url: str, http_port: int, service_env: dict[str, str]) -
             dlq = await js.stream_info(DLQ)
             return bool(info.num_pending == 0 and info.num_ack_pending == 0 and dlq.state.messages >= 1)
 
-        await wait_for(settled, "the last event and the dead letter")
+        await wait_for_async(settled, within(10), what="the last event and the dead letter")
         await sub.unsubscribe()
         stored = (await js.stream_info(OUTPUT)).state.messages
         dead = (await js.stream_info(DLQ)).state.messages
@@ -248,20 +216,15 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop_on_signal)
     workdir = Path(tempfile.mkdtemp(prefix="cdc-demo-"))
-    children = Children(workdir)
+    children = Children()
     code = 1
     try:
-        nats_port, redis_port, http_port = free_port(), free_port(), free_port()
-        nats_url, redis_url = f"nats://127.0.0.1:{nats_port}", f"redis://127.0.0.1:{redis_port}/0"
-        nats_args = nats_command("demo", nats_port, workdir)
-        nats_proc = children.start("nats-server", nats_args)
-        redis_proc = children.start("redis-server", redis_command("demo", redis_port, workdir))
-        wait_until(lambda: answers("127.0.0.1", nats_port) or nats_proc.poll() is not None, 10, "nats-server listening")
-        wait_until(
-            lambda: answers("127.0.0.1", redis_port) or redis_proc.poll() is not None, 10, "redis-server listening"
-        )
-        if nats_proc.poll() is not None or redis_proc.poll() is not None:
-            raise RuntimeError(f"a server exited at start-up; logs in {workdir}")
+        http_port = free_port()
+        log = workdir / "nats-server.log"
+        nats = children.add(NatsServer(workdir, log=log, new_session=True, start_timeout=within(10)))
+        log = workdir / "redis-server.log"
+        redis = children.add(RedisServer(workdir, log=log, new_session=True, start_timeout=within(10)))
+        nats_url, redis_url = nats.url, redis.url
         say(f"demo: NATS at {nats_url}, Redis at {redis_url}")
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_") and not k.endswith("_FOR_DYNACONF")}
@@ -278,10 +241,16 @@ def main() -> int:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        service = children.start("cdc_service", [sys.executable, "-m", "cdc_service"], env)
-        wait_until(lambda: ready(http_port) or service.poll() is not None, 20, "service ready")
-        if service.poll() is not None:
-            raise RuntimeError(f"the service exited with {service.returncode}")
+        log = workdir / "cdc_service.log"
+        command = [sys.executable, "-m", "cdc_service"]
+        service = children.add(Process(command, log, env, REPO, new_session=True, name="cdc_service"))
+
+        def service_ready() -> bool:
+            if not service.alive():
+                raise GiveUp(f"the service exited with {service.returncode}")
+            return ready(http_port)
+
+        wait_for(service_ready, within(20), 0.05, what="service ready")
         say(f"demo: service ready (probes and metrics at http://127.0.0.1:{http_port}/readyz, /metrics)")
         code = asyncio.run(run_demo(nats_url, http_port, env))
         if code:
@@ -296,7 +265,7 @@ def main() -> int:
                 say("demo: last lines of the service log:")
                 for line in log.read_text(errors="replace").splitlines()[-20:]:
                     say(f"  {line}")
-        children.stop_all()
+        children.stop_demo()
         if code:
             say(f"demo: logs kept in {workdir}")
         else:

@@ -49,7 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.servers import NatsServer, RedisServer, free_port, wait_for  # noqa: E402
+from tools.localservers import NatsServer, RedisServer, free_port  # noqa: E402
+from tools.polling import GiveUp, wait_for  # noqa: E402
 
 IMAGE = "cdc-service:image-test"
 GRACE_SECONDS = 10
@@ -80,6 +81,10 @@ BASE_CHANGES = [
 
 class CheckFailed(Exception):
     pass
+
+
+class GaveUp(CheckFailed, GiveUp):
+    """A check failed while polling for it: the wait ends at once (GiveUp) and ``main`` reports it (CheckFailed)."""
 
 
 def say(message: str) -> None:
@@ -130,7 +135,7 @@ class Dockerd:
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise CheckFailed(f"dockerd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise GaveUp(f"dockerd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             return self.succeeds("version")
 
         wait_for(up, 60, 0.2, what="dockerd answering")

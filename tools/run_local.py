@@ -11,38 +11,29 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cdc_service.config import ConfigError, load_settings, mask_url  # noqa: E402
-from tools.localservers import answers, nats_command, redis_command  # noqa: E402
+from cdc_service.config import ConfigError, Settings, load_settings, mask_url  # noqa: E402
+from tools.localservers import MissingBinary, NatsServer, ProcessSet, RedisServer, Server, answers  # noqa: E402
 
 RUN_DIR = REPO / ".run"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def wait_listening(name: str, proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not answers(host, port):
-        if proc.poll() is not None:
-            sys.exit(f"run_local: {name} exited with {proc.returncode}; see {RUN_DIR}/{name}.log")
-        if time.monotonic() > deadline:
-            sys.exit(f"run_local: {name} did not listen on {host}:{port} within {timeout:.0f}s")
-        time.sleep(0.05)  # poll interval
-
-
-def start(name: str, args: list[str], host: str, port: int) -> subprocess.Popen[bytes]:
-    RUN_DIR.mkdir(exist_ok=True)
-    with open(RUN_DIR / f"{name}.log", "ab") as log:
-        # Own process group: Ctrl-C reaches the service first, and we stop the servers after it has drained.
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_listening(name, proc, host, port)
-    print(f"run_local: started {name} (pid {proc.pid}) on {host}:{port}, log {RUN_DIR}/{name}.log", flush=True)
-    return proc
+def start(servers: ProcessSet, server: Server) -> None:
+    """Start ``server`` (it waits until the port answers); exit naming its log if it does not come up."""
+    try:
+        servers.add(server)
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"run_local: {server.name} did not start: {exc}; see {server.log_path}") from None
+    print(
+        f"run_local: started {server.name} (pid {server.pid}) on 127.0.0.1:{server.port}, log {server.log_path}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -51,16 +42,27 @@ def main() -> int:
     except ConfigError as exc:
         print(f"cdc_service: invalid setting {exc}", file=sys.stderr)
         return 2
-    started: list[subprocess.Popen[bytes]] = []
+    servers = ProcessSet()
+    try:
+        return run(settings, servers)
+    except MissingBinary as exc:
+        raise SystemExit(f"run_local: {exc}") from None
+    finally:
+        for server, _status in servers.stop_all(timeout=10):
+            print(f"run_local: stopped pid {server.pid}", flush=True)
 
+
+def run(settings: Settings, servers: ProcessSet) -> int:
+    """Start the servers that do not answer (into ``servers``), then the service; its exit status."""
+    RUN_DIR.mkdir(exist_ok=True)
     nats_url = urlsplit(settings.nats.url[0])
     nats_host, nats_port = nats_url.hostname or "127.0.0.1", nats_url.port or 4222
     if answers(nats_host, nats_port):
         print(f"run_local: using NATS at {mask_url(settings.nats.url[0])}", flush=True)
     elif nats_host in LOOPBACK:
-        store = RUN_DIR / "nats"
-        store.mkdir(parents=True, exist_ok=True)
-        started.append(start("nats-server", nats_command("run_local", nats_port, store), "127.0.0.1", nats_port))
+        # Own session: Ctrl-C reaches the service first, and the servers are stopped after it has drained.
+        log = RUN_DIR / "nats-server.log"
+        start(servers, NatsServer(RUN_DIR, nats_port, store=RUN_DIR / "nats", log=log, new_session=True))
     else:
         print(
             f"run_local: NATS at {mask_url(settings.nats.url[0])} does not answer; the service will retry", flush=True
@@ -71,8 +73,8 @@ def main() -> int:
     if answers(redis_host, redis_port):
         print(f"run_local: using Redis at {mask_url(settings.redis.url)}", flush=True)
     elif redis_host in LOOPBACK:
-        args = redis_command("run_local", redis_port, RUN_DIR)
-        started.append(start("redis-server", args, "127.0.0.1", redis_port))
+        log = RUN_DIR / "redis-server.log"
+        start(servers, RedisServer(RUN_DIR, redis_port, log=log, new_session=True))
     else:
         print(f"run_local: Redis at {mask_url(settings.redis.url)} does not answer; dedup fails open", flush=True)
 
@@ -87,17 +89,7 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    code = service.wait()
-    for proc in reversed(started):
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-        print(f"run_local: stopped pid {proc.pid}", flush=True)
-    return code
+    return service.wait()
 
 
 if __name__ == "__main__":

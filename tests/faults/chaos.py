@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,9 @@ from nats.js.api import DiscardPolicy
 from nats.js.errors import NotFoundError
 
 from tests.sequin import body
-from tests.servers import NatsServer, Process, RedisServer, ServiceProcess
+from tests.servers import ServiceProcess
+from tools.localservers import NatsServer, Process, RedisServer
+from tools.polling import wait_for_async
 
 INPUT = "cdc_events_stream"
 OUTPUT = "wa_stream"
@@ -247,22 +248,6 @@ class Result:
 # ------------------------------------------------------------------------------------------------ the cluster
 
 
-async def _poll(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Await ``check()`` until it is truthy; ``TimeoutError`` after ``timeout`` s (exceptions count as not yet)."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            value = await check()
-            if value:
-                return value
-        except Exception as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s (last error: {last!r})")
-        await asyncio.sleep(interval)  # poll interval of a deadline loop
-
-
 class Chaos:
     """Owns the servers, the replicas, the producer and the injectors of one run. Use ``async with``."""
 
@@ -383,13 +368,13 @@ class Chaos:
             await js.publish(event.subject, event.data, headers=headers)
             return True
 
-        await _poll(attempt, timeout, f"input publish {i}", interval=0.05)
+        await wait_for_async(attempt, timeout, 0.05, what=f"input publish {i}")
 
     async def wait_published(self, count: int, timeout: float = 120) -> None:
         async def reached() -> bool:
             return self.published >= count
 
-        await _poll(reached, timeout, f"{count} events published", interval=0.01)
+        await wait_for_async(reached, timeout, 0.01, what=f"{count} events published")
 
     # -------------------------------------------------------------------- faults
 
@@ -416,17 +401,20 @@ class Chaos:
         """SIGKILL one replica while it has messages in flight (if seen within the timeout), then start a new one."""
         victim = self.replicas[index]
         if self.partitioned:  # a replica that owns nothing would prove nothing: wait until the spread gave it some
-            await _poll(
-                lambda: asyncio.to_thread(victim.metric, "cdc_consumer_partitions_owned"), 30, "victim owns partitions"
+            await wait_for_async(
+                lambda: asyncio.to_thread(victim.metric, "cdc_consumer_partitions_owned"),
+                30,
+                what="victim owns partitions",
             )
             self.stats["killed_owned"] = await asyncio.to_thread(victim.metric, "cdc_consumer_partitions_owned")
-        deadline = time.monotonic() + mid_batch_timeout
-        inflight = 0.0
-        while time.monotonic() < deadline:
-            inflight = await asyncio.to_thread(victim.metric, "cdc_consumer_inflight_messages")
-            if inflight > 0:
-                break
-            await asyncio.sleep(0.005)  # poll interval of a deadline loop
+
+        async def inflight_now() -> float:
+            return await asyncio.to_thread(victim.metric, "cdc_consumer_inflight_messages")
+
+        try:
+            inflight = await wait_for_async(inflight_now, mid_batch_timeout, 0.005, what="victim holding messages")
+        except TimeoutError:
+            inflight = 0.0  # nothing in flight within the timeout: killed all the same (an idle kill still counts)
         await asyncio.to_thread(victim.kill)
         self.faults += 1
         killed_at = time.monotonic()
@@ -448,7 +436,7 @@ class Chaos:
             infos = [await js.consumer_info(stream, durable) for stream, durable in self.durables]
             return [int(i.delivered.stream_seq or 0) if i.delivered else 0 for i in infos]
 
-        return list(await _poll(read, timeout, "delivered sequences"))
+        return list(await wait_for_async(read, timeout, what="delivered sequences"))
 
     async def _acked_through(self, seqs: list[int], timeout: float = 30) -> None:
         """Poll until each durable's ack floor reaches its ``seqs`` entry: whatever was delivered before is settled."""
@@ -462,7 +450,7 @@ class Chaos:
                     return False
             return True
 
-        await _poll(reached, timeout, f"ack floors at stream seqs {seqs}")
+        await wait_for_async(reached, timeout, what=f"ack floors at stream seqs {seqs}")
 
     async def rolling_restart(self) -> None:
         """SIGTERM each replica in turn, wait for its exit, start its successor and wait until it is ready."""
@@ -565,7 +553,7 @@ class Chaos:
                 return await asyncio.to_thread(v.metric, "cdc_consumer_inflight_messages") > 0
 
             try:
-                await _poll(holding, 10, "messages in flight", interval=0.01)
+                await wait_for_async(holding, 10, 0.01, what="messages in flight")
             except TimeoutError:
                 pass  # the flow is over: an idle pod is OOM-killed too (the restart still counts as a fault)
             await asyncio.to_thread(victim.kill)
@@ -593,7 +581,7 @@ class Chaos:
                 self.settings["ingest.ack_wait"]
             )
 
-        await _poll(restored, 30, "durable restored")
+        await wait_for_async(restored, 30, what="durable restored")
         drift = await asyncio.gather(
             *(asyncio.to_thread(r.metric, "cdc_consumer_consumer_drift_total") for r in self.replicas)
         )
@@ -675,9 +663,9 @@ class Chaos:
             return infos if all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos) else None
 
         try:
-            infos = await _poll(settled, settle, "consumers settled", interval=0.05)
+            infos = await wait_for_async(settled, settle, 0.05, what="consumers settled")
         except TimeoutError:
-            infos = await _poll(consumers, 10, "consumer info")
+            infos = await wait_for_async(consumers, 10, what="consumer info")
 
         async def advisories_handled() -> bool:
             # messages that ran out of deliveries are dead-lettered from their advisories (cdc_service.advisories)
@@ -688,7 +676,7 @@ class Chaos:
             return adv.num_pending == 0 and adv.num_ack_pending == 0
 
         try:
-            await _poll(advisories_handled, settle, "advisories handled", interval=0.1)
+            await wait_for_async(advisories_handled, settle, 0.1, what="advisories handled")
         except TimeoutError:
             self.notes.append("advisories not all handled at the deadline")
         # advisories come one AckWait after a message's last delivery: count them once everything settled
@@ -705,7 +693,7 @@ class Chaos:
                 return await owned() == len(self.durables)
 
             with contextlib.suppress(TimeoutError):  # a shortfall is reported by fault_problems
-                await _poll(all_owned, 15, "every partition owned by a live replica")
+                await wait_for_async(all_owned, 15, what="every partition owned by a live replica")
             self.stats["owned_at_end"] = await owned()
             # Events the killed owner had published but not acked come again from the ack floor and are dropped by
             # de-duplication (Redis marker or JetStream's window): > 0 shows the run exercised that case.

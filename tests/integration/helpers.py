@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import socket
-import time
 from typing import Any
 
 import orjson
@@ -13,6 +12,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from tests.sequin import encode
+from tools.polling import wait_for_async
 
 INPUT = "cdc_events_stream"
 OUTPUT = "wa_stream"
@@ -41,12 +41,14 @@ async def count(js: JetStreamContext, stream: str) -> int:
 
 
 async def wait_count(js: JetStreamContext, stream: str, expected: int, timeout: float = 15.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        n = await count(js, stream)
-        if n >= expected or time.monotonic() > deadline:
-            return n
-        await asyncio.sleep(0.02)  # poll interval of a deadline loop
+    """The number of messages in ``stream`` once it reaches ``expected``, or at the deadline (the caller asserts)."""
+
+    async def reached() -> bool:
+        return await count(js, stream) >= expected
+
+    with contextlib.suppress(TimeoutError):
+        await wait_for_async(reached, timeout, what=f"{expected} messages in {stream}", retry_on=())
+    return await count(js, stream)
 
 
 async def read_all(js: JetStreamContext, stream: str) -> list[Any]:
@@ -71,27 +73,22 @@ def payloads(messages: list[Any]) -> list[dict[str, Any]]:
 
 
 async def consumer_settled(js: JetStreamContext, consumer: str = "cdc_consumers", timeout: float = 15.0) -> Any:
-    """Wait until the durable has nothing pending and nothing unacked; returns its final info."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Wait until the durable has nothing pending and nothing unacked; returns its info then, or at the deadline
+    (the caller asserts on it)."""
+
+    async def settled() -> bool:
         info = await js.consumer_info(INPUT, consumer)
-        if (info.num_pending == 0 and info.num_ack_pending == 0) or time.monotonic() > deadline:
-            return info
-        await asyncio.sleep(0.02)
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    with contextlib.suppress(TimeoutError):
+        await wait_for_async(settled, timeout, what=f"{consumer} settled", retry_on=())
+    return await js.consumer_info(INPUT, consumer)
 
 
 async def wait_until(check: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll an async or sync ``check`` until truthy; raise after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.02)
+    """Poll a sync or async ``check`` until truthy (``tools.polling.wait_for_async``); an error it raises ends the
+    wait at once."""
+    return await wait_for_async(check, timeout, what=what, retry_on=())
 
 
 def raw_publish(url: str, subject: bytes, data: bytes, timeout: float = 5.0) -> None:

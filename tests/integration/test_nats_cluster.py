@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from nats.js.errors import NotFoundError
 
 from tests.integration.helpers import DLQ, INPUT, OUTPUT
 from tests.sequin import body, encode
-from tests.servers import NatsServer, RedisServer, ServiceProcess, free_port
+from tests.servers import NatsServer, RedisServer, ServiceProcess, free_port, wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -54,34 +53,19 @@ def start_cluster(root: Path) -> dict[str, NatsServer]:
 
 
 async def retrying(call: Any, timeout: float = 15.0, what: str = "JetStream call") -> Any:
-    """Await ``call()`` until it succeeds: during a leader election JetStream requests time out or answer 503."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except NotFoundError:
-            raise
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} kept failing for {timeout}s: {exc!r}") from exc
-            await asyncio.sleep(0.05)  # poll interval of a deadline loop
+    """Await ``call()`` until it succeeds: during a leader election JetStream requests time out or answer 503.
+    ``NotFoundError`` is an answer, not a failure: it propagates at once."""
+
+    async def attempt() -> tuple[Any]:
+        return (await call(),)  # a tuple: a falsy result is a result too
+
+    (result,) = await wait_for_async(attempt, timeout, 0.05, what=what, give_up_on=(NotFoundError,))
+    return result
 
 
 async def poll(check: Any, timeout: float, what: str) -> Any:
     """Poll the async ``check`` (errors count as not yet) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            value = await check()
-            if value:
-                return value
-            last = value
-        except Exception as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s (last: {last!r})")
-        await asyncio.sleep(0.05)  # poll interval of a deadline loop
+    return await wait_for_async(check, timeout, 0.05, what=what)
 
 
 async def produce(js: JetStreamContext, fed: list[int]) -> None:

@@ -35,7 +35,7 @@ def _ready(port: int) -> bool:
 def _checkout(root: Path) -> Path:
     shutil.copytree(REPO / "cdc_service", root / "cdc_service", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "tools").mkdir()
-    for name in ("run_local.py", "localservers.py"):
+    for name in ("run_local.py", "localservers.py", "polling.py"):
         shutil.copy(REPO / "tools" / name, root / "tools" / name)
     for name in ("settings.toml", ".secrets.toml"):
         shutil.copy(REPO / name, root / name)
