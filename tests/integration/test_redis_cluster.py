@@ -21,11 +21,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from cdc_service.adapters import redis_dedup
 from cdc_service.adapters.redis_dedup import RedisDedupStore
 from cdc_service.config import ConfigError, DedupSettings, RedisSettings, settings_from_mapping
 from tests.integration.helpers import OUTPUT, consumer_settled, ensure_input, feed, payloads, read_all, wait_until
 from tests.sequin import body
-from tests.servers import RedisServer, ServiceProcess, binary, wait_for
+from tests.servers import RedisServer, ServiceProcess, binary, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +142,7 @@ def _store(url: str, *, retry_interval: float = 1.0) -> RedisDedupStore:
 
 
 IDS = [f"{1000 + i}:chatdb:acme:messages:msg-{i}" for i in range(500)]
+PROBE_KEY = DedupSettings().key_prefix + "__probe__"  # where RedisDedupStore.probe writes
 
 
 def test_cluster_batch_across_slots_is_looked_up_and_marked(cluster: RedisClusterNodes, cluster_client) -> None:
@@ -165,22 +167,65 @@ def test_cluster_batch_across_slots_is_looked_up_and_marked(cluster: RedisCluste
         assert cluster_client.get("dedup:" + event_id) == b""
 
 
-def test_cluster_node_killed_fails_open(tmp_path: Path) -> None:
-    """A master SIGKILLed (no replicas): lookups and marks fail open instead of raising; ``available`` is False."""
+class _Clock:
+    """The store's monotonic clock, moved by hand: past ``retry_interval`` without sleeping, so that the next call
+    really goes to the cluster instead of being skipped (``redis_dedup`` reads no other time)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(redis_dedup, "time", fake)
+    return fake
+
+
+def _cluster_state(port: int) -> str | None:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, decode_responses=True)
+    try:
+        return client.cluster("INFO").get("cluster_state")
+    finally:
+        client.close()
+
+
+def test_cluster_node_killed_fails_open(tmp_path: Path, clock: _Clock) -> None:
+    """A master SIGKILLed (no replicas): lookups and marks fail open instead of raising; ``available`` is False.
+    The probe's key lives on a master that stays up: once that master sees the cluster as failed (after
+    ``--cluster-node-timeout``), it refuses the probe's write (CLUSTERDOWN) and ``probe`` says False."""
     with redis_cluster(tmp_path) as c:
+        client = c.client()
+        try:
+            probe_port = client.get_node_from_key(PROBE_KEY).port
+        finally:
+            client.close()
+        victim = next(node for node in c.nodes[1:] if node.port != probe_port)
         store = _store(c.url, retry_interval=0.2)
         try:
             assert store.mark(IDS[:100]) is True
             assert store.seen(IDS[:100]) == [True] * 100
-            c.nodes[1].signal(signal.SIGKILL)
-            c.nodes[1].wait(10)
+            assert store.probe() is True
+            victim.signal(signal.SIGKILL)
+            victim.wait(10)
             started = time.monotonic()
-            assert store.seen(IDS) is None
+            assert store.seen(IDS) is None  # the batch has keys on the dead master
             assert store.available is False
+            clock.advance(0.3)  # past retry_interval: the mark goes to the cluster, it is not skipped
             assert store.mark(IDS) is False
-            assert store.probe() in (True, False)  # PING goes to any live node; it must not raise either
+            assert store.available is False
+            wait_for(lambda: _cluster_state(probe_port) == "fail", 30, what=f"cluster_state:fail on {probe_port}")
+            clock.advance(0.3)
+            assert store.probe() is False  # refused by a live master, and it does not raise
+            assert store.available is False
             # While the node stays dead, every batch keeps failing open (after the retry interval, too).
-            time.sleep(0.3)  # let retry_interval pass so the next call really goes to the cluster
+            clock.advance(0.3)
             assert store.seen(IDS) is None
             assert store.available is False
             assert time.monotonic() - started < 20
@@ -188,7 +233,7 @@ def test_cluster_node_killed_fails_open(tmp_path: Path) -> None:
             store.close()
 
 
-def test_cluster_all_nodes_down_fails_open(tmp_path: Path) -> None:
+def test_cluster_all_nodes_down_fails_open(tmp_path: Path, clock: _Clock) -> None:
     """No node reachable: redis-py raises RedisClusterException (not a RedisError); the store still fails open."""
     with redis_cluster(tmp_path) as c:
         store = _store(c.url, retry_interval=0.05)
@@ -197,11 +242,11 @@ def test_cluster_all_nodes_down_fails_open(tmp_path: Path) -> None:
             for node in c.nodes:
                 node.kill()
             for _ in range(2):
-                time.sleep(0.1)  # past retry_interval, so the call really goes to the cluster
+                clock.advance(0.1)  # past retry_interval: each call really goes to the cluster
                 assert store.seen(IDS) is None
-                time.sleep(0.1)
+                clock.advance(0.1)
                 assert store.mark(IDS) is False
-                time.sleep(0.1)
+                clock.advance(0.1)
                 assert store.probe() is False
                 assert store.available is False
         finally:
@@ -257,8 +302,6 @@ async def test_service_in_cluster_mode_publishes_once_and_drops_marked(
 
 
 def test_an_unreachable_cluster_at_start_up_fails_open_instead_of_raising() -> None:
-    from tests.servers import free_port
-
     nobody = RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", mode="cluster", socket_timeout=0.2)
     store = RedisDedupStore(nobody, DedupSettings(), pool_size=2)  # the service builds this before connecting
     assert store.seen(["1:chatdb:acme:messages:a"]) is None
