@@ -93,7 +93,7 @@ bench-full: venv
 chaos: venv
 	$(PY) -m tests.faults.chaos --events 20000
 
-# tests/integration/test_partitioned_order.py at the issue's size; `make test` runs it with 3,000 events.
+# tests/integration/test_partitioned_order.py at the issue's size; `make test` runs it with 2,000 events.
 .PHONY: order
 order: venv
 	ORDER_EVENTS=20000 $(VENV)/bin/pytest tests/integration/test_partitioned_order.py -q -s
