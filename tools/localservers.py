@@ -218,7 +218,8 @@ class NatsServer(Server):
 
 class RedisServer(Server):
     """redis-server on loopback that keeps nothing on disk (dedup markers are a cache); ``workdir`` is its ``--dir``
-    (where a cluster node writes its config file), its log ``log`` (default ``workdir/redis-PORT.log``)."""
+    (where a cluster node writes its config file), its log ``log`` (default ``workdir/redis-PORT.log``). ``program``:
+    another redis-server binary (one built with TLS, say)."""
 
     def __init__(
         self,
@@ -229,10 +230,11 @@ class RedisServer(Server):
         log: Path | None = None,
         new_session: bool = False,
         start_timeout: float = 15.0,
+        program: str | None = None,
     ) -> None:
         port = port or free_port()
-        args = [binary("redis-server"), "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly"]
-        args += ["no", "--dir", str(workdir)]
+        args = [program or binary("redis-server"), "--port", str(port), "--bind", LOOPBACK]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
         super().__init__(
             args + (extra or []),
             port,

@@ -172,9 +172,8 @@ class Stack:
         """With ``tls_port``: TLS only on that port (the plain port closed), on a redis-server built with TLS."""
         if tls_port is not None:
             extra = ("--port", "0", "--tls-port", str(tls_port), *extra)
-        server = RedisServer(self.tmp, port=tls_port, extra=list(extra))
-        if tls_port is not None:
-            server.args[0] = _tls_redis_binary(self.tmp)
+        program = _tls_redis_binary(self.tmp) if tls_port is not None else None
+        server = RedisServer(self.tmp, port=tls_port, extra=list(extra), program=program)
         self.processes.append(server)
         server.start()
         return server
