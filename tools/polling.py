@@ -46,7 +46,7 @@ def wait_for(
     """Poll ``check()`` until it returns something truthy and return that; ``TimeoutError`` naming ``what`` after
     ``timeout`` s. ``check`` is called at least once, and once more at the deadline."""
     deadline = time.monotonic() + timeout
-    stop = (GiveUp, *give_up_on)
+    stop: tuple[type[BaseException], ...] = (GiveUp, *give_up_on)
     last: object = None
     error: BaseException | None = None
     while True:
@@ -101,7 +101,7 @@ async def wait_for_async(
     """``wait_for`` in an event loop: ``check()`` may return a value or an awaitable of one (a blocking ``check``
     blocks the loop for its duration; wrap it in ``asyncio.to_thread`` when that matters)."""
     deadline = time.monotonic() + timeout
-    stop = (GiveUp, *give_up_on)
+    stop: tuple[type[BaseException], ...] = (GiveUp, *give_up_on)
     last: object = None
     error: BaseException | None = None
     while True:
