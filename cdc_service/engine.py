@@ -256,6 +256,8 @@ class Engine:
     async def _walk(self, batch: Batch, outcomes: list[Outcome]) -> None:
         """Settle or send each message of ``batch``, in receipt order; the sends' finisher runs beside the walk."""
         settle = self.ledger.settle
+        # Bound per batch: looking up a member on its enum class (Result.SKIPPED) costs about 60 ns on Python 3.11.
+        skipped, duplicate = Result.SKIPPED, Result.DUPLICATE
         sends: list[Send] = []
         to_release: list[str] = []
         limit = self.output.max_payload - EVENT_HEADER_ROOM
@@ -263,9 +265,9 @@ class Engine:
             outcome = _vetted(planned, limit, to_release) if type(planned) in _EVENTS else planned
             match outcome:
                 case Skip():
-                    await settle(batch, index, Result.SKIPPED, outcome.table)
+                    await settle(batch, index, skipped, outcome.table)
                 case Duplicate():
-                    await settle(batch, index, Result.DUPLICATE, outcome.table)
+                    await settle(batch, index, duplicate, outcome.table)
                 case Publish():
                     if not await self._copies.of_flight(batch, index, outcome):
                         self.flights.take_off(outcome)

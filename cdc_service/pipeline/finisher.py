@@ -139,13 +139,14 @@ class Finisher:
 
     async def _settle_published(self, batch: Batch, published: list[Send]) -> None:
         wall = self._clock.time()
+        stored, repeated = Result.PUBLISHED, Result.DUPLICATE  # bound per batch: an enum class lookup is slow
         for send in published:
             match send.outcome:
                 case Publish() as event:
                     if event.commit_time is not None:
                         self.lag = max(0.0, wall - event.commit_time)
                         self._metrics.lag.observe(self.lag)
-                    result = Result.DUPLICATE if send.duplicate else Result.PUBLISHED
+                    result = repeated if send.duplicate else stored
                     await self._ledger.settle(batch, send.index, result, event.table)
                 case DeadLetter() as dead:
                     self._log_dead_letter_stored(batch.messages[send.index], send, dead)

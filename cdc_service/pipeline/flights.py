@@ -53,14 +53,14 @@ class FlightTable:
         self._dispatched = dispatched
         self._claimed_in_queue = claimed_in_queue
         self._flights: dict[str, Flight] = {}
+        # The flight of an event id, or None. The dict's own get: the walk asks once per event, and a Python-level
+        # method around it would add a call to every publish.
+        self.get: Callable[[str], Flight | None] = self._flights.get
         self._marked_flights: deque[tuple[int, str, Flight]] = deque()
         self.releases: set[asyncio.Future[None]] = set()  # release calls still running (drain waits for them)
 
     def __len__(self) -> int:
         return len(self._flights)
-
-    def get(self, event_id: str) -> Flight | None:
-        return self._flights.get(event_id)
 
     def take_off(self, event: Publish) -> Flight:
         """Enter ``event`` in the table; the caller publishes it next, before awaiting anything else."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any, assert_never
+from typing import Any
 
 from cdc_service.config import Settings
 from cdc_service.core.outcomes import Action, Reason, Result
@@ -14,6 +14,10 @@ from cdc_service.pipeline.clock import Clock
 from cdc_service.pipeline.common import Batch, about
 
 log = logging.getLogger("cdc_service.engine")
+
+# An enum class attribute (``Action.ACK``) costs about 60 ns to look up on Python 3.11, and settle runs once per
+# message: the actions are bound here once and compared by identity.
+_ACK, _TERM = Action.ACK, Action.TERM
 
 
 class SettleLedger:
@@ -27,6 +31,8 @@ class SettleLedger:
     def __init__(self, settings: Settings, metrics: Metrics, clock: Clock) -> None:
         self._metrics = metrics
         self._clock = clock
+        self._monotonic = clock.monotonic  # bound once: settle reads both clocks per message
+        self._wall_time = clock.time
         self._routed = frozenset(settings.routes)
         self._max_ack_pending = settings.ingest.max_ack_pending
         self._max_inflight_bytes = settings.ingest.max_inflight_mb * 1024 * 1024
@@ -104,21 +110,18 @@ class SettleLedger:
         self.inflight_bytes -= size
         action = result.action
         try:
-            match action:
-                case Action.ACK:
-                    await msg.ack()
-                case Action.TERM:
-                    await msg.term()
-                case Action.NAK:
-                    await msg.nak(delay=delay or None)
-                case _:
-                    assert_never(action)
+            if action is _ACK:
+                await msg.ack()
+            elif action is _TERM:
+                await msg.term()
+            else:  # Action.NAK, the only other one
+                await msg.nak(delay=delay or None)
         except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
             log.debug("could not %s message", action.value, extra={"error": str(exc)[:200], **about(msg)})
-        now = self._clock.monotonic()
+        now = self._monotonic()
         if result.progress:
             self.last_settled = now
-            self._last_settled_wall = self._clock.time()
+            self._last_settled_wall = self._wall_time()
         batch.counts[(table, result)] += 1  # the member itself: .value is a Python-level descriptor
         if result.timed:
             timed = self._timers.get(table)
