@@ -8,7 +8,8 @@ How one message flows::
                         ─► one Outcome per message (core.outcomes); workers touch no NATS object
       ─► Engine         walks batches in receipt order (the only first publish of an event), decides per outcome
       ─► FlightTable    a copy of an event already in flight here waits for it (Copies); claims are renewed
-      ─► Output         sends publishes, waits for PubAcks, holds failures (retry with keep-alive, in order)
+      ─► Output         sends publishes, waits for PubAcks, holds failures (retried in order; the engine's
+                        keep-alive task keeps the held messages from being redelivered)
       ─► Finisher       markers in Redis, then the message's Result
       ─► SettleLedger   ack / nak / term exactly once, counters, idle and room events (back-pressure)
 
