@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -46,6 +47,7 @@ log = logging.getLogger("cdc_service.partitions")
 
 PIN_HEADER = "Nats-Pin-Id"
 _CONSUMER_NOT_FOUND = 10014
+_CONSUMER_CREATE_FAILED = 10012  # any failure of a create or update: a refused field, a store error
 _CONSUMER_EXISTS = 10148  # action "create" on an existing durable with another configuration
 _NANOS = 1_000_000_000
 _API_TIMEOUT = 5.0
@@ -160,37 +162,135 @@ def consumer_request(ingest: IngestSettings, partition: int, start_seq: int | No
     return {"stream_name": ingest.partition_stream, "config": config}
 
 
-async def ensure_partition_consumer(
-    nc: Client, ingest: IngestSettings, partition: int, attempts: int = 5, backoff: float = 0.2
-) -> None:
-    """Create the durable, or update an existing one's editable fields keeping where it starts.
+# Fields a durable keeps from its creation: the server refuses an update that changes them (code 10012). Absent from
+# a consumer info, they have these values.
+_FIXED = {
+    "ack_policy": None,
+    "max_waiting": None,
+    "replay_policy": "instant",
+    "deliver_subject": None,
+    "mem_storage": False,
+    "flow_control": False,
+    "idle_heartbeat": 0,
+}
+# Where a durable starts: copied from the existing durable into an update, never set by one.
+_START = ("deliver_policy", "opt_start_seq", "opt_start_time")
 
-    Retried a few times: a running replica taking the partition over deletes and recreates the durable, and an
-    update racing that fails on the server (seen: code 10012, the consumer's store directory removed under it).
+
+def retry_window(ingest: IngestSettings) -> float:
+    """How long start-up keeps retrying a partition durable that other replicas are recreating.
+
+    Takeovers follow a membership change within ``member_ttl + member_ttl / 3`` (§9.1: a key expires, then a round);
+    twice ``member_ttl`` covers that and the round trips of the attempts themselves.
+    """
+    return 2 * ingest.member_ttl
+
+
+async def ensure_partition_consumer(nc: Client, ingest: IngestSettings, partition: int) -> None:
+    """Create the durable if it is missing, or update an existing one whose editable fields differ from the
+    settings, keeping where it starts. One already as configured is not written to.
+
+    Other replicas delete and recreate the durable at any time (a takeover), so each step can race one: a create
+    finds it created (10148), an update finds it deleted (10014) or replaced with another start (10012), a request
+    times out on a loaded server. Each of these reads the durable again and tries again, for
+    ``retry_window(ingest)``; then ``ProvisioningError``. A create racing another replica's delete can also leave a
+    durable whose store directory that delete removed: the server serves it but fails every update of it (10012,
+    ``open .../meta.inf.tmp: no such file or directory``). When an update the durable accepts fails on the same
+    durable, it is recreated after its ack floor, as a takeover does. An existing durable the settings cannot be
+    applied to (a fixed field differs: push, ``ack_policy``, ``max_waiting``...) raises ``ProvisioningError`` at
+    once, naming the fields.
     """
     name = durable_name(ingest, partition)
-    for attempt in range(1, attempts + 1):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_window(ingest)
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            start: int | None = None
-            try:
-                existing = await _api(nc, f"$JS.API.CONSUMER.INFO.{ingest.partition_stream}.{name}")
-                start = int(existing.get("config", {}).get("opt_start_seq") or 0) or None
-            except ApiError as exc:
-                if exc.code != _CONSUMER_NOT_FOUND:
-                    raise
-            await _api(
-                nc,
-                f"$JS.API.CONSUMER.CREATE.{ingest.partition_stream}.{name}",
-                consumer_request(ingest, partition, start),
-            )
-            return
-        except ApiError as exc:
-            if attempt == attempts:
-                raise ProvisioningError(f"cannot create or update consumer {name}: {exc}") from None
-            log.warning(
-                "partition durable not created yet; retrying", extra={"consumer": name, "error": str(exc)[:300]}
-            )
-            await asyncio.sleep(backoff * attempt)
+            if await _ensure_once(nc, ingest, partition):
+                return
+            error = "recreated after its ack floor"
+        except (ApiError, nats.errors.TimeoutError) as exc:
+            error = str(exc) or type(exc).__name__
+        if loop.time() >= deadline:
+            raise ProvisioningError(f"cannot create or update consumer {name}: {error}")
+        log.info(
+            "partition durable changed under start-up; reading it again", extra={"consumer": name, "error": error[:300]}
+        )
+        # The pause between attempts of a retry loop with a deadline, not a wait for an event.
+        await asyncio.sleep(min(0.05 * attempt, ingest.member_ttl / 3))
+
+
+async def _ensure_once(nc: Client, ingest: IngestSettings, partition: int) -> bool:
+    """One attempt of ``ensure_partition_consumer``: True when done, False to read the durable again (recreated);
+    a race with another replica raises ``ApiError``."""
+    subject = f"{ingest.partition_stream}.{durable_name(ingest, partition)}"
+    existing = await _consumer_info(nc, subject)
+    if existing is None:
+        await _api(
+            nc, f"$JS.API.CONSUMER.CREATE.{subject}", _with_action(consumer_request(ingest, partition, None), "create")
+        )
+        return True
+    request = _update_request(ingest, partition, existing)
+    if request is None:
+        return True
+    try:
+        await _api(nc, f"$JS.API.CONSUMER.CREATE.{subject}", request)
+        return True
+    except ApiError as exc:
+        if exc.code != _CONSUMER_CREATE_FAILED:
+            raise
+        now = await _consumer_info(nc, subject)
+        if now is None or now.get("created") != existing.get("created"):
+            raise  # a takeover replaced it under the update
+        log.warning(
+            "partition durable cannot be updated; recreating it after its ack floor",
+            extra={"consumer": durable_name(ingest, partition), "error": str(exc)[:300]},
+        )
+    start = max(int(now.get("ack_floor", {}).get("stream_seq") or 0) + 1, int(now["config"].get("opt_start_seq") or 0))
+    with contextlib.suppress(ApiError):
+        await _api(nc, f"$JS.API.CONSUMER.DELETE.{subject}")
+    await create_partition_consumer(nc, ingest, partition, start)
+    return False
+
+
+async def _consumer_info(nc: Client, subject: str) -> dict[str, Any] | None:
+    try:
+        return await _api(nc, f"$JS.API.CONSUMER.INFO.{subject}")
+    except ApiError as exc:
+        if exc.code == _CONSUMER_NOT_FOUND:
+            return None
+        raise
+
+
+def _with_action(request: dict[str, Any], action: str) -> dict[str, Any]:
+    request["action"] = action
+    return request
+
+
+def _update_request(ingest: IngestSettings, partition: int, existing: dict[str, Any]) -> dict[str, Any] | None:
+    """The update making ``existing`` (a consumer info) as configured; None when it already is.
+
+    Raises ``ProvisioningError`` when a field the server keeps from creation differs."""
+    request = consumer_request(ingest, partition, None)
+    config, have = request["config"], existing.get("config", {})
+    wrong = [
+        f"{field} is {have.get(field, default)!r}, the service needs {config.get(field, default)!r}"
+        for field, default in _FIXED.items()
+        if have.get(field, default) != config.get(field, default)
+    ]
+    if wrong:
+        raise ProvisioningError(
+            f"cannot use consumer {config['durable_name']} on {ingest.partition_stream}: {'; '.join(wrong)} (fixed "
+            "when a durable is created: delete it, or set ingest.durable to a new name)"
+        )
+    for field in _START:
+        config.pop(field, None)
+        if field in have:
+            config[field] = have[field]
+    if all(have.get(field) == value for field, value in config.items()):
+        return None
+    return _with_action(request, "update")
 
 
 async def create_partition_consumer(nc: Client, ingest: IngestSettings, partition: int, start: int) -> None:
