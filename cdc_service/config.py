@@ -9,11 +9,14 @@ setting is one line here (plus its line in ``settings.toml``).
 Sources, later winning key by key (a table in a later file changes only the keys it names):
 1. the defaults declared here;
 2. ``settings.toml`` and 3. ``.secrets.toml`` in the working directory, when present;
-4. the files named by ``CDC_SETTINGS_FILES`` (comma-separated), then those given with ``--config FILE``;
+4. the files named by ``CDC_SETTINGS_FILES`` (comma-separated; ``SETTINGS_FILES_FOR_DYNACONF``, its older name, when
+   it is unset or names the same files), then those given with ``--config FILE``;
 5. environment variables ``CDC_<SECTION>__<KEY>``. Their values are text: a string setting takes it exactly as
    written, a number, boolean or list setting parses it.
-dynaconf reads the files. This is the only module that reads the environment. A bad value raises ``ConfigError``
-whose message is one line starting with the setting's dotted name (or the file's path) and never quotes a secret.
+A file's values are taken exactly as its format (TOML, YAML 1.2 or JSON) gives them: no ``@`` markers, templates or
+includes (``_read_file``). This is the only module that reads the environment. A bad value raises ``ConfigError``
+whose message is one line starting with the setting's dotted name (or the file's path or the variable) and never
+quotes a secret; an unknown key names the file or variable it came from.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import json
 import math
 import os
 import re
+import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -38,7 +42,7 @@ ENV_PREFIX = "CDC"
 FILES_VARIABLE = "CDC_SETTINGS_FILES"
 LEGACY_FILES_VARIABLE = "SETTINGS_FILES_FOR_DYNACONF"  # what the chart and older deployments set
 DEFAULT_FILES = ("settings.toml", ".secrets.toml")
-FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")  # dynaconf reads these; .py settings files would run code
+FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")  # read as data only (_read_file); never .py, which would run code
 
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -249,7 +253,7 @@ class DedupSettings:
     claim_ttl: float = setting(
         8.0,
         'Lifetime in seconds of the "in progress" claim taken with the lookup; longer than publish.timeout, '
-        "shorter than ingest.ack_wait; 0 turns claims off (lookup only).",
+        "shorter than ingest.ack_wait; 0 turns claims off (lookup only), as ingest.ordering = partitioned does.",
         ge=0,
     )
     routing_ttl: int = setting(
@@ -840,6 +844,18 @@ def settings_from_mapping(raw: Mapping[str, Any], *, check_files: bool = False) 
     sections = {name: _section(name, data.get(name), check_files) for name in _SECTIONS}
     settings = Settings(**sections, routes=_routes(data.get("routes")))
     _cross_check(settings)
+    return effective(settings)
+
+
+def effective(settings: Settings) -> Settings:
+    """``settings`` as the service runs them (idempotent): with ``ingest.ordering = partitioned`` there are no Redis
+    claims, ``dedup.claim_ttl`` is 0. ``settings_from_mapping`` applies it, so ``config`` shows what runs; the
+    ``Service`` applies it too, for settings built in code."""
+    if settings.ingest.ordering == "partitioned" and settings.dedup.claim_ttl != 0:
+        # The pin gives each partition one owner, and a claim left by an owner that died makes its successor publish
+        # that event after newer ones of the same chat (a claimed copy is published outside the receipt order, once
+        # the claim expires). docs/system_architecture.md §9.1.
+        return replace(settings, dedup=replace(settings.dedup, claim_ttl=0.0))
     return settings
 
 
@@ -928,28 +944,77 @@ def _known(section: str) -> str:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    """One settings file through dynaconf, as nested data with lower-case keys."""
-    from dynaconf import Dynaconf  # imported here so the pure modules never pull dynaconf in
+    """One settings file as nested data with lower-case keys, every value exactly as the file's format gives it.
 
+    TOML and JSON are parsed by the standard library, YAML (1.2) by the safe loader that dynaconf ships, the one its
+    YAML loader used. dynaconf's file loading is not used: it applied its ``@`` markers to string values (``@json``
+    and ``@int`` cast, ``@format`` and ``@jinja`` evaluated templates, ``@read_file`` read another file, ``@del``
+    removed the key), read a ``<name>.local.<ext>`` beside each file without saying so, took a path with ``[`` in it
+    for a glob (and read nothing) and let ``*_FOR_DYNACONF`` variables (``INCLUDES_``, ``SECRETS_``,
+    ``YAML_LOADER_``) add files or loaders to every read."""
     try:
-        path.read_bytes()  # dynaconf skips a file it cannot read; say why instead
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the settings file: {exc.strerror}") from None
-    # One dynaconf instance per file: the layers merge key by key below, and errors can name the file. loaders=[]
-    # keeps dynaconf's own environment loader out (the environment is read once, as text, by _from_environ).
-    loader = Dynaconf(
-        settings_files=[str(path)], loaders=[], environments=False, load_dotenv=False, root_path=str(path.parent)
-    )
     try:
-        data = loader.as_dict()
+        data = _parse(path.suffix.lower(), raw)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a valid settings file: not UTF-8 (byte {exc.start})") from None
     except Exception as exc:
-        # A TOML error says where (line, column) without quoting the text; other errors may quote a value.
-        detail = str(exc) if type(exc).__name__ == "TOMLDecodeError" else type(exc).__name__
-        raise ConfigError(f"{path}: not a valid settings file: {detail}") from None
-    return {str(k).lower(): _lower(v) for k, v in data.items() if str(k).lower() not in _DYNACONF_KEYS}
+        raise ConfigError(f"{path}: not a valid settings file: {_parse_error(exc)}") from None
+    if data is None:  # an empty YAML file
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: not a valid settings file: expected a table of sections, got {_kind_name(data)}")
+    return {str(k).lower(): _lower(v) for k, v in data.items()}
 
 
-_DYNACONF_KEYS = frozenset({"load_dotenv"})  # what dynaconf itself reports among the settings
+def _parse(suffix: str, raw: bytes) -> Any:
+    """The data of a settings file's bytes, by its suffix (one of ``FILE_SUFFIXES``)."""
+    text = raw.decode("utf-8")
+    if suffix == ".toml":
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    from dynaconf.vendor.ruamel import yaml  # imported here so the pure modules never pull dynaconf in
+
+    return yaml.safe_load(text)
+
+
+def _parse_error(exc: Exception) -> str:
+    """Where a file failed to parse, without quoting its text (it may hold a secret)."""
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return str(exc)  # "Invalid value (at line 2, column 7)"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (at line {exc.lineno}, column {exc.colno})"
+    mark = getattr(exc, "problem_mark", None)  # a YAML error; its str() quotes the lines around the problem
+    if mark is not None:
+        return f"{type(exc).__name__} (at line {mark.line + 1}, column {mark.column + 1})"
+    return type(exc).__name__
+
+
+def _check_names(layer: Mapping[str, Any], path: Path) -> None:
+    """Refuse a key of the file ``path`` (read into ``layer``) that names no setting, naming the key and the file:
+    once the files are merged, nothing tells which one a key came from."""
+    where = f"(in {path})"
+    sections = [*_SECTIONS, "routes"]
+    unknown = sorted(set(layer) - set(sections))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown settings section {where}; known: {', '.join(sections)}")
+    for section, values in layer.items():
+        if not isinstance(values, Mapping):
+            continue  # not a table: a value error, reported with the value's type
+        if section == "routes":
+            for table, spec in values.items():
+                extra = sorted(set(spec) - set(ROUTE_KEYS)) if isinstance(spec, Mapping) else []
+                if extra:
+                    raise ConfigError(
+                        f"routes.{table}.{extra[0]}: unknown setting {where}; known: {', '.join(ROUTE_KEYS)}"
+                    )
+            continue
+        extra = [key for key in values if all(d.name != key for d in _DECLARED[section])]
+        if extra:
+            raise ConfigError(f"{section}.{extra[0]}: unknown setting {where}; known: {_known(section)}")
 
 
 def _merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
@@ -961,14 +1026,37 @@ def _merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
             into[key] = _lower(value) if isinstance(value, Mapping) else value
 
 
+def _listed(environ: Mapping[str, str], variable: str) -> list[str]:
+    return [name.strip() for name in environ.get(variable, "").split(",") if name.strip()]
+
+
+def _files_variable(environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The variable that names the settings files, and its list.
+
+    ``CDC_SETTINGS_FILES``, or ``SETTINGS_FILES_FOR_DYNACONF``: its older name, which the Helm chart sets because
+    images built before ``CDC_SETTINGS_FILES`` existed (also version 0.1.0) read only that one, and stop on
+    ``CDC_SETTINGS_FILES`` as an unknown settings section. Both set to lists that name different files is refused:
+    either could be the one meant. Both naming the same files is one list, read once."""
+    current, older = _listed(environ, FILES_VARIABLE), _listed(environ, LEGACY_FILES_VARIABLE)
+    if current and older and [_absolute(name) for name in current] != [_absolute(name) for name in older]:
+        raise ConfigError(
+            f"{FILES_VARIABLE}: names other settings files ({', '.join(current)}) than {LEGACY_FILES_VARIABLE} "
+            f"({', '.join(older)}), its older name: set only one of them, or both to the same list"
+        )
+    return (FILES_VARIABLE, current) if current or not older else (LEGACY_FILES_VARIABLE, older)
+
+
+def _absolute(name: str) -> Path:
+    return Path(name).expanduser().absolute()
+
+
 def _named_files(config_files: Sequence[str | os.PathLike[str]], environ: Mapping[str, str]) -> list[Path]:
-    named: list[tuple[str, str]] = []
-    for variable in (FILES_VARIABLE, LEGACY_FILES_VARIABLE):
-        named += [(variable, f.strip()) for f in environ.get(variable, "").split(",") if f.strip()]
+    variable, listed = _files_variable(environ)
+    named = [(variable, name) for name in listed]
     named += [("--config", os.fspath(f)) for f in config_files]
     paths = []
     for source, name in named:
-        path = Path(name).expanduser().absolute()
+        path = _absolute(name)
         if not path.is_file():
             raise ConfigError(f"{source}: no such settings file: {name}")
         if path.suffix.lower() not in FILE_SUFFIXES:
@@ -989,6 +1077,7 @@ def load(config_files: Sequence[str | os.PathLike[str]] = (), environ: Mapping[s
     warnings: list[str] = []
     for path in paths:
         layer = _read_file(path)
+        _check_names(layer, path)
         if "secret" not in path.name.lower():
             for key in sorted(SECRET_KEYS):
                 section, name = key.split(".")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from cdc_service.adapters.nats_jetstream import (
 from cdc_service.adapters.nats_partitions import PartitionedIntake, ensure_partitioned_stream
 from cdc_service.adapters.redis_dedup import RedisDedupStore
 from cdc_service.advisories import MaxDeliveriesWatcher
-from cdc_service.config import Settings, mask_url
+from cdc_service.config import Settings, effective, mask_url
 from cdc_service.consumer_watchdog import ConsumerWatchdog
 from cdc_service.core.events import EventBuilder
 from cdc_service.core.partitions import MIN_SERVER, member_id, supports_partitions
@@ -74,16 +73,6 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # optional: the service is correct on the stdlib loop, only slower
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def _effective(settings: Settings) -> Settings:
-    """The settings as this replica runs them."""
-    if settings.ingest.ordering == "partitioned":
-        # No Redis claims: the pin gives each partition one owner, and a claim left by an owner that died makes its
-        # successor publish that event after newer ones of the same chat (a claimed copy is published outside the
-        # receipt order, once the claim expires). docs/system_architecture.md §9.1.
-        return dataclasses.replace(settings, dedup=dataclasses.replace(settings.dedup, claim_ttl=0.0))
-    return settings
 
 
 def _starting(settings: Settings, pool_size: int, http_port: int) -> dict[str, Any]:
@@ -133,7 +122,7 @@ class Service:
     The constructor only builds; ``run()`` binds the HTTP port and starts the threads, and releases all of it."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings = _effective(settings)
+        self.settings = settings = effective(settings)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         register_runtime_collectors(self.registry)
