@@ -85,3 +85,44 @@ def test_the_pod_sees_the_values(release: str, tmp_path: Path, monkeypatch: pyte
     settings = config.load([], environ).settings
     assert (settings.nats.password, settings.redis.password) == (PASSWORD, "r3d")
     assert settings.nats.url == ("nats://nats-0.nats:4222", "nats://nats-1.nats:4222")
+
+
+# The chart names its files in SETTINGS_FILES_FOR_DYNACONF only: images built before CDC_SETTINGS_FILES existed (also
+# version 0.1.0, the chart's appVersion) read only that variable and stop on CDC_SETTINGS_FILES ("settings_files:
+# unknown settings section"). A CDC_SETTINGS_FILES that reaches the pod anyway (extraEnvFrom, a patched manifest)
+# must either name the same files or stop the service with one line naming both variables.
+SAME, OTHER = "same", "other"
+
+
+@pytest.mark.parametrize("second", [SAME, OTHER])
+def test_the_pod_with_both_files_variables(second: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, environ = _pod("cdc", tmp_path)
+    chart_files = environ[config.LEGACY_FILES_VARIABLE]
+    other = tmp_path / "etc" / "cdc-service" / "other.toml"
+    other.write_text("[http]\nport = 9000\n")
+    environ[config.FILES_VARIABLE] = chart_files if second == SAME else f"{chart_files},{other}"
+
+    result = run_cli(app, "config", **environ)
+    if second == OTHER:
+        assert result.returncode == 2
+        assert result.stderr.startswith(
+            f"cdc_service: invalid setting {config.FILES_VARIABLE}: names other settings files"
+        ), result.stderr
+        assert config.LEGACY_FILES_VARIABLE in result.stderr and result.stderr.count("\n") == 1
+        return
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["nats"]["user"] == "cdc"
+    monkeypatch.chdir(app)
+    mounted = [str(Path(f)) for f in chart_files.split(",")]
+    assert list(config.load([], environ).files) == [str(app / n) for n in config.DEFAULT_FILES] + mounted
+
+
+@pytest.mark.parametrize("name", [config.FILES_VARIABLE, config.LEGACY_FILES_VARIABLE])
+def test_extra_env_cannot_name_other_settings_files(name: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({**VALUES, "extraEnv": [{"name": name, "value": "/etc/other.toml"}]}))
+    result = helm("template", "cdc", str(CHART), "--namespace", "cdc", "-f", str(values))
+    assert result.returncode != 0
+    assert (
+        f"extraEnv {name}: the chart names the mounted settings files in SETTINGS_FILES_FOR_DYNACONF" in result.stderr
+    )

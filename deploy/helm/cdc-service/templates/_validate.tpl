@@ -35,6 +35,16 @@ once, from deployment.yaml, so every render (install, upgrade, template, lint) r
 {{- end }}
 {{- end }}
 
+{{- /* The settings files. The chart names its mounted files in SETTINGS_FILES_FOR_DYNACONF, the one variable every
+       image reads (images built before CDC_SETTINGS_FILES existed stop on that one as an unknown setting). A second
+       list in extraEnv would replace the chart's (the last of two equal names wins) or contradict it (the service
+       refuses the two variables naming different files). */}}
+{{- range .Values.extraEnv }}
+{{- if has (toString .name) (list "CDC_SETTINGS_FILES" "SETTINGS_FILES_FOR_DYNACONF") }}
+{{- fail (printf "extraEnv %s: the chart names the mounted settings files in SETTINGS_FILES_FOR_DYNACONF; a second list would replace or contradict it: put settings in settingsToml or settings" .name) }}
+{{- end }}
+{{- end }}
+
 {{- /* Autoscalers. */}}
 {{- $hpa := .Values.autoscaling }}
 {{- if and $hpa.enabled (gt ($hpa.minReplicas | int) ($hpa.maxReplicas | int)) }}
