@@ -1,5 +1,5 @@
 """The package as users install it: `pip install .` into a fresh venv, then the `cdc-service` console script from
-another directory: --version, --help, `config --config FILE`, and `run` logging its version and that no settings
+another directory: --version, --help, `config --config FILE` (marker strings in the file taken verbatim, an unknown key naming the file), and `run` logging its version and that no settings
 file was found.
 
 To stay fast, the venv borrows the test venv's installed dependencies (a .pth file) instead of downloading them
@@ -108,6 +108,39 @@ def test_config_from_another_directory(installed: Path, tmp_path: Path) -> None:
     assert json.loads(result.stdout)["nats"]["url"] == ["nats://10.1.2.3:4222"]
     bad = _run(installed, tmp_path / "work", "config", CDC_INGEST__BATCH_SIZE="0")
     assert bad.returncode == 2 and bad.stderr.startswith("cdc_service: invalid setting ingest.batch_size:")
+
+
+# Strings in a settings file that start with one of dynaconf's markers: the installed copy takes them as written
+# (dynaconf made the first a table, evaluated the templates, read the file and upper-cased the last).
+MARKER_VALUES = {
+    "nats.user": '@json {"a": 1}',
+    "nats.name": "@format {env[HOME]}",
+    "dedup.key_prefix": "@jinja {{ 7 * 7 }}:",
+    "dedup.routing_key_prefix": "@read_file /etc/hostname",
+    "dlq.subject_prefix": "@none",
+    "routes.messages.pk": "@upper message_id",
+}
+
+
+@pytest.mark.parametrize(("key", "value"), MARKER_VALUES.items(), ids=list(MARKER_VALUES))
+def test_config_takes_marker_strings_in_a_file_verbatim(installed: Path, tmp_path: Path, key: str, value: str) -> None:
+    *tables, name = key.split(".")
+    (tmp_path / "markers.toml").write_text(f"[{'.'.join(tables)}]\n{name} = {json.dumps(value)}\n")
+    result = _run(installed, tmp_path, "config", "--config", "markers.toml")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    for part in key.split("."):
+        shown = shown[part]
+    assert shown == value
+
+
+def test_an_unknown_key_names_the_file(installed: Path, tmp_path: Path) -> None:
+    (tmp_path / "prod.toml").write_text("[http]\nprot = 80\n")
+    result = _run(installed, tmp_path, "config", "--config", "prod.toml")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"cdc_service: invalid setting http.prot: unknown setting (in {tmp_path / 'prod.toml'})"
+    )
 
 
 @pytest.fixture
