@@ -1,6 +1,6 @@
 """The package as users install it: `pip install .` into a fresh venv, then the `cdc-service` console script from
-another directory: --version, --help, `config --config FILE` (marker strings in the file taken verbatim, an unknown key naming the file), and `run` logging its version and that no settings
-file was found.
+another directory: --version, --help, `config --config FILE` (strings that start with a dynaconf marker taken as
+written, an unknown key naming the file), and `run` logging its version and that no settings file was found.
 
 To stay fast, the venv borrows the test venv's installed dependencies (a .pth file) instead of downloading them
 (--no-deps). The build itself is the user's: pip's isolated build environment with the build backend of
