@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cdc_service.config import ConfigError, load, settings_from_mapping
+from cdc_service.config import ConfigError, IngestSettings, Settings, effective, load, settings_from_mapping
 from tests.servers import run_cli
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,3 +399,12 @@ def test_cli_config_shows_the_claims_off_in_partitioned_ordering(tmp_path: Path)
     result = run_cli(tmp_path, "config", "--config", "p.toml")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["dedup"]["claim_ttl"] == 0
+
+
+def test_effective_applies_to_settings_built_in_code() -> None:
+    """The Service applies it too: settings built without the loader (tests, tools) run with the claims off."""
+    built = Settings(ingest=IngestSettings(ordering="partitioned"))
+    assert built.dedup.claim_ttl == 8.0
+    assert effective(built).dedup.claim_ttl == 0.0
+    assert effective(effective(built)) == effective(built)
+    assert effective(Settings()).dedup.claim_ttl == 8.0  # replica ordering keeps its claims
