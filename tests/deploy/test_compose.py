@@ -135,7 +135,7 @@ def test_service_points_at_the_other_services(services: dict[str, Any]) -> None:
 
 def test_every_cdc_variable_is_a_setting(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Each CDC_<SECTION>__<KEY> names a known section and key (an unknown section would be ignored silently), and
-    the service loads them all, through dynaconf, into the values compose means."""
+    the service loads them all, through its loader, into the values compose means."""
     sections = {f.name for f in fields(Settings)}
     known = {name: {f.name for f in fields(getattr(Settings(), name))} for name in sections if name != "routes"}
     cdc = {k: v for k, v in _environment(services["cdc-service"]).items() if k.startswith("CDC_")}

@@ -1,4 +1,4 @@
-"""Settings: defaults, dynaconf loading with CDC_* overrides, validation errors, pool sizing, masking, the CLI."""
+"""Settings: defaults, loading with CDC_* overrides, validation errors, pool sizing, masking, the CLI."""
 
 from __future__ import annotations
 
