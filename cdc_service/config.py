@@ -243,6 +243,11 @@ class PublishSettings:
     stream_max_age: float = setting(
         86400.0, "Max age of the output stream when the service creates it; 0 = unlimited.", ge=0
     )
+    fast_batch: bool = setting(
+        False,
+        "Publish events in JetStream fast-ingest batches (one answer per many events); needs nats-server 2.14+ and "
+        "sets allow_batched on the output stream; falls back to one-by-one publishing when unsupported.",
+    )
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from nats.js.api import ConsumerConfig
 from prometheus_client import CollectorRegistry
 
 from cdc_service import __version__, health
+from cdc_service.adapters.nats_fast_batch import choose_publisher
 from cdc_service.adapters.nats_jetstream import (
     ConnectionState,
-    PipelinedPublisher,
     ProvisioningError,
     PullIntake,
     PushIntake,
@@ -298,7 +298,7 @@ class Service:
         consumer = await provision(js, settings)
         if partitioned:
             await ensure_partitioned_stream(js, settings)
-        publisher = PipelinedPublisher(nc)
+        publisher = await choose_publisher(nc, js, settings)
         await publisher.start()
         builder = EventBuilder(settings.layout, settings.routes, settings.ingest.max_payload_bytes)
         prepare = BatchPreparer(builder, self.dedup, self.metrics, max_deliver=settings.ingest.max_deliver)
