@@ -23,8 +23,21 @@ from cdc_service.adapters.nats_jetstream import PipelinedPublisher
 from cdc_service.config import Settings
 from cdc_service.core.outcomes import is_permanent_rejection
 from cdc_service.ports import PubAck, PublishRejected
-from tests.integration.helpers import OUTPUT, count, read_all, wait_until
+from tests.integration.helpers import (
+    DLQ,
+    OUTPUT,
+    consumer_settled,
+    count,
+    ensure_input,
+    feed,
+    payloads,
+    read_all,
+    wait_until,
+)
+from tests.sequin import body
 from tests.servers import NatsServer, free_port
+
+pytestmark = pytest.mark.integration
 
 Event = tuple[str, bytes, dict[str, str]]
 
@@ -245,3 +258,59 @@ async def test_a_server_older_than_2_14_is_not_asked_and_the_publisher_falls_bac
             await nc.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ the service
+
+
+def _event(i: int, chat: str = "") -> dict[str, Any]:
+    return body(lsn=i + 1, message_id=f"m{i}", chat_id=chat or f"c{i}")
+
+
+async def test_the_service_with_fast_batch_publishes_every_event_once_in_receipt_order(js, start_service) -> None:
+    await ensure_input(js)
+    for i in range(300):
+        await feed(js, "cdc.acme.messages", _event(i))
+    service = start_service(**{"publish.fast_batch": True})
+    await wait_until(lambda: stored(js, 300), timeout=20, what="300 events published")
+    info = await consumer_settled(js)
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    assert [p["row_data"]["message_id"] for p in payloads(await read_all(js, OUTPUT))] == [f"m{i}" for i in range(300)]
+    assert any(line.get("message") == "publishing in fast batches" for line in service.logs())
+    assert service.metric("cdc_consumer_events_total", {"table": "messages", "result": "published"}) == 300
+    assert (await js.stream_info(OUTPUT)).config.allow_batched
+
+
+async def test_an_event_the_output_refuses_for_good_is_dead_lettered_and_the_rest_of_its_batch_published(
+    js, start_service
+) -> None:
+    await ensure_input(js)
+    # One message per subject, a second is refused (10077, permanent): it ends its fast batch, so the events after
+    # it in that batch fail too (transient) and are retried, in order, while the refused one is dead-lettered.
+    await js.add_stream(
+        StreamConfig(
+            name=OUTPUT,
+            subjects=["wa.>"],
+            max_msgs_per_subject=1,
+            discard="new",
+            discard_new_per_subject=True,
+            duplicate_window=120,
+        )
+    )
+    service = start_service(**{"publish.fast_batch": True, "publish.max_hold": 30})
+    for i in range(2):
+        await feed(js, "cdc.acme.messages", _event(i, chat="same-chat"))
+    for i in range(2, 30):
+        await feed(js, "cdc.acme.messages", _event(i))
+
+    async def settled() -> bool:
+        return await count(js, OUTPUT) >= 29 and await count(js, DLQ) >= 1
+
+    await wait_until(settled, timeout=10, what="refused event dead-lettered and the rest published")
+    [dead] = await read_all(js, DLQ)
+    assert dead.headers["Cdc-Error-Reason"] == "output_rejected"
+    published = [p["row_data"]["message_id"] for p in payloads(await read_all(js, OUTPUT))]
+    assert published == ["m0", *(f"m{i}" for i in range(2, 30))]
+    assert service.metric("cdc_consumer_dead_letters_total", {"reason": "output_rejected"}) == 1
+    info = await consumer_settled(js)
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
