@@ -116,6 +116,7 @@ class RunConfig:
     pool: int = 8
     claims: bool = True  # False: dedup.claim_ttl 0 (lookup only), to measure what the Redis claim costs
     routing_cache: bool = False  # routes.<table>.routing_cache on for every default route
+    fast_batch: bool = False  # publish.fast_batch: JetStream fast-ingest batches
 
     @property
     def label(self) -> str:
@@ -125,6 +126,7 @@ class RunConfig:
             f"service {self.mode} b{self.batch} p{self.pool}"
             + ("" if self.claims else " no-claims")
             + (" routing-cache" if self.routing_cache else "")
+            + (" fast-batch" if self.fast_batch else "")
         )
 
     @property
@@ -149,6 +151,8 @@ class RunConfig:
             values["ingest.ordering"] = "partitioned"
         if not self.claims:
             values["dedup.claim_ttl"] = 0
+        if self.fast_batch:
+            values["publish.fast_batch"] = True
         if self.routing_cache:
             values.update({f"routes.{table}.routing_cache": True for table in ("messages", "chats", "agents")})
         return values
@@ -239,6 +243,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.drains = drains
         if args.routing_cache_ab:  # only the default drain, with and without the routing cache
             plan.drains = [replace(base, routing_cache=False), replace(base, routing_cache=True)]
+        if args.fast_batch_ab:  # the default drain and the relays, with fast batches in the same passes
+            plan.drains = [base, replace(base, fast_batch=True), *(c for c in drains if c.kind != "service")]
     if not args.no_fixed:
         fixed_batches = batches if full or args.batches else [64, 256]
         if args.fixed_batches:
@@ -250,6 +256,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
             fixed = [base]
         plan.fixed = [(config, plan.rate) for config in fixed]
         plan.fixed += [(base, rate) for rate in plan.rates[1:]]  # the higher rates: the default configuration only
+        if args.fast_batch:
+            plan.fixed += [(replace(base, fast_batch=True), rate) for rate in plan.rates]
     return plan
 
 
@@ -817,6 +825,18 @@ def summarise(doc: dict[str, Any]) -> None:
         ratios["partitioned_to_pull"] = round(partitioned["median_events_per_s"] / pull["median_events_per_s"], 3)
     if partitioned and service:
         ratios["partitioned_to_push"] = round(partitioned["median_events_per_s"] / service["median_events_per_s"], 3)
+    fast = by_label.get(replace(default, fast_batch=True).label)
+    if service and fast:
+        ratios["fast_batch_to_default"] = round(fast["median_events_per_s"] / service["median_events_per_s"], 3)
+        ratios["fast_batch_to_default_runs"] = _paired_ratios(doc["drain"], fast["label"], default.label)
+        if fast.get("cpu_us_per_event") and service.get("cpu_us_per_event"):
+            ratios["cpu_per_event_fast_batch_to_default"] = round(
+                fast["cpu_us_per_event"] / service["cpu_us_per_event"], 3
+            )
+        for relay in ("ceiling",):
+            other = by_label.get(f"{relay} relay")
+            if other:
+                ratios[f"fast_batch_to_{relay}_runs"] = _paired_ratios(doc["drain"], fast["label"], f"{relay} relay")
     unclaimed = by_label.get(RunConfig(batch=default.batch, pool=default.pool, claims=False).label)
     if service and unclaimed:
         ratios["claims_to_no_claims"] = round(service["median_events_per_s"] / unclaimed["median_events_per_s"], 3)
@@ -933,6 +953,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--routing-cache-ab",
         action="store_true",
         help="drain only the default service, alternately without and with routes.<table>.routing_cache",
+    )
+    parser.add_argument(
+        "--fast-batch-ab",
+        action="store_true",
+        help="drain the default service without and with publish.fast_batch, and both relays, in every pass",
+    )
+    parser.add_argument(
+        "--fast-batch", action="store_true", help="fixed rate: run the default configuration with publish.fast_batch"
     )
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate runs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")

@@ -255,6 +255,8 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
             ("service_to_ceiling", "service / ceiling relay"),
             ("cpu_per_event_service_to_naive", "CPU per event: service / naive relay"),
             ("cpu_per_event_service_to_ceiling", "CPU per event: service / ceiling relay"),
+            ("fast_batch_to_default", "publish.fast_batch on / off (drain)"),
+            ("cpu_per_event_fast_batch_to_default", "CPU per event: publish.fast_batch on / off"),
             ("pull_to_push", "service pull / service push"),
             ("partitioned_to_pull", "partitioned ordering / replica ordering (both pull)"),
             ("partitioned_to_push", "partitioned ordering / service push"),
