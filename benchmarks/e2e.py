@@ -117,6 +117,7 @@ class RunConfig:
     claims: bool = True  # False: dedup.claim_ttl 0 (lookup only), to measure what the Redis claim costs
     routing_cache: bool = False  # routes.<table>.routing_cache on for every default route
     fast_batch: bool = False  # publish.fast_batch: JetStream fast-ingest batches
+    ref: str = ""  # --ab-refs: the service's code as of this git ref ("" = the code under test)
 
     @property
     def label(self) -> str:
@@ -127,6 +128,7 @@ class RunConfig:
             + ("" if self.claims else " no-claims")
             + (" routing-cache" if self.routing_cache else "")
             + (" fast-batch" if self.fast_batch else "")
+            + (f" @{self.ref}" if self.ref else "")
         )
 
     @property
@@ -243,6 +245,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.drains = drains
         if args.routing_cache_ab:  # only the default drain, with and without the routing cache
             plan.drains = [replace(base, routing_cache=False), replace(base, routing_cache=True)]
+        if args.ab_refs:  # the default service as of each ref, alternating in every pass, and both relays
+            refs = [r for r in args.ab_refs.split(",") if r]
+            plan.drains = [replace(base, ref=r) for r in refs] + [c for c in drains if c.kind != "service"]
         if args.fast_batch_ab:  # the default drain and the relays, with fast batches in the same passes
             plan.drains = [base, replace(base, fast_batch=True), *(c for c in drains if c.kind != "service")]
     if not args.no_fixed:
@@ -457,7 +462,8 @@ class Bench:
         service = ServiceProcess(
             self.workdir, self.nats.url, self.redis.url, name=f"{self._runs:02d}-{config.slug}", **config.overrides()
         )
-        service.cwd = self.code  # `python -m cdc_service` and settings.toml from the frozen copy
+        # `python -m cdc_service` and settings.toml from the frozen copy (of the work tree, or of an --ab-refs ref)
+        service.cwd = self.code.parent / f"code-{config.ref}" if config.ref else self.code
         return service
 
     async def _start_service(self, config: RunConfig, key: str) -> ServiceProcess:
@@ -802,6 +808,9 @@ def summarise(doc: dict[str, Any]) -> None:
                 "seconds": _round(statistics.median(r["seconds"] for r in records)),
             }
         )
+    for entry in summary:
+        if entry["kind"] == "service":
+            entry["to_ceiling_runs"] = _paired_ratios(doc["drain"], entry["label"], "ceiling relay")
     doc["drain_summary"] = summary
     by_label = {s["label"]: s for s in summary}
     default = RunConfig(**doc["plan"]["default"])
@@ -960,6 +969,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="drain the default service without and with publish.fast_batch, and both relays, in every pass",
     )
     parser.add_argument(
+        "--ab-refs",
+        help="comma-separated git refs: the default service as of each, alternating in every pass; and the relays",
+    )
+    parser.add_argument(
         "--fast-batch", action="store_true", help="fixed rate: run the default configuration with publish.fast_batch"
     )
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed-rate runs")
@@ -1013,6 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot take the code under test from {args.ref or 'the work tree'}: {exc}", file=sys.stderr)
         return 2
     print(f"code under test: {doc['code']['source']} ({doc['code']['commit']})", flush=True)
+    for ref in {c.ref for c in plan.drains if c.ref}:
+        doc.setdefault("ab_refs", {})[ref] = snapshot_code(ref, workdir / f"code-{ref}")
     failed = True
     try:
         with _terminate_as_interrupt():

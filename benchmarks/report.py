@@ -432,6 +432,7 @@ def console_summary(doc: dict[str, Any]) -> str:
             f"drain  {s['label']:<28} {s['median_events_per_s']:>8,} ev/s ({_fmt(s.get('min_events_per_s'))}-"
             f"{_fmt(s.get('max_events_per_s'))})  {_fmt(s.get('cpu_us_per_event'), 1)} us/ev  "
             f"cpu {_fmt(s['cpu_cores'], 2)}  rss {_fmt(s['peak_rss_mb'], 1)} MB"
+            + (f"  / ceiling by run {s['to_ceiling_runs']}" if s.get("to_ceiling_runs") else "")
         )
     ratios = doc.get("ratios", {})
     if ratios:
