@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import Error as JetStreamError
 from nats.nuid import NUID
 
-from cdc_service.adapters.nats_jetstream import NoStreamResponse, PipelinedPublisher
+from cdc_service.adapters.nats_jetstream import NoStreamResponse, PipelinedPublisher, send_publish
 from cdc_service.config import Settings
 from cdc_service.core.partitions import server_version
 from cdc_service.ports import PubAck, PublishRejected
@@ -179,7 +179,7 @@ class FastBatchPublisher:
         seq = len(batch.futures)
         try:
             reply = self._reply(batch, seq, _START if seq == 1 else _APPEND)
-            await self._nc.publish(subject, payload, reply=reply, headers=headers)  # type: ignore[arg-type]
+            await send_publish(self._nc, subject, reply, payload, headers)
         except Exception as exc:  # closed, draining, buffer full while reconnecting: this and the rest of the batch
             self._close(batch)
             batch.fail_from(seq, f"{type(exc).__name__}: {exc}")

