@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 
 from cdc_service.adapters.nats_jetstream import _Client, _command, send_publish
 
@@ -57,3 +59,25 @@ async def test_what_nats_py_rewrites_or_refuses_is_left_to_nats_py(headers: dict
         except Exception as exc:
             outcomes.append(type(exc))
     assert outcomes[0] == outcomes[1]
+
+
+async def test_a_jetstream_ack_is_the_command_nats_py_sends_and_only_once() -> None:
+    reply = b"$JS.ACK.cdc_events_stream.cdc_consumers.1.42.42.1764600000000000000.0"
+    ours, theirs = Capturing(), Capturing()
+    msg = ours._build_message(1, b"cdc.acme.messages", reply, b"{}", None)
+    plain = Msg(_client=theirs, subject="cdc.acme.messages", reply=reply.decode(), data=b"{}")
+    await msg.ack()
+    await plain.ack()
+    # nats-py writes "PUB <reply>  0" (an empty reply field); the server reads both the same way.
+    assert ours.sent == [b"PUB " + reply + b" 0\r\n\r\n"]
+    assert theirs.sent[0].split() == ours.sent[0].split()
+    assert msg.is_acked and msg.reply == reply.decode() and msg.data == b"{}"
+    with pytest.raises(MsgAlreadyAckdError):
+        await msg.ack()
+    assert len(ours.sent) == 1
+
+
+async def test_a_message_that_is_not_a_jetstream_delivery_is_nats_py_s_own() -> None:
+    client = Capturing()
+    msg = client._build_message(1, b"_CDC_PUBACK.x.1", b"", b"{}", None)
+    assert type(msg) is Msg
