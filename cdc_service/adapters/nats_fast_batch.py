@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import Error as JetStreamError
 from nats.nuid import NUID
 
-from cdc_service.adapters.nats_jetstream import NoStreamResponse, PipelinedPublisher, send_publish
+from cdc_service.adapters.nats_jetstream import NoStreamResponse, PipelinedPublisher, rejection, send_publish
 from cdc_service.config import Settings
 from cdc_service.core.partitions import server_version
 from cdc_service.ports import PubAck, PublishRejected
@@ -240,11 +240,11 @@ class FastBatchPublisher:
         if kind == "ack":  # flow control: everything up to "seq" is in the stream
             batch.stored_up_to(int(reply.get("seq", 0)))
         elif kind == "err":  # the event was refused; the batch ends there and its PubAck (with the count) follows
-            batch.refuse(int(reply.get("seq", seq)), _rejection(reply.get("error")))
+            batch.refuse(int(reply.get("seq", seq)), rejection(reply.get("error")))
         elif kind == "gap":  # informational: the batch ends (gap mode "fail"), its PubAck follows
             pass
         elif reply.get("error"):
-            self._refused(batch, seq, _rejection(reply["error"]))
+            self._refused(batch, seq, rejection(reply["error"]))
         else:  # the PubAck that ends the batch: 1..count are stored, the rest were not
             count = int(reply.get("count", 0))
             batch.stored_up_to(count)
@@ -271,16 +271,6 @@ class FastBatchPublisher:
             self._close(batch)
         # Otherwise (a per-message refusal before the batch logic, such as the size limit) the server ends the batch
         # at the next event or the commit, as a gap, and its PubAck says how many were stored.
-
-
-def _rejection(error: Any) -> PublishRejected:
-    if not isinstance(error, dict):
-        return PublishRejected(f"rejected: {error!r}"[:300])
-    code = error.get("err_code")
-    return PublishRejected(
-        f"{error.get('description', 'rejected')} (code {code if code is not None else '?'})",
-        code if isinstance(code, int) else None,
-    )
 
 
 _STORED = PubAck("", 0, False)

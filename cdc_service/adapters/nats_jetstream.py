@@ -273,22 +273,9 @@ async def ensure_stream(
     least the setting. Replicas, limits and storage are create-time only: an operator's choices on a shared stream
     are never undone by a replica starting up; a differing replica count is logged.
     """
-    try:
-        info = await js.stream_info(name)
-    except NotFoundError:
-        config = StreamConfig(
-            name=name, subjects=subjects, num_replicas=replicas, storage=StorageType.FILE, **create_only
-        )
-        if duplicate_window is not None:
-            config.duplicate_window = duplicate_window
-        try:
-            await js.add_stream(config)
-            log.info("stream created", extra={"stream": name, "subjects": subjects, "replicas": replicas})
-            return
-        except BadRequestError as exc:
-            if exc.err_code != STREAM_NAME_IN_USE:  # another replica won the race: fall through to the update
-                raise ProvisioningError(f"cannot create stream {name}: {exc.description}") from None
-            info = await js.stream_info(name)
+    info = await _stream_info_or_create(js, name, subjects, replicas, duplicate_window, create_only)
+    if info is None:
+        return
     current = info.config
     changed = []
     # A subject an existing one already captures (the settings' cdc.*.* on a stream made with cdc.>) is not missing:
@@ -313,6 +300,32 @@ async def ensure_stream(
     except BadRequestError as exc:
         raise ProvisioningError(f"cannot update stream {name} ({', '.join(changed)}): {exc.description}") from None
     log.info("stream updated", extra={"stream": name, "changed": changed})
+
+
+async def _stream_info_or_create(
+    js: JetStreamContext,
+    name: str,
+    subjects: list[str],
+    replicas: int,
+    duplicate_window: float | None,
+    create_only: dict[str, Any],
+) -> Any:
+    """The existing stream's info, or None after creating it (info again if another replica created it first)."""
+    try:
+        return await js.stream_info(name)
+    except NotFoundError:
+        pass
+    config = StreamConfig(name=name, subjects=subjects, num_replicas=replicas, storage=StorageType.FILE, **create_only)
+    if duplicate_window is not None:
+        config.duplicate_window = duplicate_window
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:  # another replica won the race: fall through to the update
+            raise ProvisioningError(f"cannot create stream {name}: {exc.description}") from None
+        return await js.stream_info(name)
+    log.info("stream created", extra={"stream": name, "subjects": subjects, "replicas": replicas})
+    return None
 
 
 def consumer_config(ingest: IngestSettings, stream_subjects: Sequence[str] | None = None) -> ConsumerConfig:
@@ -614,25 +627,36 @@ class PipelinedPublisher:
             duplicate = b'"duplicate": true' in data or b'"duplicate":true' in data  # the server writes the former
             future.set_result(_DUPLICATE if duplicate else _STORED)
             return
-        if msg.headers and msg.headers.get("Status") == "503":
-            future.set_exception(NoStreamResponse("no stream answered the publish (503)"))
-            return
-        try:
-            reply = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            future.set_exception(PublishRejected(f"unreadable PubAck {data[:100]!r}"))
-            return
-        error = reply.get("error") if isinstance(reply, dict) else {"description": "not a JSON object"}
-        if error:
-            code = error.get("err_code")
-            future.set_exception(
-                PublishRejected(
-                    f"{error.get('description', 'rejected')} (code {code if code is not None else '?'})",
-                    code if isinstance(code, int) else None,
-                )
-            )
-        else:
-            future.set_result(PubAck(reply.get("stream", ""), int(reply.get("seq", 0)), bool(reply.get("duplicate"))))
+        _settle_from_reply(future, msg)
+
+
+def _settle_from_reply(future: asyncio.Future[PubAck], msg: Msg) -> None:
+    """Resolve ``future`` from a PubAck read in full: a 503 status, an error, or the stream and sequence."""
+    data = msg.data
+    if msg.headers and msg.headers.get("Status") == "503":
+        future.set_exception(NoStreamResponse("no stream answered the publish (503)"))
+        return
+    try:
+        reply = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        future.set_exception(PublishRejected(f"unreadable PubAck {data[:100]!r}"))
+        return
+    error = reply.get("error") if isinstance(reply, dict) else {"description": "not a JSON object"}
+    if error:
+        future.set_exception(rejection(error))
+    else:
+        future.set_result(PubAck(reply.get("stream", ""), int(reply.get("seq", 0)), bool(reply.get("duplicate"))))
+
+
+def rejection(error: Any) -> PublishRejected:
+    """The ``PublishRejected`` for a JetStream API error object (``{"code", "err_code", "description"}``)."""
+    if not isinstance(error, dict):
+        return PublishRejected(f"rejected: {error!r}"[:300])
+    code = error.get("err_code")
+    return PublishRejected(
+        f"{error.get('description', 'rejected')} (code {code if code is not None else '?'})",
+        code if isinstance(code, int) else None,
+    )
 
 
 _STORED = PubAck("", 0, False)
