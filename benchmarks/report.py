@@ -88,11 +88,18 @@ def _spread(values: list[float], digits: int = 0) -> str:
     return f"{_fmt(float(middle), digits)} ({_fmt(float(ordered[0]), digits)}-{_fmt(float(ordered[-1]), digits)})"
 
 
+_FLAGS = {"claims": True, "routing_cache": False, "fast_batch": False, "ref": ""}  # RunConfig's defaults
+
+
+def is_default(record: dict[str, Any], default: dict[str, Any]) -> bool:
+    """Whether a run record is of the default configuration (every RunConfig field as the plan's default)."""
+    return all(record.get(key, _FLAGS.get(key)) == value for key, value in {**_FLAGS, **default}.items())
+
+
 def _default_fixed(doc: dict[str, Any], rate: float) -> dict[str, Any] | None:
     default = doc["plan"]["default"]
     for r in doc.get("fixed", []):
-        same = (r["kind"], r["mode"], r["batch"], r["pool"]) == ("service", "push", default["batch"], default["pool"])
-        if same and float(r.get("rate_target", 0)) == float(rate):
+        if is_default(r, default) and float(r.get("rate_target", 0)) == float(rate):
             return r
     return None
 
@@ -271,15 +278,9 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
         default = doc["plan"]["default"]
         for r in doc["fixed"]:
             lat = r["latency_ms"]
-            is_default = (r["kind"], r["mode"], r["batch"], r["pool"]) == (
-                "service",
-                "push",
-                default["batch"],
-                default["pool"],
-            )
             rows.append(
                 [
-                    r["label"] + (" **(default)**" if is_default else ""),
+                    r["label"] + (" **(default)**" if is_default(r, default) else ""),
                     _fmt(r.get("rate_target", plan["rate"])),
                     _fmt(r["producer_rate"]),
                     _fmt(r["stored_in_rate"]),
@@ -401,12 +402,24 @@ def write_chart(doc: dict[str, Any], path: Path) -> None:
 
     main_rate = float((doc["plan"].get("rates") or [doc["plan"]["rate"]])[0])
     fixed = [r for r in doc.get("fixed", []) if float(r.get("rate_target", main_rate)) == main_rate]
-    push = sorted((r["batch"], r["latency_ms"]) for r in fixed if r["mode"] == "push")
+    push = sorted(
+        ((r["batch"], r["latency_ms"]) for r in fixed if r["mode"] == "push" and not r.get("fast_batch")),
+        key=lambda point: point[0],
+    )
     if push:
         batches = [b for b, _ in push]
         for pct, style in (("p50", ":"), ("p95", "-"), ("p99", "--")):
             right.plot(batches, [lat[pct] for _, lat in push], marker="o", linestyle=style, label=f"push {pct}")
     for r in fixed:
+        if r.get("fast_batch"):
+            right.plot(
+                [r["batch"]],
+                [r["latency_ms"]["p95"]],
+                marker="^",
+                linestyle="",
+                color="tab:green",
+                label="fast batch p95",
+            )
         if r["mode"] == "pull":
             right.plot(
                 [r["batch"]], [r["latency_ms"]["p95"]], marker="s", linestyle="", color="black", label="pull p95"
