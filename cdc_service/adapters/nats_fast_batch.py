@@ -145,6 +145,7 @@ class FastBatchPublisher:
         self._open: _Batch | None = None
         self._count = 0
         self._sub: Any = None
+        self._commits: set[asyncio.Task[None]] = set()  # referenced until done (the loop keeps only weak references)
         self.disabled = False
 
     async def start(self) -> None:
@@ -172,7 +173,9 @@ class FastBatchPublisher:
             self._count += 1
             batch = self._open = _Batch(f"{self._nuid}{self._count}")
             self._batches[batch.id] = batch
-            asyncio.get_running_loop().create_task(self._commit_after_yield(batch))
+            task = asyncio.get_running_loop().create_task(self._commit_after_yield(batch))
+            self._commits.add(task)
+            task.add_done_callback(self._commits.discard)
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         batch.futures.append(future)
         batch.subject = subject
@@ -251,11 +254,13 @@ class FastBatchPublisher:
             batch.fail_from(count + 1, f"not stored: its fast batch ended after event {count}")
 
     def _refused(self, batch: _Batch, seq: int, exc: PublishRejected) -> None:
-        if exc.code == BATCH_DISABLED and not self.disabled:
+        disabled = exc.code == BATCH_DISABLED
+        if disabled:
+            if not self.disabled:
+                log.warning(
+                    "the output stream refuses fast batches (allow_batched is off); publishing one by one from now on"
+                )
             self.disabled = True
-            log.warning(
-                "the output stream refuses fast batches (allow_batched is off); publishing one by one from now on"
-            )
             exc = PublishRejected(str(exc))  # transient: the retry goes through the pipelined publisher
         if exc.code == UNKNOWN_BATCH or seq > len(batch.futures):
             # The server does not have the batch (restarted, or it ended): what no answer covered may or may not be
@@ -265,7 +270,7 @@ class FastBatchPublisher:
             self._close(batch)
             return
         batch.refuse(seq, exc)
-        if seq == 1 or exc.code == BATCH_DISABLED:
+        if seq == 1 or disabled:
             # The batch never started on the server: nothing after this event was or will be stored in it.
             batch.fail_from(seq + 1, f"not stored: its fast batch ended at event {seq} ({exc})")
             self._close(batch)
