@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -36,6 +36,7 @@ from nats.nuid import NUID
 from cdc_service.adapters.nats_jetstream import NoStreamResponse, PipelinedPublisher, rejection, send_publish
 from cdc_service.config import Settings
 from cdc_service.core.partitions import server_version
+from cdc_service.core.subjects import covers
 from cdc_service.ports import PubAck, PublishRejected
 
 log = logging.getLogger("cdc_service.nats")
@@ -77,7 +78,7 @@ async def choose_publisher(
         problem = await enable_fast_batch(nc, js, settings.publish.stream)
         if not problem:
             log.info("publishing in fast batches", extra={"stream": settings.publish.stream})
-            return FastBatchPublisher(nc)
+            return FastBatchPublisher(nc, settings.publish.subjects)
         log.warning("publish.fast_batch is on but cannot be used; publishing one by one", extra={"reason": problem})
     return PipelinedPublisher(nc)
 
@@ -129,13 +130,22 @@ class FastBatchPublisher:
     with an empty ``PubAck`` (a repeat of a ``Nats-Msg-Id`` inside a batch is dropped by the stream without saying
     so, hence ``duplicate`` is always false here), or with ``PublishRejected`` (the event itself was refused, or an
     earlier event of its batch was, so it was not stored). A future may never resolve (lost answer): callers bound
-    the wait, and a retry reuses the ``Nats-Msg-Id``. ``detailed`` publishes (dead letters, other streams) go through
-    the pipelined publisher on the same connection, in submission order. If the stream stops accepting batches
-    (``allow_batched`` switched off), everything goes through the pipelined publisher from then on.
+    the wait, and a retry reuses the ``Nats-Msg-Id``. ``detailed`` publishes and subjects outside ``subjects`` (the
+    output stream's: dead letters) go through the pipelined publisher on the same connection, in submission order.
+    If the stream stops accepting batches (``allow_batched`` switched off), everything goes through the pipelined
+    publisher from then on.
     """
 
-    def __init__(self, nc: Client, *, flow: int = 256, max_batch: int = 1024) -> None:
+    def __init__(
+        self, nc: Client, subjects: Sequence[str] = ("wa.>",), *, flow: int = 256, max_batch: int = 1024
+    ) -> None:
         self._nc = nc
+        # Only subjects of the output stream go into batches (a dead letter from the advisory watcher is not
+        # "detailed" but goes to another stream, which would refuse the batch). "wa.>"-like patterns are a prefix
+        # test; anything else is matched token by token.
+        self._subjects = tuple(subjects)
+        prefixes = [p[:-1] for p in self._subjects if p.endswith(".>") and "*" not in p and ">" not in p[:-1]]
+        self._prefixes = tuple(prefixes) if len(prefixes) == len(self._subjects) else None
         self._pipelined = PipelinedPublisher(nc)
         self._nuid = NUID().next().decode()
         self._root = f"_CDC_FI.{self._nuid}"
@@ -166,7 +176,7 @@ class FastBatchPublisher:
     async def publish(
         self, subject: str, payload: bytes, headers: Mapping[str, str], *, detailed: bool = False
     ) -> asyncio.Future[PubAck]:
-        if detailed or self.disabled:
+        if detailed or self.disabled or not self._batched(subject):
             return await self._pipelined.publish(subject, payload, headers, detailed=detailed)
         batch = self._open
         if batch is None:
@@ -190,6 +200,12 @@ class FastBatchPublisher:
         if seq >= self._max_batch:
             await self._commit(batch)
         return future
+
+    def _batched(self, subject: str) -> bool:
+        if self._prefixes is not None:
+            return subject.startswith(self._prefixes)
+        tokens = subject.split(".")
+        return any(covers(pattern, tokens) for pattern in self._subjects)
 
     def _close(self, batch: _Batch) -> None:
         if self._open is batch:

@@ -314,3 +314,14 @@ async def test_an_event_the_output_refuses_for_good_is_dead_lettered_and_the_res
     assert service.metric("cdc_consumer_dead_letters_total", {"reason": "output_rejected"}) == 1
     info = await consumer_settled(js)
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_a_publish_to_another_stream_goes_one_by_one_and_keeps_batching_on(publisher, js) -> None:
+    # The advisory watcher publishes dead letters without asking for details: they must not enter a batch, which
+    # the dead-letter stream (no allow_batched) would refuse, turning batching off for good.
+    await js.add_stream(StreamConfig(name=DLQ, subjects=["dlq.>"]))
+    future = await publisher.publish("dlq.cdc.acme.messages", b"{}", {"Cdc-Error-Reason": "max_deliveries"})
+    [dead] = await settle([future])
+    assert isinstance(dead, PubAck)
+    assert not publisher.disabled and await count(js, DLQ) == 1
+    assert all(isinstance(r, PubAck) for r in await settle(await publish_all(publisher, events(1, 3))))

@@ -103,3 +103,12 @@ async def test_finished_batches_are_forgotten_by_sweep() -> None:
     publisher._answer(batch, 3, {"stream": "wa_stream", "seq": 2, "batch": "b1", "count": 2})
     publisher.sweep()
     assert batch.id not in publisher._batches
+
+
+async def test_only_output_stream_subjects_go_into_batches() -> None:
+    prefixed = FastBatchPublisher(None, ("wa.>", "out.x.>"))  # type: ignore[arg-type]
+    assert prefixed._batched("wa.acme.1.messages.c") and prefixed._batched("out.x.y")
+    assert not prefixed._batched("dlq.cdc.acme.messages") and not prefixed._batched("wax.a")
+    patterns = FastBatchPublisher(None, ("wa.*.*.messages.>",))  # type: ignore[arg-type]
+    assert patterns._prefixes is None
+    assert patterns._batched("wa.acme.1.messages.c") and not patterns._batched("wa.acme.1.chats.c")
