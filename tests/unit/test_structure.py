@@ -23,14 +23,6 @@ EXEMPT = {
     "cdc_service/core/events.py:EventBuilder._build",
 }
 
-# TEMPORARY: offenders that another branch of issue 11 removes (the publisher in adapters/nats_jetstream.py; the
-# Engine split's own offenders are gone since it was merged). The lead deletes this set once that branch is merged;
-# until then an entry that is no longer an offender fails the test below, so the set can only shrink.
-PENDING_ENGINE_SPLIT = {
-    "cdc_service/adapters/nats_jetstream.py:PipelinedPublisher._on_reply",
-    "cdc_service/adapters/nats_jetstream.py:ensure_stream",
-}
-
 
 def _sources() -> Iterator[tuple[str, str]]:
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -68,13 +60,13 @@ def length_offenders() -> dict[str, int]:
 
 
 def test_no_function_is_too_complex() -> None:
-    offenders = {k: v for k, v in complexity_offenders().items() if k not in EXEMPT | PENDING_ENGINE_SPLIT}
+    offenders = {k: v for k, v in complexity_offenders().items() if k not in EXEMPT}
     listed = ", ".join(f"{k} = {v}" for k, v in sorted(offenders.items()))
     assert not offenders, f"cyclomatic complexity above {MAX_COMPLEXITY} (split the function): {listed}"
 
 
 def test_no_class_is_too_long() -> None:
-    offenders = {k: v for k, v in length_offenders().items() if k not in PENDING_ENGINE_SPLIT}
+    offenders = length_offenders()
     listed = ", ".join(f"{k} = {v} lines" for k, v in sorted(offenders.items()))
     assert not offenders, f"classes longer than {MAX_CLASS_LINES} lines (split the class): {listed}"
 
@@ -82,8 +74,8 @@ def test_no_class_is_too_long() -> None:
 def test_exemptions_are_still_needed() -> None:
     """An exemption that no longer exceeds a limit is removed, so the lists cannot go stale."""
     offenders = complexity_offenders().keys() | length_offenders().keys()
-    stale = sorted((EXEMPT | PENDING_ENGINE_SPLIT) - offenders)
-    assert not stale, f"no longer above a limit; remove from EXEMPT or PENDING_ENGINE_SPLIT: {', '.join(stale)}"
+    stale = sorted(EXEMPT - offenders)
+    assert not stale, f"no longer above a limit; remove from EXEMPT: {', '.join(stale)}"
 
 
 def test_the_measure_finds_an_offender() -> None:
