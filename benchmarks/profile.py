@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from benchmarks.common import (
     stream_count,
 )
 from tests.servers import NatsServer, Process, RedisServer, ServiceProcess
+from tools.polling import wait_for_async
 
 
 def _value(text: str) -> Any:
@@ -80,15 +80,13 @@ async def _drain(args: argparse.Namespace, workdir: Path) -> Path:
         )
         spy.start()
         owned.append(spy)
-        deadline = time.monotonic() + 60 + args.events / 1000
-        while time.monotonic() < deadline:
+
+        async def drained() -> bool:
             info = await consumer_info(nc, IN_STREAM, PUSH_DURABLE)
             settled = bool(info) and info["num_pending"] == 0 and info["num_ack_pending"] == 0  # type: ignore[index]
-            if settled and await stream_count(nc, OUT_STREAM) >= args.events:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise RuntimeError("not drained in time")
+            return settled and await stream_count(nc, OUT_STREAM) >= args.events
+
+        await wait_for_async(drained, 60 + args.events / 1000, 0.2, what="backlog drained")
         await nc.close()
         spy.signal(signal.SIGINT)
         spy.wait(30)

@@ -246,7 +246,8 @@ class PublishSettings:
     fast_batch: bool = setting(
         False,
         "Publish events in JetStream fast-ingest batches (one answer per many events); needs nats-server 2.14+ and "
-        "sets allow_batched on the output stream; falls back to one-by-one publishing when unsupported.",
+        "sets allow_batched on the output stream; falls back to one-by-one publishing when unsupported. An event "
+        "refused for good can put the rest of its batch behind later events (docs/performance.md).",
     )
 
 

@@ -186,7 +186,8 @@ class Server(Process):
 
 class NatsServer(Server):
     """nats-server with JetStream on loopback, file storage under ``store`` (default ``workdir/nats-PORT``), its log
-    ``log`` (default ``workdir/nats-PORT.log``); ``extra`` arguments come last (``-c FILE``, ``--routes`` ...)."""
+    ``log`` (default ``workdir/nats-PORT.log``); ``extra`` arguments come last (``-c FILE``, ``--routes`` ...).
+    ``program``: another nats-server binary (an older release, say)."""
 
     def __init__(
         self,
@@ -194,6 +195,7 @@ class NatsServer(Server):
         port: int | None = None,
         extra: list[str] | None = None,
         *,
+        program: str | None = None,
         store: Path | None = None,
         log: Path | None = None,
         new_session: bool = False,
@@ -202,7 +204,7 @@ class NatsServer(Server):
         port = port or free_port()
         self.store = store or workdir / f"nats-{port}"
         self.store.mkdir(parents=True, exist_ok=True)
-        args = [binary("nats-server"), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(self.store)]
+        args = [program or binary("nats-server"), "-a", LOOPBACK, "-p", str(port), "-js", "-sd", str(self.store)]
         super().__init__(
             args + (extra or []),
             port,

@@ -164,7 +164,7 @@ async def test_lost_answers_time_out_and_the_retry_with_the_same_ids_stores_noth
     batch = events(1, 300)
     results = await settle(await publish_all(publisher, batch), timeout=1.0)
     assert results == [None] * 300  # no answer: the engine's publish.timeout ends the wait, then it holds
-    assert await count(js, OUTPUT) == 300  # they were stored all the same
+    await wait_until(lambda: stored(js, 300), timeout=5, what="stored all the same")
     publisher.sweep()
     dropping = False
     await retry_until_stored(publisher, batch)
@@ -237,8 +237,7 @@ async def stored(js: JetStreamContext, expected: int) -> bool:
 
 @pytest.mark.skipif(shutil.which("nats-server", path="/usr/sbin:/usr/bin") is None, reason="no system nats-server")
 async def test_a_server_older_than_2_14_is_not_asked_and_the_publisher_falls_back(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path, port=free_port())
-    server.args[0] = str(shutil.which("nats-server", path="/usr/sbin:/usr/bin"))
+    server = NatsServer(tmp_path, program=shutil.which("nats-server", path="/usr/sbin:/usr/bin"))
     server.start()
     try:
         nc = await connect(server.url)
@@ -286,7 +285,9 @@ async def test_an_event_the_output_refuses_for_good_is_dead_lettered_and_the_res
 ) -> None:
     await ensure_input(js)
     # One message per subject, a second is refused (10077, permanent): it ends its fast batch, so the events after
-    # it in that batch fail too (transient) and are retried, in order, while the refused one is dead-lettered.
+    # it in that batch fail too (transient) and are held and retried while the refused one is dead-lettered. They can
+    # land behind events of a later batch that was already on the wire (the ordering caveat of publish.fast_batch in
+    # docs/performance.md); each is stored exactly once.
     await js.add_stream(
         StreamConfig(
             name=OUTPUT,
@@ -310,7 +311,8 @@ async def test_an_event_the_output_refuses_for_good_is_dead_lettered_and_the_res
     [dead] = await read_all(js, DLQ)
     assert dead.headers["Cdc-Error-Reason"] == "output_rejected"
     published = [p["row_data"]["message_id"] for p in payloads(await read_all(js, OUTPUT))]
-    assert published == ["m0", *(f"m{i}" for i in range(2, 30))]
+    assert published[0] == "m0" and len(published) == len(set(published)) == 29
+    assert sorted(published, key=lambda m: int(m[1:])) == ["m0", *(f"m{i}" for i in range(2, 30))]
     assert service.metric("cdc_consumer_dead_letters_total", {"reason": "output_rejected"}) == 1
     info = await consumer_settled(js)
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
