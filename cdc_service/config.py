@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -952,44 +951,110 @@ def _known(section: str) -> str:
 def _read_file(path: Path) -> dict[str, Any]:
     """One settings file as nested data with lower-case keys, every value exactly as the file's format gives it.
 
-    TOML and JSON are parsed by the standard library, YAML (1.2) by the safe loader that dynaconf ships, the one its
-    YAML loader used. dynaconf's file loading is not used: it applied its ``@`` markers to string values (``@json``
-    and ``@int`` cast, ``@format`` and ``@jinja`` evaluated templates, ``@read_file`` read another file, ``@del``
-    removed the key), read a ``<name>.local.<ext>`` beside each file without saying so, took a path with ``[`` in it
-    for a glob (and read nothing) and let ``*_FOR_DYNACONF`` variables (``INCLUDES_``, ``SECRETS_``,
-    ``YAML_LOADER_``) add files or loaders to every read."""
+    dynaconf reads the file: its file loader (``BaseLoader``) opens it and parses it with the parser its loader for
+    that format uses (its vendored ``tomllib``, ``json``, its vendored ruamel YAML ``safe_load``), and stores the data
+    in a dynaconf ``Settings`` (``_dynaconf_read``). Only that step of dynaconf runs, configured in code: its
+    ``settings_files``/``load_file`` path is not used because it always also reads a ``<name>.local.<ext>`` beside the
+    file, takes a name with ``[`` for a glob, adds ``SECRETS_FOR_DYNACONF``, ``PRELOAD_``/``INCLUDES_FOR_DYNACONF`` and
+    ``dynaconf_include`` files and runs a ``dynaconf_hooks.py`` found beside a file; and its start-up (``Dynaconf()``)
+    lets every ``*_FOR_DYNACONF`` variable override the options given in code. Markers (``@json``, ``@format``,
+    ``@read_file``, ...) are off (``AUTO_CAST_FOR_DYNACONF`` false), and the file's keys are checked against the
+    declarations before dynaconf sees them, so ``dynaconf_merge``, ``dynaconf_dotted_lookup`` or ``dynaconf_include``
+    in a file is an unknown key, never an instruction to dynaconf."""
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes()  # dynaconf only warns about a file it cannot open; say why instead
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the settings file: {exc.strerror}") from None
     try:
-        data = _parse(path.suffix.lower(), raw)
+        raw.decode("utf-8")  # dynaconf's TOML loader retries other text with the locale's codec; refuse it here
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a valid settings file: not UTF-8 (byte {exc.start})") from None
+    try:
+        return _dynaconf_read(path)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"{path}: not a valid settings file: {_parse_error(exc)}") from None
-    if data is None:  # an empty YAML file
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: not a valid settings file: expected a table of sections, got {_kind_name(data)}")
-    return {str(k).lower(): _lower(v) for k, v in data.items()}
 
 
-def _parse(suffix: str, raw: bytes) -> Any:
-    """The data of a settings file's bytes, by its suffix (one of ``FILE_SUFFIXES``)."""
-    text = raw.decode("utf-8")
-    if suffix == ".toml":
-        return tomllib.loads(text)
-    if suffix == ".json":
-        return json.loads(text)
-    from dynaconf.vendor.ruamel import yaml  # imported here so the pure modules never pull dynaconf in
+# dynaconf's options for reading one file, every one that the file loading path consults, given explicitly: the
+# dynaconf Settings below never looks at the environment (no default_loader), so no *_FOR_DYNACONF variable can
+# change them.
+_DYNACONF_OPTIONS: dict[str, Any] = {
+    "AUTO_CAST_FOR_DYNACONF": False,  # no @ markers: strings stay as written
+    "ENVIRONMENTS_FOR_DYNACONF": False,  # a [development] table is just a table
+    "MAIN_ENV_FOR_DYNACONF": "main",
+    "DOTTED_LOOKUP_FOR_DYNACONF": False,  # a key "a.b" is not a path
+    "NESTED_SEPARATOR_FOR_DYNACONF": False,  # nor is "a__b"
+    "INDEX_SEPARATOR_FOR_DYNACONF": None,
+    "MERGE_ENABLED_FOR_DYNACONF": False,  # the layers merge in _merge
+    "LOWERCASE_READ_FOR_DYNACONF": True,
+    "VALIDATE_ON_UPDATE_FOR_DYNACONF": False,
+    "APPLY_DEFAULT_ON_NONE_FOR_DYNACONF": None,
+    "SYSENV_FALLBACK_FOR_DYNACONF": False,  # a missing key never falls back to os.environ
+    "FRESH_VARS_FOR_DYNACONF": [],
+    "ENCODING_FOR_DYNACONF": "utf-8",
+    "YAML_LOADER_FOR_DYNACONF": "safe_load",
+    "COMMENTJSON_ENABLED_FOR_DYNACONF": False,
+    "CORE_LOADERS_FOR_DYNACONF": [],
+    "LOADERS_FOR_DYNACONF": [],
+    "SETTINGS_FILE_FOR_DYNACONF": [],
+    "SECRETS_FOR_DYNACONF": None,
+    "INCLUDES_FOR_DYNACONF": [],
+    "PRELOAD_FOR_DYNACONF": [],
+    "SKIP_FILES_FOR_DYNACONF": [],
+    "LOAD_DOTENV_FOR_DYNACONF": False,
+    # Settings() runs none of its loaders (default_loader would override every option above from os.environ,
+    # settings_loader would add the files and hooks listed in _read_file) nor validators.
+    "dynaconf_skip_loaders": True,
+    "dynaconf_skip_validators": True,
+}
 
-    return yaml.safe_load(text)
+
+def _dynaconf_read(path: Path) -> dict[str, Any]:
+    """The file ``path`` (suffix one of ``FILE_SUFFIXES``, UTF-8) read by dynaconf's ``BaseLoader`` into a dynaconf
+    ``Settings``: its keys in lower case, its values exactly as the format gives them. Raises ``ConfigError`` for a
+    file that is not a table of known keys; a parser's exception as it is."""
+    # Imported here: the pure modules never pull dynaconf in (and its import reads *_FOR_DYNACONF variables).
+    from dynaconf.base import Settings as DynaconfSettings
+    from dynaconf.loaders.base import BaseLoader
+    from dynaconf.vendor import tomllib as dynaconf_tomllib
+    from dynaconf.vendor.ruamel import yaml
+
+    suffix = path.suffix.lower()
+    parser: Callable[[Any], Any]
+    if suffix == ".toml":  # what dynaconf's toml_loader reads with (binary, its vendored tomllib)
+        parser, opener = dynaconf_tomllib.load, {"mode": "rb"}
+    else:  # json_loader and yaml_loader (YAML_LOADER_FOR_DYNACONF = safe_load): text in ENCODING_FOR_DYNACONF
+        parser = json.load if suffix == ".json" else yaml.safe_load
+        opener = {"mode": "r", "encoding": _DYNACONF_OPTIONS["ENCODING_FOR_DYNACONF"]}
+    layer: dict[str, Any] = {}
+
+    def parse(stream: Any) -> Any:
+        """dynaconf's parser, then the checks that must come before dynaconf acts on the data."""
+        data = parser(stream)
+        if data is None:  # an empty YAML file
+            return None
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{path}: not a valid settings file: expected a table of sections, got {_kind_name(data)}"
+            )
+        layer.update({str(k).lower(): _lower(v) for k, v in data.items()})
+        _check_names(layer, path)
+        return data
+
+    store = DynaconfSettings(**_DYNACONF_OPTIONS)
+    # identifier is how dynaconf names the source; extensions: the file's own suffix, so that BaseLoader opens it
+    # (with any other name it would parse the path itself as the text of a file).
+    loader = BaseLoader(store, "_envless", f"cdc:{suffix[1:]}", (path.suffix,), parse, parse, opener_params=opener)
+    loader.load(filename=[str(path)], silent=False)  # a list: a string would be split at commas
+    read = {str(k).lower(): v for k, v in store.as_dict().items()}
+    return {key: _lower(read[key]) for key in layer}
 
 
 def _parse_error(exc: Exception) -> str:
     """Where a file failed to parse, without quoting its text (it may hold a secret)."""
-    if isinstance(exc, tomllib.TOMLDecodeError):
+    if type(exc).__name__ == "TOMLDecodeError":  # dynaconf's vendored tomllib: its own class, the stdlib's messages
         return str(exc)  # "Invalid value (at line 2, column 7)"
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} (at line {exc.lineno}, column {exc.colno})"
@@ -1082,8 +1147,7 @@ def load(config_files: Sequence[str | os.PathLike[str]] = (), environ: Mapping[s
     data: dict[str, Any] = {}
     warnings: list[str] = []
     for path in paths:
-        layer = _read_file(path)
-        _check_names(layer, path)
+        layer = _read_file(path)  # its keys already checked (_check_names)
         if "secret" not in path.name.lower():
             for key in sorted(SECRET_KEYS):
                 section, name = key.split(".")
