@@ -970,6 +970,16 @@ def _read_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a valid settings file: not UTF-8 (byte {exc.start})") from None
     try:
+        # Imported here: the pure modules never pull dynaconf in. Its import evaluates every *_FOR_DYNACONF variable
+        # (dynaconf/default_settings.py, e.g. int(REDIS_PORT_FOR_DYNACONF)) and fails on some values: no option
+        # given in code can prevent that, so say so instead of blaming the file.
+        import dynaconf.base  # noqa: F401
+    except Exception as exc:
+        raise ConfigError(
+            f"{path}: cannot read the settings file: dynaconf, which reads it, fails to import ({type(exc).__name__}); "
+            "it reads the *_FOR_DYNACONF environment variables on import: unset them"
+        ) from None
+    try:
         return _dynaconf_read(path)
     except ConfigError:
         raise
@@ -1015,7 +1025,6 @@ def _dynaconf_read(path: Path) -> dict[str, Any]:
     """The file ``path`` (suffix one of ``FILE_SUFFIXES``, UTF-8) read by dynaconf's ``BaseLoader`` into a dynaconf
     ``Settings``: its keys in lower case, its values exactly as the format gives them. Raises ``ConfigError`` for a
     file that is not a table of known keys; a parser's exception as it is."""
-    # Imported here: the pure modules never pull dynaconf in (and its import reads *_FOR_DYNACONF variables).
     from dynaconf.base import Settings as DynaconfSettings
     from dynaconf.loaders.base import BaseLoader
     from dynaconf.vendor import tomllib as dynaconf_tomllib
