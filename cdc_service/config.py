@@ -14,9 +14,10 @@ Sources, later winning key by key (a table in a later file changes only the keys
 5. environment variables ``CDC_<SECTION>__<KEY>``. Their values are text: a string setting takes it exactly as
    written, a number, boolean or list setting parses it.
 dynaconf reads each file, configured in code so that a file's values are taken exactly as its format (TOML, YAML 1.2
-or JSON) gives them: no ``@`` markers, templates, includes or ``*_FOR_DYNACONF`` variables (``_read_file``). This is the only module that reads the environment. A bad value raises ``ConfigError``
-whose message is one line starting with the setting's dotted name (or the file's path or the variable) and never
-quotes a secret; an unknown key names the file or variable it came from.
+or JSON) gives them: no ``@`` markers, templates, includes or ``*_FOR_DYNACONF`` variables (``_read_file``). This is
+the only module that reads the environment. A bad value raises ``ConfigError`` whose message is one line starting
+with the setting's dotted name (or the file's path or the variable) and never quotes a secret; an unknown key names
+the file or variable it came from.
 """
 
 from __future__ import annotations
