@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,13 @@ _CONSUMER_CREATE_FAILED = 10012  # any failure of a create or update: a refused 
 _CONSUMER_EXISTS = 10148  # action "create" on an existing durable with another configuration
 _NANOS = 1_000_000_000
 _API_TIMEOUT = 5.0
+# A takeover sends its create one round trip after its delete is answered: a durable still missing this long after it
+# was found missing is not in the middle of one (unless a request took this long on a loaded server).
+_SETTLE = 0.5
+_CREATE_ATTEMPTS = 3
+
+# Whether the current membership gives the partition to this replica (read when called).
+Owns = Callable[[], Awaitable[bool]]
 
 
 class ApiError(RuntimeError):
@@ -186,9 +194,13 @@ def retry_window(ingest: IngestSettings) -> float:
     return 2 * ingest.member_ttl
 
 
-async def ensure_partition_consumer(nc: Client, ingest: IngestSettings, partition: int) -> None:
-    """Create the durable if it is missing, or update an existing one whose editable fields differ from the
-    settings, keeping where it starts. One already as configured is not written to.
+async def ensure_partition_consumer(
+    nc: Client, ingest: IngestSettings, partition: int, owns: Owns | None = None
+) -> None:
+    """Create the durable if it is missing and the partition is this replica's (``owns``, read when needed; None:
+    it is), or update an existing one whose editable fields differ from the settings, keeping where it starts. One
+    already as configured is not written to. A missing durable is created only after it stayed missing for
+    ``settle_time()`` (``create_missing_consumer``), from the start of the partition: this replica knows no ack floor.
 
     Other replicas delete and recreate the durable at any time (a takeover), so each step can race one: a create
     finds it created (10148), an update finds it deleted (10014) or replaced with another start (10012), a request
@@ -196,9 +208,9 @@ async def ensure_partition_consumer(nc: Client, ingest: IngestSettings, partitio
     ``retry_window(ingest)``; then ``ProvisioningError``. A create racing another replica's delete can also leave a
     durable whose store directory that delete removed: the server serves it but fails every update of it (10012,
     ``open .../meta.inf.tmp: no such file or directory``). When an update the durable accepts fails on the same
-    durable, it is recreated after its ack floor, as a takeover does. An existing durable the settings cannot be
-    applied to (a fixed field differs: push, ``ack_policy``, ``max_waiting``...) raises ``ProvisioningError`` at
-    once, naming the fields.
+    durable, its owner recreates it after its ack floor, as a takeover does; another replica leaves it. An existing
+    durable the settings cannot be applied to (a fixed field differs: push, ``ack_policy``, ``max_waiting``...)
+    raises ``ProvisioningError`` at once, naming the fields.
     """
     name = durable_name(ingest, partition)
     loop = asyncio.get_running_loop()
@@ -207,7 +219,7 @@ async def ensure_partition_consumer(nc: Client, ingest: IngestSettings, partitio
     while True:
         attempt += 1
         try:
-            if await _ensure_once(nc, ingest, partition):
+            if await _ensure_once(nc, ingest, partition, owns):
                 return
             error = "recreated after its ack floor"
         except (ApiError, nats.errors.TimeoutError) as exc:
@@ -221,16 +233,17 @@ async def ensure_partition_consumer(nc: Client, ingest: IngestSettings, partitio
         await asyncio.sleep(min(0.05 * attempt, ingest.member_ttl / 3))
 
 
-async def _ensure_once(nc: Client, ingest: IngestSettings, partition: int) -> bool:
+async def _ensure_once(nc: Client, ingest: IngestSettings, partition: int, owns: Owns | None) -> bool:
     """One attempt of ``ensure_partition_consumer``: True when done, False to read the durable again (recreated);
     a race with another replica raises ``ApiError``."""
     subject = f"{ingest.partition_stream}.{durable_name(ingest, partition)}"
     existing = await _consumer_info(nc, subject)
     if existing is None:
-        await _api(
-            nc, f"$JS.API.CONSUMER.CREATE.{subject}", _with_action(consumer_request(ingest, partition, None), "create")
-        )
-        return True
+        if await create_missing_consumer(nc, ingest, partition, 0, owns) != "exists":
+            return True
+        existing = await _consumer_info(nc, subject)  # another replica created it meanwhile: check its settings
+        if existing is None:
+            raise ApiError(_CONSUMER_NOT_FOUND, "deleted again while start-up waited")
     request = _update_request(ingest, partition, existing)
     if request is None:
         return True
@@ -243,6 +256,12 @@ async def _ensure_once(nc: Client, ingest: IngestSettings, partition: int) -> bo
         now = await _consumer_info(nc, subject)
         if now is None or now.get("created") != existing.get("created"):
             raise  # a takeover replaced it under the update
+        if owns is not None and not await owns():
+            log.warning(
+                "partition durable cannot be updated; left to the partition's owner",
+                extra={"consumer": durable_name(ingest, partition), "error": str(exc)[:300]},
+            )
+            return True
         log.warning(
             "partition durable cannot be updated; recreating it after its ack floor",
             extra={"consumer": durable_name(ingest, partition), "error": str(exc)[:300]},
@@ -293,16 +312,73 @@ def _update_request(ingest: IngestSettings, partition: int, existing: dict[str, 
     return _with_action(request, "update")
 
 
+def resumes_at(info: dict[str, Any]) -> int:
+    """The first partitioned-stream sequence a durable (its consumer info) would deliver again: after its ack floor,
+    and not before where it starts (``deliver_policy: all`` counts as 1)."""
+    config = info.get("config", {})
+    start = int(config.get("opt_start_seq") or 1) if config.get("deliver_policy") == "by_start_sequence" else 1
+    return max(start, int(info.get("ack_floor", {}).get("stream_seq") or 0) + 1)
+
+
 async def create_partition_consumer(nc: Client, ingest: IngestSettings, partition: int, start: int) -> None:
-    """Create the durable to deliver from ``start``, unless someone else created it first (a replica taking the
-    partition over at the same moment): that one is kept, replacing it would move its start."""
-    body = consumer_request(ingest, partition, start)
-    body["action"] = "create"
-    try:
-        await _api(nc, f"$JS.API.CONSUMER.CREATE.{ingest.partition_stream}.{durable_name(ingest, partition)}", body)
-    except ApiError as exc:
-        if exc.code != _CONSUMER_EXISTS:
-            raise
+    """Create the durable to deliver from ``start`` (the caller's highest known ack floor + 1).
+
+    Someone else may have created it first (code 10148: another replica's create landed between this caller's delete
+    and its create). That durable is kept when it would deliver nothing before ``start`` again (``resumes_at``);
+    one that would (created from the start of the partition, or from an older floor) is deleted and created again
+    from ``start``, up to ``_CREATE_ATTEMPTS`` times; then ``ApiError`` 10148.
+    """
+    subject = f"{ingest.partition_stream}.{durable_name(ingest, partition)}"
+    body = _with_action(consumer_request(ingest, partition, start), "create")
+    for _ in range(_CREATE_ATTEMPTS):
+        try:
+            await _api(nc, f"$JS.API.CONSUMER.CREATE.{subject}", body)
+            return
+        except ApiError as exc:
+            if exc.code != _CONSUMER_EXISTS:
+                raise
+        existing = await _consumer_info(nc, subject)
+        if existing is None:
+            continue  # deleted again meanwhile
+        if resumes_at(existing) >= start:
+            return
+        log.warning(
+            "partition durable created meanwhile from an earlier start; recreating it after the ack floor",
+            extra={"partition": partition, "start": start, "resumes_at": resumes_at(existing)},
+        )
+        with contextlib.suppress(ApiError):
+            await _api(nc, f"$JS.API.CONSUMER.DELETE.{subject}")
+    raise ApiError(
+        _CONSUMER_EXISTS, f"consumer {durable_name(ingest, partition)} kept being created from before {start}"
+    )
+
+
+async def create_missing_consumer(
+    nc: Client, ingest: IngestSettings, partition: int, floor: int, owns: Owns | None
+) -> str:
+    """Create a durable found missing, if it is still missing after ``settle_time()`` and ``owns()`` says the
+    partition is this replica's; it then delivers from ``floor + 1``.
+
+    Missing mostly means another replica's takeover is between its delete and its create: that create follows within
+    a round trip. A create landing while the server is still deleting would leave a durable without its store
+    directory, and one landing before the takeover's create would make the takeover meet 10148. So this waits first,
+    and creates only for the partition's owner. Returns ``"exists"`` (someone else created it meanwhile),
+    ``"created"``, or ``"not_owner"`` (left to the owner; nothing written). ``owns`` None: the caller owns it.
+    """
+    # The pause that lets a takeover under way finish, not a wait for an event this replica could observe.
+    await asyncio.sleep(settle_time())
+    if owns is not None and not await owns():
+        return "not_owner"
+    subject = f"{ingest.partition_stream}.{durable_name(ingest, partition)}"
+    if await _consumer_info(nc, subject) is not None:
+        return "exists"
+    await create_partition_consumer(nc, ingest, partition, floor + 1)
+    return "created"
+
+
+def settle_time() -> float:
+    """How long a durable must stay missing before its owner creates it (``create_missing_consumer``)."""
+    return _SETTLE
 
 
 async def unpin(nc: Client, ingest: IngestSettings, partition: int) -> None:
@@ -340,9 +416,18 @@ class PartitionedIntake:
         # With no_wait a request returns as soon as anything is delivered, so a long expiry adds no latency; it only
         # bounds idle polling. Every request renews the pin, so it must come well within pin_timeout.
         self._expires = min(1.0, self._ingest.pin_timeout / 4)
+        self._leaving = False
         self._partitions = {
             p: PartitionPuller(
-                p, nc, self._ingest, metrics, member, f"{self._inbox}.{p}", self._expires, self._count_owned
+                p,
+                nc,
+                self._ingest,
+                metrics,
+                member,
+                f"{self._inbox}.{p}",
+                self._expires,
+                self._count_owned,
+                functools.partial(self.owns, p),
             )
             for p in range(self._ingest.partitions)
         }
@@ -350,15 +435,27 @@ class PartitionedIntake:
     # -------------------------------------------------------------------------------------------- lifecycle
 
     async def start(self, on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+        """Join the membership, provision the durables (creating only the missing ones of the partitions the
+        membership gives this replica: the others are their owners' to create), and start pulling."""
         self._on_batch = on_batch
-        for p in range(self._ingest.partitions):
-            await ensure_partition_consumer(self._nc, self._ingest, p)
         config = KeyValueConfig(bucket=self._bucket, ttl=self._ingest.member_ttl, history=1)
         config.replicas = self._ingest.stream_replicas
         try:
             self._kv = await self._js.create_key_value(config)
         except BadRequestError:  # exists with other settings (an operator's choice): use it as it is
             self._kv = await self._js.key_value(self._bucket)
+        await self._kv.put(self.member, b"1")
+        # Together: each missing durable waits settle_time() before it is created.
+        results = await asyncio.gather(
+            *(
+                ensure_partition_consumer(self._nc, self._ingest, p, functools.partial(self.owns, p))
+                for p in range(self._ingest.partitions)
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         self._running = True
         await self._rebalance()
         self._membership = asyncio.create_task(self._keep_membership(), name="cdc-membership")
@@ -378,6 +475,7 @@ class PartitionedIntake:
         Every message the server delivered to a partition's inbox is handed to ``on_batch`` first, as with
         ``PullIntake.stop`` (see ``PartitionPuller``)."""
         self._running = False
+        self._leaving = True
         if self._membership is not None:
             self._membership.cancel()
             await asyncio.gather(self._membership, return_exceptions=True)
@@ -407,6 +505,20 @@ class PartitionedIntake:
                 raise
             except Exception as exc:  # disconnected, timeout: keep pulling what we pull, look again next period
                 log.debug("membership round failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+
+    async def owns(self, partition: int) -> bool:
+        """Whether the membership, read now, gives ``partition`` to this replica (counting this replica in, as a
+        round does); False while stopping or when the membership cannot be read."""
+        if self._leaving:
+            return False
+        try:
+            members = await self.live_members()
+        except Exception as exc:  # disconnected, timeout: not known to be ours, so not ours to create
+            log.debug("membership unreadable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            return False
+        if self.member not in members:
+            members.append(self.member)
+        return core.assign(self._ingest.partitions, members).get(partition) == self.member
 
     async def live_members(self) -> list[str]:
         """Keys written within ``member_ttl``: the bucket keeps one entry per key and drops it after the TTL."""
@@ -471,8 +583,10 @@ class PartitionPuller:
         inbox: str,
         expires: float,
         on_released: Callable[[], None],
+        owns: Owns,
     ) -> None:
         self.index = index
+        self._owns = owns
         self.durable = durable_name(ingest, index)
         self._nc = nc
         self._ingest = ingest
@@ -532,7 +646,7 @@ class PartitionPuller:
                     msgs, status = await self._request(queue, f"{self._inbox}.{token}")
                     if status == "423":  # someone else holds the pin: wait as a standby until it is released
                         self._lose_pin()
-                    elif status == "503":  # no durable answered: deleted, by an operator or by a takeover under way
+                    elif status == "503":  # no durable answered: a takeover under way, or deleted
                         await self._recreate()
                     await self._hand_on(msgs, on_batch)
                 except asyncio.CancelledError:
@@ -663,8 +777,18 @@ class PartitionPuller:
 
     async def _take_over(self, pending: int) -> None:
         """Recreate the durable to start after its ack floor: what another owner left unacked is delivered again,
-        before anything newer. The messages received under the new pin are dropped unacked with the old durable."""
+        before anything newer. The messages received under the new pin are dropped unacked with the old durable.
+
+        Only the partition's owner by the membership read now does this (a replica whose view is late stops pulling
+        instead, releasing the pin it was given). The ack floor is read before the delete; the create carries it,
+        and replaces a durable someone else created meanwhile from an earlier start (``create_partition_consumer``)."""
         subject = f"{self._ingest.partition_stream}.{self.durable}"
+        if not await self._owns():
+            log.info("partition no longer ours; not taking it over", extra={"partition": self.index})
+            self.running = False
+            with contextlib.suppress(Exception):
+                await unpin(self._nc, self._ingest, self.index)  # the pin it was just given: the owner pulls at once
+            return
         info = await self.info()
         floor = int(info.get("ack_floor", {}).get("stream_seq") or 0)
         configured = int(info.get("config", {}).get("opt_start_seq") or 0)
@@ -682,8 +806,21 @@ class PartitionPuller:
         self.pin = None
 
     async def _recreate(self) -> None:
-        log.warning("partition durable missing; recreating it", extra={"partition": self.index})
-        await create_partition_consumer(self._nc, self._ingest, self.index, self.floor + 1)
+        """A pull request was answered 503: no durable serves it. Mostly a takeover is under way (its delete done,
+        its create one round trip away), by this partition's owner if this replica's view of the membership is late.
+        So: wait ``settle_time()``, stop pulling if the membership read now gives the partition to someone else, and
+        create the durable (after the highest ack floor seen) only if it is still missing."""
+        result = await create_missing_consumer(self._nc, self._ingest, self.index, self.floor, self._owns)
+        if result == "not_owner":
+            log.info(
+                "partition durable missing and the partition no longer ours; stopping", extra={"partition": self.index}
+            )
+            self.running = False
+        elif result == "created":
+            log.warning(
+                "partition durable missing; recreated it after its ack floor",
+                extra={"partition": self.index, "ack_floor": self.floor},
+            )
 
     async def _ack_pending(self) -> int:
         return int((await self.info()).get("num_ack_pending") or 0)

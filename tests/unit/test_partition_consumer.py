@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from cdc_service.adapters import nats_partitions
 from cdc_service.adapters.nats_jetstream import ProvisioningError
 from cdc_service.adapters.nats_partitions import consumer_request, ensure_partition_consumer, retry_window
 from cdc_service.config import settings_from_mapping
@@ -39,6 +40,20 @@ class FakeNats:
         return [body for subject, body in self.requests if ".CONSUMER.CREATE." in subject]
 
 
+@pytest.fixture(autouse=True)
+def short_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing durable is created only after it stayed missing this long (0.5 s in the service)."""
+    monkeypatch.setattr(nats_partitions, "_SETTLE", 0.01)
+
+
+async def owner() -> bool:
+    return True
+
+
+async def not_owner() -> bool:
+    return False
+
+
 def settings(**ingest: Any) -> Any:
     return settings_from_mapping({"ingest": {"ordering": "partitioned", "partitions": 2, **ingest}}).ingest
 
@@ -54,6 +69,37 @@ async def test_a_missing_durable_is_created_with_action_create() -> None:
     [write] = nc.writes()
     assert write["action"] == "create"
     assert write["config"]["deliver_policy"] == "all"
+
+
+async def test_a_missing_durable_of_a_partition_another_replica_owns_is_not_created() -> None:
+    nc = FakeNats([MISSING])
+    await ensure_partition_consumer(nc, settings(), 0, not_owner)  # type: ignore[arg-type]
+    assert nc.writes() == []
+
+
+async def test_a_durable_missing_only_while_a_takeover_recreates_it_is_not_created() -> None:
+    ingest = settings()
+    nc = FakeNats([MISSING, existing(ingest)])  # present again after the settle time
+    await ensure_partition_consumer(nc, ingest, 0, owner)  # type: ignore[arg-type]
+    assert nc.writes() == []
+
+
+async def test_a_durable_created_meanwhile_from_the_start_is_replaced_by_a_create_after_the_floor() -> None:
+    ingest = settings()
+    from_the_start = existing(ingest, deliver_policy="all", opt_start_seq=None)
+    nc = FakeNats([from_the_start], [EXISTS])
+    await nats_partitions.create_partition_consumer(nc, ingest, 0, 9)  # type: ignore[arg-type]
+    first, second = nc.writes()
+    assert first["config"]["opt_start_seq"] == second["config"]["opt_start_seq"] == 9
+    assert any(".CONSUMER.DELETE." in subject for subject, _ in nc.requests)
+
+
+async def test_a_durable_created_meanwhile_past_the_floor_is_kept() -> None:
+    ingest = settings()
+    nc = FakeNats([existing(ingest)], [EXISTS])  # starts at 9, past the 5 this create asks for
+    await nats_partitions.create_partition_consumer(nc, ingest, 0, 5)  # type: ignore[arg-type]
+    assert len(nc.writes()) == 1
+    assert not any(".CONSUMER.DELETE." in subject for subject, _ in nc.requests)
 
 
 async def test_a_durable_already_as_configured_is_not_written() -> None:
@@ -76,7 +122,7 @@ async def test_an_update_keeps_where_the_durable_starts() -> None:
 @pytest.mark.parametrize("race", [EXISTS, MISSING])
 async def test_a_create_or_update_racing_a_takeover_reads_the_durable_again(race: dict[str, Any]) -> None:
     ingest = settings(member_ttl=1)
-    infos = [MISSING, existing(ingest)] if race is EXISTS else [existing(ingest, ack_wait=1), MISSING]
+    infos = [MISSING, MISSING, existing(ingest)] if race is EXISTS else [existing(ingest, ack_wait=1), MISSING]
     nc = FakeNats(infos, [race])
     await ensure_partition_consumer(nc, ingest, 0)  # type: ignore[arg-type]
     assert len(nc.writes()) == (1 if race is EXISTS else 2)
