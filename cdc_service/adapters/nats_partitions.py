@@ -266,10 +266,7 @@ async def _ensure_once(nc: Client, ingest: IngestSettings, partition: int, owns:
             "partition durable cannot be updated; recreating it after its ack floor",
             extra={"consumer": durable_name(ingest, partition), "error": str(exc)[:300]},
         )
-    start = max(int(now.get("ack_floor", {}).get("stream_seq") or 0) + 1, int(now["config"].get("opt_start_seq") or 0))
-    with contextlib.suppress(ApiError):
-        await _api(nc, f"$JS.API.CONSUMER.DELETE.{subject}")
-    await create_partition_consumer(nc, ingest, partition, start)
+    await recreate_after_floor(nc, ingest, partition, now, 0)
     return False
 
 
@@ -351,6 +348,16 @@ async def create_partition_consumer(nc: Client, ingest: IngestSettings, partitio
     raise ApiError(
         _CONSUMER_EXISTS, f"consumer {durable_name(ingest, partition)} kept being created from before {start}"
     )
+
+
+async def recreate_after_floor(
+    nc: Client, ingest: IngestSettings, partition: int, info: dict[str, Any], floor: int
+) -> None:
+    """Delete the durable (``info``: its consumer info, read before) and create it to deliver from after the highest
+    of its ack floor and ``floor`` (the caller's highest seen), not before where it started."""
+    with contextlib.suppress(ApiError):  # already deleted: the create follows all the same
+        await _api(nc, f"$JS.API.CONSUMER.DELETE.{ingest.partition_stream}.{durable_name(ingest, partition)}")
+    await create_partition_consumer(nc, ingest, partition, max(resumes_at(info), floor + 1))
 
 
 async def create_missing_consumer(
@@ -645,7 +652,7 @@ class PartitionPuller:
                 try:
                     msgs, status = await self._request(queue, f"{self._inbox}.{token}")
                     if status == "423":  # someone else holds the pin: wait as a standby until it is released
-                        self._lose_pin()
+                        self.pin = None
                     elif status == "503":  # no durable answered: a takeover under way, or deleted
                         await self._recreate()
                     await self._hand_on(msgs, on_batch)
@@ -776,51 +783,35 @@ class PartitionPuller:
         return False
 
     async def _take_over(self, pending: int) -> None:
-        """Recreate the durable to start after its ack floor: what another owner left unacked is delivered again,
-        before anything newer. The messages received under the new pin are dropped unacked with the old durable.
-
-        Only the partition's owner by the membership read now does this (a replica whose view is late stops pulling
-        instead, releasing the pin it was given). The ack floor is read before the delete; the create carries it,
-        and replaces a durable someone else created meanwhile from an earlier start (``create_partition_consumer``)."""
-        subject = f"{self._ingest.partition_stream}.{self.durable}"
+        """Recreate the durable after its ack floor (``recreate_after_floor``): what another owner left unacked comes
+        again, before anything newer; what came under the new pin is dropped unacked with the old durable. Only the
+        owner by the membership read now does this; a replica whose view is late stops pulling and unpins."""
         if not await self._owns():
-            log.info("partition no longer ours; not taking it over", extra={"partition": self.index})
-            self.running = False
+            self._stop("not taking it over")
             with contextlib.suppress(Exception):
                 await unpin(self._nc, self._ingest, self.index)  # the pin it was just given: the owner pulls at once
             return
-        info = await self.info()
-        floor = int(info.get("ack_floor", {}).get("stream_seq") or 0)
-        configured = int(info.get("config", {}).get("opt_start_seq") or 0)
-        with contextlib.suppress(ApiError):
-            await _api(self._nc, f"$JS.API.CONSUMER.DELETE.{subject}")
-        await create_partition_consumer(self._nc, self._ingest, self.index, max(self.floor + 1, configured))
-        self._lose_pin()
+        info = await self.info()  # the floor, read before the delete
+        await recreate_after_floor(self._nc, self._ingest, self.index, info, self.floor)
+        self.pin = None
         self._metrics.partition_takeovers.inc()
         log.info(
             "partition taken over; resuming after its ack floor",
-            extra={"partition": self.index, "ack_floor": floor, "unacked": pending, "member": self._member},
+            extra={"partition": self.index, "ack_floor": self.floor, "unacked": pending, "member": self._member},
         )
 
-    def _lose_pin(self) -> None:
-        self.pin = None
+    def _stop(self, why: str) -> None:
+        log.info(f"partition no longer this replica's: {why}", extra={"partition": self.index})
+        self.running = False
 
     async def _recreate(self) -> None:
-        """A pull request was answered 503: no durable serves it. Mostly a takeover is under way (its delete done,
-        its create one round trip away), by this partition's owner if this replica's view of the membership is late.
-        So: wait ``settle_time()``, stop pulling if the membership read now gives the partition to someone else, and
-        create the durable (after the highest ack floor seen) only if it is still missing."""
+        """Answered 503, no durable: mostly a takeover is between its delete and its create (by the owner, if this
+        replica's view is late). ``create_missing_consumer`` waits, then creates only for the owner."""
         result = await create_missing_consumer(self._nc, self._ingest, self.index, self.floor, self._owns)
         if result == "not_owner":
-            log.info(
-                "partition durable missing and the partition no longer ours; stopping", extra={"partition": self.index}
-            )
-            self.running = False
+            self._stop("its durable is missing")
         elif result == "created":
-            log.warning(
-                "partition durable missing; recreated it after its ack floor",
-                extra={"partition": self.index, "ack_floor": self.floor},
-            )
+            log.warning("partition durable missing; recreated it", extra={"partition": self.index, "floor": self.floor})
 
     async def _ack_pending(self) -> int:
         return int((await self.info()).get("num_ack_pending") or 0)
