@@ -4,6 +4,9 @@ A message whose every delivery went to a replica that could not finish it (froze
 ``max_ack_pending`` messages) reaches ``ingest.max_deliver`` without the service seeing the final attempt. JetStream
 then stops delivering it, the ack floor moves past it, and its only trace is the advisory
 ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<durable>`` (JSON with ``stream_seq`` and ``deliveries``).
+In partitioned mode each partition's durable has its own (``<durable>_p<i>`` on the partitioned stream); the message
+is then read from the partitioned stream and dead-lettered under its original subject, with the partitioned stream's
+name and sequence, as the engine does for a final delivery it sees.
 
 ``dlq.advisory_stream`` captures those advisories, so none is missed while no replica is running (a core
 subscription would be), and a shared pull durable hands each to one replica. That replica reads the message from
@@ -36,6 +39,7 @@ from cdc_service.adapters.nats_jetstream import advisory_durable
 from cdc_service.config import Settings
 from cdc_service.core.dead_letters import build_dead_letter
 from cdc_service.core.outcomes import DeadLetter, Duplicate, Outcome, Publish, Reason, Retry, Skip, dead_letter_id
+from cdc_service.core.partitions import original_subject
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
 from cdc_service.ports import DedupStore, Publisher
@@ -181,6 +185,8 @@ class MaxDeliveriesWatcher:
                 log.error("a message ran out of deliveries and is no longer in the input stream")
                 return "gone"
             subject, data = str(raw.subject or ""), bytes(raw.data or b"")
+            if stream == self._settings.ingest.partition_stream:
+                subject = original_subject(subject)  # as the partitioned intake hands it on: no partition token
             seen = await loop.run_in_executor(self._executor, self._dedup.seen, [marker])
             if seen and seen[0]:
                 return "already_dead_lettered"  # another replica (or an earlier attempt) did it

@@ -304,7 +304,7 @@ class Service:
         prepare = BatchPreparer(builder, self.dedup, self.metrics, max_deliver=settings.ingest.max_deliver)
         engine = self.engine = Engine(settings, prepare, self.dedup, publisher, self._executor, self.metrics)
         await engine.start()
-        if settings.dlq.enabled and not partitioned:
+        if settings.dlq.enabled:
             self._advisories = MaxDeliveriesWatcher(
                 js, settings, prepare, self.dedup, publisher, self._executor, self.metrics
             )

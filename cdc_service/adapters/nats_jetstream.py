@@ -454,8 +454,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> ConsumerConfig:
             max_age=dlq.max_age_days * 86400,
             discard=DiscardPolicy.OLD,
         )
-        if settings.ingest.ordering != "partitioned":
-            await ensure_advisory_capture(js, settings)
+        await ensure_advisory_capture(js, settings)
     if settings.ingest.ordering == "partitioned":
         # One pinned durable per partition instead (adapters/nats_partitions.py); a shared durable would only pile up.
         return consumer_config(settings.ingest)
@@ -466,12 +465,21 @@ def advisory_subject(stream: str, durable: str) -> str:
     return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}"
 
 
+def advisory_subjects(ingest: IngestSettings) -> list[str]:
+    """The max-deliveries advisories of the durables the service pulls: the shared one, or in partitioned mode one
+    per partition (``<durable>_p<i>`` on the partitioned stream, ``adapters/nats_partitions.durable_name``)."""
+    if ingest.ordering == "partitioned":
+        return [advisory_subject(ingest.partition_stream, f"{ingest.durable}_p{p}") for p in range(ingest.partitions)]
+    return [advisory_subject(ingest.stream, ingest.durable)]
+
+
 def advisory_durable(durable: str) -> str:
     return f"{durable}_max_deliveries"
 
 
 async def ensure_advisory_capture(js: JetStreamContext, settings: Settings) -> None:
-    """The stream that keeps the durable's max-deliveries advisories, and the shared pull durable that reads it.
+    """The stream that keeps the durables' max-deliveries advisories (``advisory_subjects``), and the shared pull
+    durable that reads it.
 
     A stream, not a core subscription: JetStream publishes an advisory once, when the message runs out of
     deliveries, and it must not be lost when no replica is listening at that moment (all restarting, OOM-killed).
@@ -481,7 +489,7 @@ async def ensure_advisory_capture(js: JetStreamContext, settings: Settings) -> N
     await ensure_stream(
         js,
         dlq.advisory_stream,
-        [advisory_subject(ingest.stream, ingest.durable)],
+        advisory_subjects(ingest),
         replicas=settings.publish.stream_replicas,
         max_age=dlq.max_age_days * 86400,
         discard=DiscardPolicy.OLD,

@@ -283,3 +283,59 @@ async def test_readiness_fails_while_nats_server_is_frozen(nats_server, js, star
         return await count(js, OUTPUT) >= 2
 
     await wait_until(second_published, timeout=20, what="second event after the freeze")
+
+
+async def test_deliveries_a_partition_owner_never_finished_are_dead_lettered(nc, js, start_service) -> None:
+    """Partitioned mode: a partition's owner took messages on their final delivery and died with them (here the
+    test pulls them as that owner and never acks). Each partition durable's MAX_DELIVERIES advisory is captured, and
+    the next replica dead-letters every one of them with reason ``max_deliveries``, under its original subject."""
+    await ensure_input(js)
+    settings = {
+        "ingest.ordering": "partitioned",
+        "ingest.partitions": 2,
+        "ingest.member_ttl": 1.5,
+        "ingest.ack_wait": 1,
+        "ingest.max_deliver": 1,
+        **NO_CLAIMS,
+    }
+    first = start_service(name="provisions", **settings)
+    first.stop()  # leaves: its pins are released, its durables and the advisory capture stay
+    seqs = [await feed(js, "cdc.acme.messages", _event(i)) for i in range(5)]
+    partitioned = "cdc_events_partitioned"
+
+    async def stored() -> bool:
+        return await count(js, partitioned) >= len(seqs)
+
+    await wait_until(stored, timeout=15, what="events in the partitioned stream")
+    [token] = {m.subject.split(".")[0] for m in await read_all(js, partitioned)}  # one company: one partition
+    taken = []
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(
+        f"$JS.API.CONSUMER.MSG.NEXT.{partitioned}.cdc_consumers_p{token}",
+        b'{"batch": 10, "expires": 2000000000, "group": "cdc"}',
+        reply=inbox,
+    )
+    while len(taken) < len(seqs):
+        msg = await sub.next_msg(timeout=5)
+        if msg.reply:
+            taken.append(msg.metadata.sequence.stream)
+    await sub.unsubscribe()
+
+    async def exhausted() -> bool:
+        return await count(js, ADVISORIES) >= len(seqs)
+
+    await wait_until(exhausted, timeout=30, what="the partition durable's max-deliveries advisories captured")
+    successor = start_service(name="successor", **settings)
+
+    async def all_dead_lettered() -> bool:
+        return await count(js, DLQ) >= len(seqs)
+
+    await wait_until(all_dead_lettered, timeout=30, what="every message the dead owner took dead-lettered")
+    published, dead = await _accounted(js)
+    assert published == []
+    assert dead == {str(s): "max_deliveries" for s in taken}
+    assert successor.metric("cdc_consumer_max_delivery_advisories_total", {"result": "dead_lettered"}) == len(seqs)
+    dlq = await read_all(js, DLQ)
+    assert {m.headers["Cdc-Source-Subject"] for m in dlq} == {"cdc.acme.messages"}
+    assert {m.headers["Cdc-Source-Stream"] for m in dlq} == {partitioned}

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from cdc_service.adapters import nats_partitions
-from cdc_service.adapters.nats_jetstream import ProvisioningError
+from cdc_service.adapters.nats_jetstream import ProvisioningError, advisory_subjects
 from cdc_service.adapters.nats_partitions import consumer_request, ensure_partition_consumer, retry_window
 from cdc_service.config import settings_from_mapping
 
@@ -158,3 +158,14 @@ async def test_a_fixed_field_the_settings_cannot_change_stops_at_once(field: str
     assert nc.writes() == []
     assert "\n" not in str(raised.value)
     assert f"cdc_consumers_p0 on cdc_events_partitioned: {field} is {value!r}" in str(raised.value)
+
+
+def test_the_advisories_captured_in_partitioned_mode_are_those_of_the_partition_durables() -> None:
+    ingest = settings(partitions=3)
+    expected = [
+        f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.cdc_events_partitioned.{nats_partitions.durable_name(ingest, p)}"
+        for p in range(3)
+    ]
+    assert advisory_subjects(ingest) == expected
+    replica = settings_from_mapping({}).ingest
+    assert advisory_subjects(replica) == ["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.cdc_events_stream.cdc_consumers"]
