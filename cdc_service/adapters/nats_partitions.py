@@ -462,6 +462,8 @@ class PartitionedIntake:
         )
         for result in results:
             if isinstance(result, BaseException):
+                with contextlib.suppress(Exception):  # not staying: give its share back now, not after member_ttl
+                    await self._js.purge_stream(f"KV_{self._bucket}", subject=f"$KV.{self._bucket}.{self.member}")
                 raise result
         self._running = True
         await self._rebalance()

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from prometheus_client import CollectorRegistry
 
+from cdc_service.adapters.nats_jetstream import ProvisioningError
 from cdc_service.adapters.nats_partitions import (
     ApiError,
     PartitionedIntake,
@@ -197,3 +198,24 @@ async def test_start_up_creates_only_the_durables_of_the_partitions_it_owns(nc: 
         assert intake.owned() == [1]
     finally:
         await intake.stop()
+
+
+async def test_a_start_up_that_cannot_provision_gives_its_membership_back(nc: Client, js: JetStreamContext) -> None:
+    """Start-up joins the membership before it checks the durables; one it cannot use stops it, and its key goes at
+    once, so the others do not leave it a share until the key expires."""
+    settings = partitioned(partitions=2)
+    ingest = settings.ingest
+    await ensure_input(js)
+    await ensure_partitioned_stream(js, settings)
+    request = consumer_request(ingest, 1, None)
+    request["config"]["max_waiting"] = 16  # fixed at creation: the service cannot use it
+    await _api(nc, f"$JS.API.CONSUMER.CREATE.{subject(ingest, 1)}", request)
+    await membership(js, ingest, "a")
+    intake = PartitionedIntake(nc, js, settings, Metrics(CollectorRegistry()), "b")
+
+    async def on_batch(msgs: list[Msg]) -> None:
+        raise AssertionError("nothing to pull")
+
+    with pytest.raises(ProvisioningError, match="max_waiting"):
+        await intake.start(on_batch)
+    assert await intake.live_members() == ["a"]
