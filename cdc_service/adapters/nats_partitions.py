@@ -14,6 +14,10 @@ How it fits together (``ingest.ordering = "partitioned"``):
   messages of it unacked drops what it received, recreates the durable to start after its ack floor, and pulls
   again. What the previous owner had already published comes again and de-duplication drops it; as every owner
   publishes in stream order, the first copy of each event lands in order.
+- **Only the owner creates a durable**, by the membership read at that moment, and only once it stayed missing for
+  ``settle_time()``: a create landing in another replica's delete leaves a durable without its store, and one landing
+  in a takeover (between its delete and create) would start the partition over. A takeover whose create meets a
+  durable created meanwhile from an earlier start replaces it (``create_partition_consumer``).
 
 nats-py 2.16 has no priority-group API: the JetStream API subjects are used directly. Everything here runs on the
 loop thread.
