@@ -60,6 +60,9 @@ EVENT_HEADER_ROOM = 512 + CORRELATION_HEADER_BYTES
 HOLD_STOP_GRACE = 0.5
 # How long drain waits for claim releases to reach Redis before the pool shuts down.
 RELEASE_GRACE = 1.0
+# Output subjects found publishable, remembered so the walk checks each one once; they come from input (company and
+# table tokens), so the set is emptied when it reaches this size.
+PUBLISHABLE_SUBJECTS_KEPT = 10_000
 
 
 def _report_unexpected_end(task: asyncio.Task[None]) -> None:
@@ -90,6 +93,7 @@ class Engine:
         self._max_deliver = settings.ingest.max_deliver
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned = Tasks()
+        self._publishable: set[str] = set()  # see PUBLISHABLE_SUBJECTS_KEPT
         self.ledger = SettleLedger(settings, metrics, clock)
         self.batcher = Batcher(settings.ingest, prepare, executor, self.ledger, metrics, clock)
         self.output = Output(settings.publish, publisher, metrics, clock)
@@ -265,7 +269,7 @@ class Engine:
         to_release: list[str] = []
         limit = self.output.max_payload - EVENT_HEADER_ROOM
         for index, planned in enumerate(outcomes):
-            outcome = _vetted(planned, limit, to_release) if type(planned) in _EVENTS else planned
+            outcome = _vetted(planned, limit, to_release, self._publishable) if type(planned) in _EVENTS else planned
             match outcome:
                 case Skip():
                     await settle(batch, index, skipped, outcome.table)
@@ -304,10 +308,11 @@ class Engine:
 _EVENTS = (Publish, ClaimedElsewhere)  # the outcomes that carry an event to vet before it is sent
 
 
-def _vetted(planned: Outcome, limit: int, to_release: list[str]) -> Outcome:
+def _vetted(planned: Outcome, limit: int, to_release: list[str], publishable: set[str]) -> Outcome:
     """``planned``, or a dead letter for an event the server would refuse on every attempt (poison, not an outage):
     larger than ``limit`` bytes, or with a subject that would close the connection. The claim of an event turned
-    into a dead letter goes into ``to_release``: other copies need not wait for it to expire."""
+    into a dead letter goes into ``to_release``: other copies need not wait for it to expire. ``publishable`` holds
+    subjects already found fine (added to here)."""
     event = planned.event if isinstance(planned, ClaimedElsewhere) else planned
     if not isinstance(event, Publish):
         return planned
@@ -318,10 +323,15 @@ def _vetted(planned: Outcome, limit: int, to_release: list[str]) -> Outcome:
             f"the event would be {len(event.payload)} bytes; the server accepts {limit}",
             event.event_id,
         )
+    elif event.subject in publishable:
+        return planned
     elif problem := publishable_subject_problem(event.subject):
         # A protocol line over the server's max_control_line closes the connection: never send one.
         dead = DeadLetter(event.table, Reason.INVALID_SUBJECT_TOKEN, f"the event subject {problem}", event.event_id)
     else:
+        if len(publishable) >= PUBLISHABLE_SUBJECTS_KEPT:
+            publishable.clear()
+        publishable.add(event.subject)
         return planned
     if event.claimed:
         to_release.append(event.event_id)
