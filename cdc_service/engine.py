@@ -292,9 +292,8 @@ class Engine:
                     assert_never(outcome)
         if to_release:
             self.flights.release(to_release)
-        for send in sends:
-            await self.output.send(send)
         if sends:
+            await self.output.send_all(sends)
             self._spawned.spawn(self._finisher.finish(batch, sends))
 
     async def _dead_letter(self, batch: Batch, index: int, outcome: DeadLetter, sends: list[Send]) -> None:

@@ -109,8 +109,8 @@ class Finisher:
         try:
             await self._retry_failures(batch, await self._output.await_acks(sends))
             published = [s for s in sends if s.future is not None and not s.error]
-            self._flights.land(events_of(published), stored=True)
             events = events_of(published)
+            self._flights.land(events, stored=True)
             await self._mark([e.event_id for e in events], [e.routing for e in events if e.routing is not None])
             await self._settle_published(batch, published)
         except asyncio.CancelledError:
