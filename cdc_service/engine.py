@@ -262,9 +262,6 @@ class Engine:
         settle = self.ledger.settle
         # Bound per batch: looking up a member on its enum class (Result.SKIPPED) costs about 60 ns on Python 3.11.
         skipped, duplicate = Result.SKIPPED, Result.DUPLICATE
-        # Bound per batch as well: the table's own dict get, and the clock read once for every take-off.
-        in_flight, take_off, event_send = self.flights.get, self.flights.take_off, self._finisher.event_send
-        now = self._clock.monotonic()
         sends: list[Send] = []
         to_release: list[str] = []
         limit = self.output.max_payload - EVENT_HEADER_ROOM
@@ -276,10 +273,9 @@ class Engine:
                 case Duplicate():
                     await settle(batch, index, duplicate, outcome.table)
                 case Publish():
-                    # The table is asked first: a copy in flight is rare, and ``of_flight`` is a coroutine per call.
-                    if in_flight(outcome.event_id) is None or not await self._copies.of_flight(batch, index, outcome):
-                        take_off(outcome, now)
-                        sends.append(event_send(index, outcome))
+                    if not await self._copies.of_flight(batch, index, outcome):
+                        self.flights.take_off(outcome)
+                        sends.append(self._finisher.event_send(index, outcome))
                 case ClaimedElsewhere():
                     self._metrics.copy_waits.labels("other_replica").inc()
                     if not await self._copies.of_flight(batch, index, outcome.event):

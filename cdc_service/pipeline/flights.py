@@ -15,7 +15,7 @@ from cdc_service.pipeline.clock import Clock
 from cdc_service.ports import DedupStore
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class Flight:
     """An event this replica is publishing. Later copies wait on ``result``: True once the stream holds the event
     (ack them as duplicates), False when the attempt failed for good (then one of them publishes).
@@ -63,12 +63,9 @@ class FlightTable:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def take_off(self, event: Publish, now: float | None = None) -> Flight:
-        """Enter ``event`` in the table; the caller publishes it next, before awaiting anything else. ``now`` is the
-        monotonic time of its claim (read here when not given; the walk reads it once per batch)."""
-        if now is None:
-            now = self._clock.monotonic()
-        flight = Flight(asyncio.get_running_loop().create_future(), event.claimed, now)
+    def take_off(self, event: Publish) -> Flight:
+        """Enter ``event`` in the table; the caller publishes it next, before awaiting anything else."""
+        flight = Flight(asyncio.get_running_loop().create_future(), event.claimed, self._clock.monotonic())
         self._flights[event.event_id] = flight
         if not event.claimed:
             self._metrics.unclaimed_publishes.inc()
