@@ -131,10 +131,9 @@ class BatchPreparer:
         parser = self._parser()
         plan = self._builder.plan
         outcomes: list[Outcome] = []
-        # Each message's delivery attempt, read from its reply subject once (the final-delivery check needs it too).
-        counts = [delivery_count(msg.reply) for msg in messages]
+        redelivered = 0
         drifts: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
-        for msg, count in zip(messages, counts, strict=True):
+        for msg in messages:
             try:
                 outcome = plan(msg.subject, msg.data, parser)
                 if type(outcome) is Publish:
@@ -144,18 +143,20 @@ class BatchPreparer:
                 outcomes.append(outcome)
             except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
                 table = self._builder.table_of(msg.subject)
+                count = delivery_count(msg.reply)
                 self._metrics.handler_errors.labels(type(exc).__name__).inc()
                 stream, seq = source_position(msg.reply)
                 with bound(subject=msg.subject, table=table, delivered=count, stream=stream, stream_seq=seq):
                     log.exception("unexpected error while building an event")
                 outcomes.append(decide_failure(exc, table=table, num_delivered=count, max_deliver=self._max_deliver))
-        redelivered = sum(1 for count in counts if count > 1)
+            if delivery_count(msg.reply) > 1:
+                redelivered += 1
         if redelivered:
             self._metrics.redeliveries.inc(redelivered)
         if drifts:
             self._drift.record(drifts)
         self._route_from_cache(messages, outcomes, parser)
-        return self._drop_known_duplicates(outcomes, messages, counts)
+        return self._drop_known_duplicates(outcomes, messages)
 
     def _route_from_cache(self, messages: Sequence[InboundMessage], outcomes: list[Outcome], parser: Any) -> None:
         """Deletes that lack their routing fields: plan them again with the fields remembered for their row (one
@@ -211,14 +212,12 @@ class BatchPreparer:
             _correlate(replanned, msg)
         return replanned
 
-    def _drop_known_duplicates(
-        self, outcomes: list[Outcome], messages: Sequence[InboundMessage], counts: list[int]
-    ) -> list[Outcome]:
+    def _drop_known_duplicates(self, outcomes: list[Outcome], messages: Sequence[InboundMessage]) -> list[Outcome]:
         """Look up and claim the batch's events in Redis (one call): known ones become duplicates, ones another
         replica is publishing become ``ClaimedElsewhere``, the rest carry this replica's claim."""
         events = [(i, o) for i, o in enumerate(outcomes) if type(o) is Publish]
         if events:
-            events = self._drop_dead_lettered_finals(outcomes, messages, counts, events)
+            events = self._drop_dead_lettered_finals(outcomes, messages, events)
         if not events:
             return outcomes
         states = self._dedup.claim([event.event_id for _, event in events])
@@ -230,15 +229,11 @@ class BatchPreparer:
         return outcomes
 
     def _drop_dead_lettered_finals(
-        self,
-        outcomes: list[Outcome],
-        messages: Sequence[InboundMessage],
-        counts: list[int],
-        events: list[tuple[int, Publish]],
+        self, outcomes: list[Outcome], messages: Sequence[InboundMessage], events: list[tuple[int, Publish]]
     ) -> list[tuple[int, Publish]]:
         """A final delivery that was held past its AckWait may already have been dead-lettered from its
         max-deliveries advisory (cdc_service.advisories): then publishing it too would make it both."""
-        finals = [(i, e) for i, e in events if 0 < self._max_deliver <= counts[i]]
+        finals = [(i, e) for i, e in events if 0 < self._max_deliver <= delivery_count(messages[i].reply)]
         if not finals:
             return events
         dead = [dead_letter_id(messages[i].metadata.stream, messages[i].metadata.sequence.stream) for i, _ in finals]
