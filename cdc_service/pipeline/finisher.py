@@ -140,14 +140,14 @@ class Finisher:
     async def _settle_published(self, batch: Batch, published: list[Send]) -> None:
         wall = self._clock.time()
         stored, repeated = Result.PUBLISHED, Result.DUPLICATE  # bound per batch: an enum class lookup is slow
-        settle, observe_lag = self._ledger.settle, self._metrics.lag.observe  # and these, looked up once
         for send in published:
             match send.outcome:
                 case Publish() as event:
                     if event.commit_time is not None:
-                        self.lag = lag = max(0.0, wall - event.commit_time)
-                        observe_lag(lag)
-                    await settle(batch, send.index, repeated if send.duplicate else stored, event.table)
+                        self.lag = max(0.0, wall - event.commit_time)
+                        self._metrics.lag.observe(self.lag)
+                    result = repeated if send.duplicate else stored
+                    await self._ledger.settle(batch, send.index, result, event.table)
                 case DeadLetter() as dead:
                     self._log_dead_letter_stored(batch.messages[send.index], send, dead)
                     await self._ledger.settle(batch, send.index, Result.DEAD_LETTERED, dead.table, reason=dead.reason)
