@@ -56,8 +56,7 @@ class FlightTable:
         # The flight of an event id, or None. The dict's own get: the walk asks once per event, and a Python-level
         # method around it would add a call to every publish.
         self.get: Callable[[str], Flight | None] = self._flights.get
-        # One entry per marker write: the dispatch number when it ended, and the flights it covered.
-        self._marked_flights: deque[tuple[int, list[tuple[str, Flight]]]] = deque()
+        self._marked_flights: deque[tuple[int, str, Flight]] = deque()
         self.releases: set[asyncio.Future[None]] = set()  # release calls still running (drain waits for them)
 
     def __len__(self) -> int:
@@ -94,24 +93,19 @@ class FlightTable:
         """The marker write of these published events ended (either way): batches dispatched from now on look
         them up after it, so the table keeps them only until the walk passes today's dispatch number."""
         dispatched = self._dispatched()
-        get = self._flights.get
-        covered = []
         for event_id in event_ids:
-            flight = get(event_id)
+            flight = self._flights.get(event_id)
             if flight is not None and flight.marked_at == 0:
                 flight.marked_at = dispatched
-                covered.append((event_id, flight))
-        if covered:
-            self._marked_flights.append((dispatched, covered))
+                self._marked_flights.append((dispatched, event_id, flight))
 
     def forget(self, number: int) -> None:
         """The walk reached batch ``number``: forget published flights whose marker it cannot have missed."""
         marked = self._marked_flights
-        flights = self._flights
         while marked and marked[0][0] < number:
-            for event_id, flight in marked.popleft()[1]:
-                if flights.get(event_id) is flight:
-                    del flights[event_id]
+            _, event_id, flight = marked.popleft()
+            if self._flights.get(event_id) is flight:
+                del self._flights[event_id]
 
     def release(self, event_ids: list[str]) -> None:
         """Give up these claims in Redis. Not awaited (drain waits for what is left): release never raises, and a
