@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +38,17 @@ from nats.js.errors import NotFoundError
 from cdc_service.adapters.nats_jetstream import advisory_durable
 from cdc_service.config import Settings
 from cdc_service.core.dead_letters import build_dead_letter
-from cdc_service.core.outcomes import DeadLetter, Duplicate, Outcome, Publish, Reason, Retry, Skip, dead_letter_id
+from cdc_service.core.outcomes import (
+    ClaimedElsewhere,
+    DeadLetter,
+    Duplicate,
+    Outcome,
+    Publish,
+    Reason,
+    Retry,
+    Skip,
+    dead_letter_id,
+)
 from cdc_service.core.partitions import original_subject
 from cdc_service.logs import bound
 from cdc_service.metrics import Metrics
@@ -65,11 +75,14 @@ class _Metadata:
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """A message read back from the input stream, shaped like a delivery for the batch preparer (never acked)."""
+    """A message read back from the input stream, shaped like a delivery for the batch preparer (never acked): it
+    has every attribute of ``ports.InboundMessage`` the preparer reads (a missing one made the preparer fail on each
+    advisory, so the published-marker lookup never ran)."""
 
     subject: str
     data: bytes
     metadata: _Metadata
+    headers: Mapping[str, str] | None = None
     reply: str = ""
 
 
@@ -190,13 +203,21 @@ class MaxDeliveriesWatcher:
             seen = await loop.run_in_executor(self._executor, self._dedup.seen, [marker])
             if seen and seen[0]:
                 return "already_dead_lettered"  # another replica (or an earlier attempt) did it
-            stored = StoredMessage(subject, data, _Metadata(stream, _Sequence(seq, 0), deliveries))
+            headers = dict(raw.headers) if raw.headers else None
+            stored = StoredMessage(subject, data, _Metadata(stream, _Sequence(seq, 0), deliveries), headers)
             [outcome] = await loop.run_in_executor(self._executor, self._prepare, [stored])
             if isinstance(outcome, Skip):
                 return "no_route"
             if isinstance(outcome, Duplicate):
                 log.info("a message ran out of deliveries after it was published; nothing to do")
                 return "already_published"
+            if isinstance(outcome, ClaimedElsewhere):
+                # A replica still finishing the final delivery is publishing it now: look again after the delay,
+                # when its marker says published (or its claim expired with it).
+                log.info("a message ran out of deliveries while a replica publishes it; looking again shortly")
+                return "retried"
+            # The preparer's lookup claims the event when claims are on; this replica will not publish it.
+            claimed = [outcome.event_id] if isinstance(outcome, Publish) and outcome.claimed else []
             if isinstance(outcome, (Publish, Retry)):
                 outcome = DeadLetter(
                     outcome.table,
@@ -204,39 +225,43 @@ class MaxDeliveriesWatcher:
                     f"JetStream stopped delivering it after {deliveries} deliveries that no replica finished",
                 )
             assert isinstance(outcome, DeadLetter)
-            if not self._settings.dlq.enabled:
-                log.critical(
-                    "a message ran out of deliveries and the dead-letter stream is disabled; it stays only in the "
-                    "input stream",
+            try:
+                if not self._settings.dlq.enabled:
+                    log.critical(
+                        "a message ran out of deliveries and the dead-letter stream is disabled; it stays only in the "
+                        "input stream",
+                        extra={"subject": subject, "reason": outcome.reason.value},
+                    )
+                    return "gone"
+                dead = build_dead_letter(
+                    subject_prefix=self._settings.dlq.subject_prefix,
+                    dlq_stream=self._settings.dlq.stream,
+                    max_payload=self._publisher.max_payload,
+                    source_subject=subject,
+                    data=data,
+                    stream=stream,
+                    seq=seq,
+                    delivered=deliveries,
+                    reason=outcome.reason.value,
+                    detail=outcome.detail,
+                )
+                future = await self._publisher.publish(dead.subject, dead.data, dead.headers)
+                try:
+                    await asyncio.wait_for(future, self._settings.publish.timeout)
+                except (TimeoutError, Exception) as exc:
+                    self._metrics.publish_errors.inc()
+                    log.warning(
+                        "could not dead-letter a message that ran out of deliveries; retrying",
+                        extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                    )
+                    return "retried"
+                await loop.run_in_executor(self._executor, self._dedup.mark, [marker])
+                self._metrics.dead_letters.labels(outcome.reason.value).inc()
+                log.warning(
+                    "dead-lettered a message that ran out of deliveries",
                     extra={"subject": subject, "reason": outcome.reason.value},
                 )
-                return "gone"
-            dead = build_dead_letter(
-                subject_prefix=self._settings.dlq.subject_prefix,
-                dlq_stream=self._settings.dlq.stream,
-                max_payload=self._publisher.max_payload,
-                source_subject=subject,
-                data=data,
-                stream=stream,
-                seq=seq,
-                delivered=deliveries,
-                reason=outcome.reason.value,
-                detail=outcome.detail,
-            )
-            future = await self._publisher.publish(dead.subject, dead.data, dead.headers)
-            try:
-                await asyncio.wait_for(future, self._settings.publish.timeout)
-            except (TimeoutError, Exception) as exc:
-                self._metrics.publish_errors.inc()
-                log.warning(
-                    "could not dead-letter a message that ran out of deliveries; retrying",
-                    extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
-                )
-                return "retried"
-            await loop.run_in_executor(self._executor, self._dedup.mark, [marker])
-            self._metrics.dead_letters.labels(outcome.reason.value).inc()
-            log.warning(
-                "dead-lettered a message that ran out of deliveries",
-                extra={"subject": subject, "reason": outcome.reason.value},
-            )
-            return "dead_lettered"
+                return "dead_lettered"
+            finally:
+                if claimed:  # neither a retry nor a replay of the dead letter waits for this claim to expire
+                    await loop.run_in_executor(self._executor, self._dedup.release, claimed)
