@@ -88,10 +88,25 @@ def service_env(nats_url: str, redis_url: str, http_port: int, **overrides: Any)
 
 
 class ServiceProcess(Process):
-    def __init__(self, workdir: Path, nats_url: str, redis_url: str, name: str = "svc", **overrides: Any):
+    """``python -m cdc_service``. ``new_session``: its own session and process group, for a process a test freezes
+    (SIGSTOP): no signal meant for the test run's group reaches it. In particular, when the shell that started the
+    run exits while the process is stopped, the group becomes orphaned with a stopped member, and the kernel sends
+    every member SIGHUP then SIGCONT (POSIX job control): the frozen replica would resume on its own."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        nats_url: str,
+        redis_url: str,
+        name: str = "svc",
+        *,
+        new_session: bool = False,
+        **overrides: Any,
+    ):
         self.http_port = free_port()
         env = service_env(nats_url, redis_url, self.http_port, **overrides)
-        super().__init__([sys.executable, "-m", "cdc_service"], workdir / f"{name}-{self.http_port}.log", env, REPO)
+        log = workdir / f"{name}-{self.http_port}.log"
+        super().__init__([sys.executable, "-m", "cdc_service"], log, env, REPO, new_session=new_session)
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:

@@ -71,11 +71,14 @@ def js(nc: Client) -> JetStreamContext:
 def start_service(
     workdir: Path, nats_server: NatsServer, redis_server: RedisServer
 ) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start ``python -m cdc_service`` with setting overrides (dotted names); all are stopped at teardown."""
+    """Start ``python -m cdc_service`` with setting overrides (dotted names); all are stopped at teardown.
+    ``new_session=True`` for a replica the test freezes (see ``ServiceProcess``)."""
     started: list[ServiceProcess] = []
 
-    def start(*, wait: bool = True, name: str = "svc", **overrides: Any) -> ServiceProcess:
-        service = ServiceProcess(workdir, nats_server.url, redis_server.url, name=name, **overrides)
+    def start(*, wait: bool = True, name: str = "svc", new_session: bool = False, **overrides: Any) -> ServiceProcess:
+        service = ServiceProcess(
+            workdir, nats_server.url, redis_server.url, name=name, new_session=new_session, **overrides
+        )
         service.start()
         started.append(service)
         if wait:

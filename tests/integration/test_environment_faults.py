@@ -60,7 +60,9 @@ async def test_deliveries_burnt_by_a_frozen_replica_are_dead_lettered(js, start_
     """
     await ensure_input(js)
     settings = {"ingest.ack_wait": 1, "ingest.max_deliver": 2, "shutdown.grace_seconds": 2, **NO_CLAIMS}
-    frozen = start_service(name="frozen", **settings)
+    # Its own session: nothing but this test may resume it (see ServiceProcess); resumed, it would publish what the
+    # successor dead-letters.
+    frozen = start_service(name="frozen", new_session=True, **settings)
     frozen.signal(signal.SIGSTOP)
     try:
         seqs = [await feed(js, "cdc.acme.messages", _event(i)) for i in range(30)]
@@ -95,7 +97,7 @@ async def test_an_advisory_handled_twice_dead_letters_once(js, start_service, re
     """Two replicas, the same advisory delivered again (a replica died before acking it): one dead letter."""
     await ensure_input(js)
     settings = {"ingest.ack_wait": 1, "ingest.max_deliver": 1, **NO_CLAIMS}
-    frozen = start_service(name="frozen", **settings)
+    frozen = start_service(name="frozen", new_session=True, **settings)  # see the test above
     frozen.signal(signal.SIGSTOP)
     try:
         await feed(js, "cdc.acme.messages", _event(1))
