@@ -197,71 +197,87 @@ class MaxDeliveriesWatcher:
             except NotFoundError:
                 log.error("a message ran out of deliveries and is no longer in the input stream")
                 return "gone"
-            subject, data = str(raw.subject or ""), bytes(raw.data or b"")
+            subject = str(raw.subject or "")
             if stream == self._settings.ingest.partition_stream:
                 subject = original_subject(subject)  # as the partitioned intake hands it on: no partition token
             seen = await loop.run_in_executor(self._executor, self._dedup.seen, [marker])
             if seen and seen[0]:
                 return "already_dead_lettered"  # another replica (or an earlier attempt) did it
             headers = dict(raw.headers) if raw.headers else None
-            stored = StoredMessage(subject, data, _Metadata(stream, _Sequence(seq, 0), deliveries), headers)
+            stored = StoredMessage(
+                subject, bytes(raw.data or b""), _Metadata(stream, _Sequence(seq, 0), deliveries), headers
+            )
             [outcome] = await loop.run_in_executor(self._executor, self._prepare, [stored])
-            if isinstance(outcome, Skip):
-                return "no_route"
-            if isinstance(outcome, Duplicate):
-                log.info("a message ran out of deliveries after it was published; nothing to do")
-                return "already_published"
-            if isinstance(outcome, ClaimedElsewhere):
-                # A replica still finishing the final delivery is publishing it now: look again after the delay,
-                # when its marker says published (or its claim expired with it).
-                log.info("a message ran out of deliveries while a replica publishes it; looking again shortly")
-                return "retried"
+            decided = self._decide(outcome, deliveries)
+            if isinstance(decided, str):
+                return decided
             # The preparer's lookup claims the event when claims are on; this replica will not publish it.
             claimed = [outcome.event_id] if isinstance(outcome, Publish) and outcome.claimed else []
-            if isinstance(outcome, (Publish, Retry)):
-                outcome = DeadLetter(
-                    outcome.table,
-                    Reason.MAX_DELIVERIES,
-                    f"JetStream stopped delivering it after {deliveries} deliveries that no replica finished",
-                )
-            assert isinstance(outcome, DeadLetter)
             try:
-                if not self._settings.dlq.enabled:
-                    log.critical(
-                        "a message ran out of deliveries and the dead-letter stream is disabled; it stays only in the "
-                        "input stream",
-                        extra={"subject": subject, "reason": outcome.reason.value},
-                    )
-                    return "gone"
-                dead = build_dead_letter(
-                    subject_prefix=self._settings.dlq.subject_prefix,
-                    dlq_stream=self._settings.dlq.stream,
-                    max_payload=self._publisher.max_payload,
-                    source_subject=subject,
-                    data=data,
-                    stream=stream,
-                    seq=seq,
-                    delivered=deliveries,
-                    reason=outcome.reason.value,
-                    detail=outcome.detail,
-                )
-                future = await self._publisher.publish(dead.subject, dead.data, dead.headers)
-                try:
-                    await asyncio.wait_for(future, self._settings.publish.timeout)
-                except (TimeoutError, Exception) as exc:
-                    self._metrics.publish_errors.inc()
-                    log.warning(
-                        "could not dead-letter a message that ran out of deliveries; retrying",
-                        extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
-                    )
-                    return "retried"
-                await loop.run_in_executor(self._executor, self._dedup.mark, [marker])
-                self._metrics.dead_letters.labels(outcome.reason.value).inc()
-                log.warning(
-                    "dead-lettered a message that ran out of deliveries",
-                    extra={"subject": subject, "reason": outcome.reason.value},
-                )
-                return "dead_lettered"
+                return await self._dead_letter(stored, decided)
             finally:
                 if claimed:  # neither a retry nor a replay of the dead letter waits for this claim to expire
                     await loop.run_in_executor(self._executor, self._dedup.release, claimed)
+
+    @staticmethod
+    def _decide(outcome: Outcome, deliveries: int) -> DeadLetter | str:
+        """The dead letter to write for the preparer's ``outcome``, or the result label when there is none."""
+        if isinstance(outcome, Skip):
+            return "no_route"
+        if isinstance(outcome, Duplicate):
+            log.info("a message ran out of deliveries after it was published; nothing to do")
+            return "already_published"
+        if isinstance(outcome, ClaimedElsewhere):
+            # A replica still finishing the final delivery is publishing it now: look again after the delay, when
+            # its marker says published (or its claim expired with it).
+            log.info("a message ran out of deliveries while a replica publishes it; looking again shortly")
+            return "retried"
+        if isinstance(outcome, (Publish, Retry)):
+            return DeadLetter(
+                outcome.table,
+                Reason.MAX_DELIVERIES,
+                f"JetStream stopped delivering it after {deliveries} deliveries that no replica finished",
+            )
+        assert isinstance(outcome, DeadLetter)
+        return outcome
+
+    async def _dead_letter(self, stored: StoredMessage, outcome: DeadLetter) -> str:
+        """Write ``outcome`` for ``stored`` to the dead-letter stream, then its Redis marker; the result label."""
+        subject, stream, seq = stored.subject, stored.metadata.stream, stored.metadata.sequence.stream
+        if not self._settings.dlq.enabled:
+            log.critical(
+                "a message ran out of deliveries and the dead-letter stream is disabled; it stays only in the input "
+                "stream",
+                extra={"subject": subject, "reason": outcome.reason.value},
+            )
+            return "gone"
+        dead = build_dead_letter(
+            subject_prefix=self._settings.dlq.subject_prefix,
+            dlq_stream=self._settings.dlq.stream,
+            max_payload=self._publisher.max_payload,
+            source_subject=subject,
+            data=stored.data,
+            stream=stream,
+            seq=seq,
+            delivered=stored.metadata.num_delivered,
+            reason=outcome.reason.value,
+            detail=outcome.detail,
+        )
+        future = await self._publisher.publish(dead.subject, dead.data, dead.headers)
+        try:
+            await asyncio.wait_for(future, self._settings.publish.timeout)
+        except (TimeoutError, Exception) as exc:
+            self._metrics.publish_errors.inc()
+            log.warning(
+                "could not dead-letter a message that ran out of deliveries; retrying",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            return "retried"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._dedup.mark, [dead_letter_id(stream, seq)])
+        self._metrics.dead_letters.labels(outcome.reason.value).inc()
+        log.warning(
+            "dead-lettered a message that ran out of deliveries",
+            extra={"subject": subject, "reason": outcome.reason.value},
+        )
+        return "dead_lettered"
