@@ -308,8 +308,14 @@ class Chaos:
 
     def _new_replica(self, index: int) -> ServiceProcess:
         self._starts += 1
+        # Own session: a replica frozen by a fault is resumed by nothing but the fault (see ServiceProcess).
         svc = ServiceProcess(
-            self.workdir, self.nats.url, self.redis.url, name=f"replica{index}-{self._starts}", **self.settings
+            self.workdir,
+            self.nats.url,
+            self.redis.url,
+            name=f"replica{index}-{self._starts}",
+            new_session=True,
+            **self.settings,
         )
         svc.start()
         return svc

@@ -137,7 +137,8 @@ async def relay_with_fault(
     fault: Callable[[list[ServiceProcess], list[int]], Any],
 ) -> tuple[Run, list[ServiceProcess]]:
     await ensure_input(js)
-    replicas = [start_service(name=f"r{i}", **{**COMMON, **settings}) for i in range(3)]
+    # Own sessions: the replica the fault freezes is resumed by nothing else (see ServiceProcess).
+    replicas = [start_service(name=f"r{i}", new_session=True, **{**COMMON, **settings}) for i in range(3)]
     if settings.get("ingest.ordering") == "partitioned":
         # Start from the steady state: every replica sees the three and the shares add up (the fault comes later).
         await wait_until(lambda: _true(converged(replicas)), timeout=30, what="partitions spread over the replicas")
