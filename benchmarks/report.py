@@ -338,10 +338,20 @@ def write_markdown(doc: dict[str, Any], path: Path, json_name: str) -> None:
     path.write_text("\n".join(lines))
 
 
+def _plain_labels(doc: dict[str, Any]) -> set[str]:
+    """Labels of the drain configurations with every switch (claims, routing cache, fast batch, git ref) at its
+    default: the only ones the batch x pool sweep and its chart compare (a fast-batch run of the same batch and pool
+    is another configuration). Read from the run records, which carry every RunConfig field."""
+    return {
+        r["label"] for r in doc.get("drain", []) if all(r.get(key, value) == value for key, value in _FLAGS.items())
+    }
+
+
 def _sweep_table(doc: dict[str, Any]) -> list[str]:
     cells: dict[tuple[int, int], int] = {}
+    plain = _plain_labels(doc)
     for s in doc["drain_summary"]:
-        if s["kind"] == "service" and s["mode"] == "push":
+        if s["kind"] == "service" and s["mode"] == "push" and s["label"] in plain:
             cells[(s["batch"], s["pool"])] = s["median_events_per_s"]
     batches = sorted({b for b, _ in cells})
     pools = sorted({p for _, p in cells})
@@ -367,13 +377,11 @@ def write_chart(doc: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     summary = doc.get("drain_summary", [])
-    pools = sorted({s["pool"] for s in summary if s["kind"] == "service" and s["mode"] == "push"})
+    plain = _plain_labels(doc)
+    sweep = [s for s in summary if s["kind"] == "service" and s["mode"] == "push" and s["label"] in plain]
+    pools = sorted({s["pool"] for s in sweep})
     for pool in pools:
-        points = sorted(
-            (s["batch"], s["median_events_per_s"])
-            for s in summary
-            if s["kind"] == "service" and s["mode"] == "push" and s["pool"] == pool
-        )
+        points = sorted((s["batch"], s["median_events_per_s"]) for s in sweep if s["pool"] == pool)
         if points:
             left.plot(*zip(*points, strict=True), marker="o", label=f"service push, pool {pool}")
     for s in summary:

@@ -23,7 +23,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def nats_server(workdir: Path) -> Iterator[NatsServer]:
-    server = NatsServer(workdir)
+    # Its own session: test_readiness_fails_while_nats_server_is_frozen SIGSTOPs it, and a shell that exits while
+    # a stopped process is in its process group sends that group SIGHUP and SIGCONT (docs/developer_guide.md).
+    server = NatsServer(workdir, new_session=True)
     server.start()
     yield server
     server.stop()
