@@ -186,7 +186,7 @@ class IngestSettings:
     )
     max_ack_pending: int = setting(5000, "Consumer MaxAckPending, shared by all replicas.", gt=0)
     batch_size: int = setting(256, "Most messages per micro-batch (push buffer; pull fetch size).", gt=0)
-    batch_wait_ms: float = setting(3.0, "Push mode: longest wait for a batch to fill after its first message.", ge=0)
+    batch_wait_ms: float = setting(6.0, "Push mode: longest wait for a batch to fill after its first message.", ge=0)
     fetch_timeout_ms: float = setting(20.0, "Pull mode: how long one fetch waits for messages.", gt=0)
     max_payload_bytes: int = setting(1024 * 1024, "Larger bodies are dead-lettered unparsed.", gt=0)
     max_inflight_mb: int = setting(
