@@ -507,11 +507,17 @@ async def replay_command(settings: Settings, selection: Selection, dry_run: bool
         out.write(f"dry run: would_replay={replayed} skipped={skipped}; nothing published or removed\n")
     else:
         out.write(f"replayed={replayed} failed={failed} skipped={skipped}\n")
+    return _exit_code(failed, selection, dlq_stream, out, err)
+
+
+def _exit_code(failed: int, selection: Selection, stream: str, out: TextIO, err: TextIO) -> int:
+    """The exit status of a command that acted on a selection of dead letters: ``EXIT_FAILED`` when an action
+    failed, else what ``_not_found`` says of sequences asked for but not there. Flushes both outputs first."""
     out.flush()
     err.flush()
     if failed:
         return EXIT_FAILED
-    return _not_found(selection, dlq_stream, err)
+    return _not_found(selection, stream, err)
 
 
 async def purge_command(settings: Settings, selection: Selection, dry_run: bool, out: TextIO, err: TextIO) -> int:
@@ -553,11 +559,7 @@ async def purge_command(settings: Settings, selection: Selection, dry_run: bool,
         out.write(f"dry run: would_purge={purged}; nothing removed\n")
     else:
         out.write(f"purged={purged} failed={failed}\n")
-    out.flush()
-    err.flush()
-    if failed:
-        return EXIT_FAILED
-    return _not_found(selection, stream, err)
+    return _exit_code(failed, selection, stream, out, err)
 
 
 # ---------------------------------------------------------------------------------------------------------------
