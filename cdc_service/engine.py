@@ -113,6 +113,8 @@ class Engine:
         )
         self.on_message = self.batcher.on_message
         self.on_batch = self.batcher.on_batch
+        self.take = self.batcher.take
+        self.wait_for_room = self.batcher.wait_for_room
 
     # ------------------------------------------------------------------------------------------- figures
 

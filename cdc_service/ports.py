@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from cdc_service.core.outcomes import PublishRejected
 
-__all__ = ["DedupStore", "InboundMessage", "PubAck", "PublishRejected", "Publisher", "delivery_count"]
+__all__ = ["DedupStore", "InboundMessage", "PubAck", "PublishRejected", "Publisher", "PushSink", "delivery_count"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +137,13 @@ class InboundMessage(Protocol):
     async def term(self) -> None: ...
 
     async def in_progress(self) -> None: ...
+
+
+class PushSink(Protocol):
+    """Where push intake hands messages, one at a time, in arrival order (the engine). Loop thread only."""
+
+    def take(self, msg: Any) -> bool:
+        """Accept ``msg``; False when the caller must ``wait_for_room`` before handing over the next one."""
+
+    async def wait_for_room(self) -> None:
+        """Return once there is room again (at once after intake was released for shutdown)."""

@@ -112,7 +112,7 @@ async def _start_intake(
         await pull.start(engine.on_batch)
         return pull
     push = PushIntake(js, settings.ingest, consumer)
-    await push.start(engine.on_message)
+    await push.start(engine)
     return push
 
 

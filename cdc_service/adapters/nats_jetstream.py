@@ -10,6 +10,7 @@ import itertools
 import logging
 import re
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.nuid import NUID
 
+from cdc_service.adapters.nats_wire import Delivery, Route, WireParser, headers_of, send_command
 from cdc_service.config import IngestSettings, NatsSettings, Settings, mask_url
 from cdc_service.core.subjects import captured_by, covers
-from cdc_service.ports import PubAck, PublishRejected
+from cdc_service.pipeline.common import about
+from cdc_service.ports import PubAck, PublishRejected, PushSink
 
 log = logging.getLogger("cdc_service.nats")
 
@@ -152,14 +155,40 @@ class ConnectionState:
 
 
 class _Client(Client):
-    """nats-py's client, reading subjects that are not valid UTF-8 instead of dying on them.
+    """nats-py's client with two changes on the receive side.
 
-    nats-py decodes each delivered subject strictly inside its read loop; one message stored under a subject with a
-    byte like 0xff (nats-server accepts and stores it) raises there and ends the read loop for good, silently: nothing
-    more is received or acked until the ping check reconnects. Decoding with ``surrogateescape`` keeps the bad bytes
-    as lone surrogates (``core.subjects.subject_bytes`` turns them back), so the message reaches the engine, which
-    dead-letters it.
+    Routes (``route``): the busiest subscriptions (deliveries, PubAcks) take their messages as raw bytes straight from
+    the parser (``adapters/nats_wire.py``), in wire order, without nats-py's per-message objects, queue and task.
+
+    Subjects that are not valid UTF-8 are read instead of killing the client: nats-py decodes each delivered subject
+    strictly inside its read loop; one message stored under a subject with a byte like 0xff (nats-server accepts and
+    stores it) raises there and ends the read loop for good, silently: nothing more is received or acked until the
+    ping check reconnects. Decoding with ``surrogateescape`` keeps the bad bytes as lone surrogates
+    (``core.subjects.subject_bytes`` turns them back), so the message reaches the engine, which dead-letters it.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: dict[int, Route] = {}
+        self._ps = WireParser(self)
+
+    def route(self, sid: int, route: Route) -> None:
+        """Hand the messages of subscription ``sid`` to ``route`` (until the subscription ends). A route must not
+        raise: it runs inside the read loop."""
+        self.routes[sid] = route
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
+        # nats-py's own parser still dispatches what WireParser leaves to it (a message split across reads).
+        route = self.routes.get(sid)
+        if route is not None and route(subject, reply, data, headers):
+            self.stats["in_msgs"] += 1
+            self.stats["in_bytes"] += len(data)
+            return
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self.routes.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
 
     def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
         if reply.startswith(b"$JS.ACK."):
@@ -529,6 +558,11 @@ def _command(subject: str, reply: str, payload: bytes, headers: Mapping[str, str
     block = "NATS/1.0\r\n" + "".join([f"{k}: {v.strip()}\r\n" for k, v in headers.items()]) + "\r\n"
     if block.count("\n") != len(headers) + 2:
         return None
+    # One encode of the whole command line and block; where all of it is ASCII (always, for events) a character is
+    # a byte, so the lengths can be taken before encoding.
+    text = f"HPUB {subject} {reply} {len(block)} {len(block) + len(payload)}\r\n{block}"
+    if text.isascii():
+        return text.encode() + payload + b"\r\n"
     head = block.encode()
     return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
         subject.encode(),
@@ -538,25 +572,6 @@ def _command(subject: str, reply: str, payload: bytes, headers: Mapping[str, str
         head,
         payload,
     )
-
-
-async def send_command(nc: Client, command: bytes, payload_size: int = 0) -> None:
-    """Queue one ready protocol command the way ``nc.publish`` does: the same refusals (closed, draining, buffer full
-    while reconnecting, payload too large), then the flusher is woken if it sleeps. Uses nats-py internals, as its
-    publish does."""
-    if nc.is_closed:
-        raise nats.errors.ConnectionClosedError
-    if nc.is_draining_pubs:
-        raise nats.errors.ConnectionDrainingError
-    if not nc.is_connected and (
-        nc._max_pending_size <= 0 or payload_size + nc._pending_data_size > nc._max_pending_size
-    ):
-        raise nats.errors.OutboundBufferLimitError
-    if payload_size > nc._max_payload:
-        raise nats.errors.MaxPayloadError
-    await nc._send_command(command)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
-        await nc._flush_pending()
 
 
 async def send_publish(nc: Client, subject: str, reply: str, payload: bytes, headers: Mapping[str, str]) -> None:
@@ -592,6 +607,8 @@ class PipelinedPublisher:
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        if isinstance(self._nc, _Client):
+            self._nc.route(self._sub._id, self._on_raw_reply)
 
     @property
     def pending(self) -> int:
@@ -622,26 +639,37 @@ class PipelinedPublisher:
             self._detailed.discard(token)
 
     async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
+        future = self._answer(msg.subject[len(self._prefix) :], msg.data, bool(msg.headers))
+        if future is not None:
+            _settle_from_reply(future, msg.data, msg.headers)
+
+    def _on_raw_reply(self, subject: bytes, reply: bytes, data: bytes, block: bytes | None) -> bool:
+        """The route of the PubAck inbox (``nats_wire``): the same as ``_on_reply``, from the raw parts."""
+        future = self._answer(subject[len(self._prefix) :].decode("ascii", "replace"), data, block is not None)
+        if future is not None:
+            _settle_from_reply(future, data, headers_of(block))
+        return True
+
+    def _answer(self, token: str, data: bytes, has_headers: bool) -> asyncio.Future[PubAck] | None:
+        """Resolve the publish of ``token`` when its reply is the common one; the future when the reply must be read in
+        full; None for an unknown or late reply."""
         future = self._futures.pop(token, None)
         if future is None or future.done():
-            return
-        data = msg.data
+            return None
         detailed = bool(self._detailed) and token in self._detailed
         if detailed:
             self._detailed.discard(token)
-        if not detailed and b'"error"' not in data and data.startswith(b'{"stream"'):
+        elif not has_headers and b'"error"' not in data and data.startswith(b'{"stream"'):
             # The common case, read without a JSON parse: one reply per published event.
             duplicate = b'"duplicate": true' in data or b'"duplicate":true' in data  # the server writes the former
             future.set_result(_DUPLICATE if duplicate else _STORED)
-            return
-        _settle_from_reply(future, msg)
+            return None
+        return future
 
 
-def _settle_from_reply(future: asyncio.Future[PubAck], msg: Msg) -> None:
+def _settle_from_reply(future: asyncio.Future[PubAck], data: bytes, headers: Mapping[str, str] | None) -> None:
     """Resolve ``future`` from a PubAck read in full: a 503 status, an error, or the stream and sequence."""
-    data = msg.data
-    if msg.headers and msg.headers.get("Status") == "503":
+    if headers and headers.get("Status") == "503":
         future.set_exception(NoStreamResponse("no stream answered the publish (503)"))
         return
     try:
@@ -676,40 +704,107 @@ _DUPLICATE = PubAck("", 0, True)
 
 
 class PushIntake:
-    """Bind to the durable push consumer as a member of its queue group."""
+    """Bind to the durable push consumer as a member of its queue group and hand each delivery to the sink.
+
+    Deliveries are taken by a route (``nats_wire``) straight from the parser, in arrival order. While the sink says
+    there is no room, what arrives waits here, in order, up to ``max(64, ingest.max_inflight_mb)`` MiB; past that a
+    delivery is dropped unacked (JetStream redelivers it after AckWait, one delivery spent), as nats-py's own
+    subscription queue does with the same bound.
+    """
 
     def __init__(self, js: JetStreamContext, settings: IngestSettings, config: ConsumerConfig) -> None:
         self._js = js
         self._settings = settings
         self._config = config
         self._sub: Any = None
+        self._sink: PushSink | None = None
+        self._held: deque[Any] | None = None  # arrivals while waiting for room, oldest first; None: not waiting
+        self._held_bytes = 0
+        self._held_limit = max(64, settings.max_inflight_mb) * 1024 * 1024
+        self._dropped = 0
+        self._resuming: asyncio.Task[None] | None = None
 
-    async def start(self, on_message: Callable[[Msg], Awaitable[None]]) -> None:
+    async def start(self, sink: PushSink) -> None:
+        self._sink = sink
         # manual_ack: without it nats-py acks as soon as the callback returns, before the work is done.
         self._sub = await self._js.subscribe_bind(
             stream=self._settings.stream,
             consumer=self._settings.durable,
             config=self._config,
-            cb=on_message,
+            cb=self._on_message,
             manual_ack=True,
             pending_msgs_limit=max(65536, self._settings.max_ack_pending * 2),
-            # What waits here while the engine holds ingest.max_inflight_mb: past it nats-py drops messages (they
-            # come back after AckWait, one delivery spent). Pull mode has no such second buffer.
-            pending_bytes_limit=max(64, self._settings.max_inflight_mb) * 1024 * 1024,
+            pending_bytes_limit=self._held_limit,
         )
+        nc = self._js._nc
+        if isinstance(nc, _Client):
+            sid = self._sub._id
+            nc.route(sid, lambda subject, reply, data, block: self._on_raw(nc, sid, subject, reply, data, block))
 
     @property
     def active(self) -> bool:
         return self._sub is not None
 
+    def _on_raw(self, nc: Client, sid: int, subject: bytes, reply: bytes, data: bytes, block: bytes | None) -> bool:
+        if not reply.startswith(b"$JS.ACK."):
+            return False  # not a JetStream delivery (nothing is sent here but deliveries): nats-py's path
+        self._offer(Delivery(nc, sid, subject, reply, data, block))
+        return True
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._offer(msg)
+
+    def _offer(self, msg: Any) -> None:
+        held = self._held
+        if held is not None:  # waiting for room: keep arrival order behind what already waits
+            if self._held_bytes + len(msg.data) > self._held_limit:
+                self._dropped += 1
+                return
+            held.append(msg)
+            self._held_bytes += len(msg.data)
+            return
+        assert self._sink is not None
+        try:
+            room = self._sink.take(msg)
+        except Exception:  # a route must not raise; unacked, the message comes back after AckWait
+            log.exception("could not take a delivery", extra=about(msg))
+            return
+        if not room:
+            self._held = deque()
+            self._resuming = asyncio.get_running_loop().create_task(self._resume(), name="cdc-push-resume")
+
+    async def _resume(self) -> None:
+        """Wait for room, then hand over what arrived meanwhile, in order, until none is left."""
+        sink, held = self._sink, self._held
+        assert sink is not None and held is not None
+        try:
+            while held:
+                await sink.wait_for_room()
+                while held:
+                    msg = held.popleft()
+                    self._held_bytes -= len(msg.data)
+                    if not sink.take(msg):
+                        break
+        finally:
+            if self._dropped:
+                log.warning(
+                    "dropped deliveries while waiting for room; they come back after AckWait",
+                    extra={"dropped": self._dropped, "limit_mb": self._held_limit // (1024 * 1024)},
+                )
+                self._dropped = 0
+            self._held, self._held_bytes, self._resuming = None, 0, None
+
     async def stop(self) -> None:
-        """Stop receiving; messages the server already sent are handed to the callback first."""
+        """Stop receiving; messages the server already sent are handed to the sink first."""
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
+                # UNSUB, then a PING/PONG round trip: every delivery sent before it has been parsed and offered.
                 await sub.drain()
             except Exception as exc:  # connection already gone: the server redelivers after AckWait
                 log.warning("could not drain the subscription", extra={"error": str(exc)[:200]})
+        if self._resuming is not None:  # the engine released intake before this: the wait ends at once
+            await self._resuming
 
 
 class PullIntake:

@@ -48,12 +48,10 @@ class Batcher:
         self._queued = asyncio.Event()
         self.dispatched = 0  # batches dispatched so far: the number of the latest
 
-    async def on_message(self, msg: Any) -> None:
-        """Push-subscription callback: buffer the message; the batch goes out when full or after batch_wait_ms.
-
-        Waits while ``ingest.max_inflight_mb`` is in flight: the server's ``max_ack_pending`` bounds push by count
-        only. What arrives meanwhile waits in the subscription's own bounded queue (see ``PushIntake``).
-        """
+    def take(self, msg: Any) -> bool:
+        """Push intake: buffer the message; the batch goes out when full or after batch_wait_ms. False when
+        ``ingest.max_inflight_mb`` is in flight: the caller then waits (``wait_for_room``) before the next one, since
+        the server's ``max_ack_pending`` bounds push by count only."""
         buffer = self._buffer
         buffer.append(msg)
         if len(buffer) >= self._batch_size:
@@ -63,6 +61,17 @@ class Batcher:
             self._timer = asyncio.get_running_loop().call_later(self._batch_wait, self.flush)
         if self._ledger.over_bytes():
             self.flush()
+            return False
+        return True
+
+    async def wait_for_room(self) -> None:
+        """Until the in-flight counts are below their bounds (or intake is released)."""
+        await self._ledger.wait_for_room()
+
+    async def on_message(self, msg: Any) -> None:
+        """``take`` as a push-subscription callback: waits for room where ``take`` says so. What arrives meanwhile
+        waits in the subscription's own bounded queue (see ``PushIntake``)."""
+        if not self.take(msg):
             await self._ledger.wait_for_room()
 
     async def on_batch(self, messages: list[Any]) -> None:
