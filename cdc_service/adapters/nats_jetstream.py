@@ -680,8 +680,13 @@ def _settle_from_reply(future: asyncio.Future[PubAck], data: bytes, headers: Map
     error = reply.get("error") if isinstance(reply, dict) else {"description": "not a JSON object"}
     if error:
         future.set_exception(rejection(error))
-    else:
-        future.set_result(PubAck(reply.get("stream", ""), int(reply.get("seq", 0)), bool(reply.get("duplicate"))))
+        return
+    try:
+        ack = PubAck(str(reply.get("stream", "")), int(reply.get("seq", 0)), bool(reply.get("duplicate")))
+    except (TypeError, ValueError):  # runs inside the read loop (a route): nothing may escape
+        future.set_exception(PublishRejected(f"unreadable PubAck {data[:100]!r}"))
+        return
+    future.set_result(ack)
 
 
 def rejection(error: Any) -> PublishRejected:
@@ -717,6 +722,8 @@ class PushIntake:
         self._settings = settings
         self._config = config
         self._sub: Any = None
+        self._nc: Client | None = None  # with _sid: the subscription routed to _on_raw
+        self._sid = 0
         self._sink: PushSink | None = None
         self._held: deque[Any] | None = None  # arrivals while waiting for room, oldest first; None: not waiting
         self._held_bytes = 0
@@ -738,17 +745,17 @@ class PushIntake:
         )
         nc = self._js._nc
         if isinstance(nc, _Client):
-            sid = self._sub._id
-            nc.route(sid, lambda subject, reply, data, block: self._on_raw(nc, sid, subject, reply, data, block))
+            self._nc, self._sid = nc, self._sub._id
+            nc.route(self._sid, self._on_raw)
 
     @property
     def active(self) -> bool:
         return self._sub is not None
 
-    def _on_raw(self, nc: Client, sid: int, subject: bytes, reply: bytes, data: bytes, block: bytes | None) -> bool:
+    def _on_raw(self, subject: bytes, reply: bytes, data: bytes, block: bytes | None) -> bool:
         if not reply.startswith(b"$JS.ACK."):
             return False  # not a JetStream delivery (nothing is sent here but deliveries): nats-py's path
-        self._offer(Delivery(nc, sid, subject, reply, data, block))
+        self._offer(Delivery(self._nc, self._sid, subject, reply, data, block))
         return True
 
     async def _on_message(self, msg: Msg) -> None:

@@ -189,10 +189,12 @@ async def test_a_delivery_reads_like_a_nats_py_msg() -> None:
     assert Delivery(Capturing(), 1, b"s", ACK, b"", None).headers is None
 
 
-async def _resolved_raw(data: bytes, block: bytes | None) -> asyncio.Future[Any]:
+async def _resolved_raw(data: bytes, block: bytes | None, *, detailed: bool = False) -> asyncio.Future[Any]:
     publisher = PipelinedPublisher(nc=None)  # type: ignore[arg-type]
     future = asyncio.get_running_loop().create_future()
     publisher._futures["7"] = future
+    if detailed:
+        publisher._detailed.add("7")
     assert publisher._on_raw_reply((publisher._prefix + "7").encode(), b"", data, block)
     assert future.done() and publisher.pending == 0
     return future
@@ -217,6 +219,12 @@ async def test_a_raw_puback_resolves_like_a_parsed_one(data: bytes, block: bytes
         assert isinstance(future.exception(), outcome)
 
 
+@pytest.mark.parametrize("data", [b'{"stream":"wa_stream","seq":"x"}', b'{"stream":"wa_stream","seq":[1]}'])
+async def test_an_unreadable_detailed_puback_is_a_rejection_not_an_error_in_the_read_loop(data: bytes) -> None:
+    assert isinstance((await _resolved_raw(data, None, detailed=True)).exception(), PublishRejected)
+    assert (await _resolved_raw(b'{"stream":"wa_stream","seq":5}', None, detailed=True)).result().seq == 5
+
+
 class Sink:
     """A push sink with room for ``room`` messages at a time."""
 
@@ -238,12 +246,13 @@ def _intake(sink: Sink, limit_mb: int = 64) -> PushIntake:
     settings = IngestSettings(max_inflight_mb=limit_mb)
     intake = PushIntake(js=None, settings=settings, config=None)  # type: ignore[arg-type]
     intake._sink = sink
+    intake._nc, intake._sid = Capturing(), 1
     return intake
 
 
 def _offer(intake: PushIntake, n: int, start: int = 0, size: int = 10) -> None:
     for i in range(start, start + n):
-        assert intake._on_raw(Capturing(), 1, b"cdc.a.messages", ACK + b".%d" % i, b"x" * size, None)
+        assert intake._on_raw(b"cdc.a.messages", ACK + b".%d" % i, b"x" * size, None)
 
 
 async def test_push_intake_holds_arrivals_in_order_while_there_is_no_room() -> None:
@@ -276,8 +285,8 @@ async def test_push_intake_drops_past_its_bound_and_the_rest_keeps_its_order() -
 
 async def test_a_delivery_without_an_ack_subject_is_left_to_nats_py() -> None:
     intake = _intake(Sink(room=10))
-    assert not intake._on_raw(Capturing(), 1, b"cdc.a.messages", b"", b"{}", None)
-    assert not intake._on_raw(Capturing(), 1, b"cdc.a.messages", b"_INBOX.x", b"{}", None)
+    assert not intake._on_raw(b"cdc.a.messages", b"", b"{}", None)
+    assert not intake._on_raw(b"cdc.a.messages", b"_INBOX.x", b"{}", None)
 
 
 class Connected(_Client):
@@ -309,3 +318,13 @@ async def test_a_connected_client_queues_what_nats_py_queues(max_pending: int) -
     assert ours._pending[2].split() == theirs._pending[2].split()  # nats-py's ack has an empty reply field
     assert ours._pending_data_size == theirs._pending_data_size - 1
     assert ours.kicks == theirs.kicks  # the flusher woken (or forced, past max_pending) as often
+
+
+async def test_a_sink_that_raises_does_not_reach_the_read_loop() -> None:
+    class Broken(Sink):
+        def take(self, msg: Any) -> bool:
+            raise RuntimeError("bug")
+
+    intake = _intake(Broken(room=1))
+    assert intake._on_raw(b"cdc.a.messages", ACK, b"{}", None)  # logged; unacked, it comes back after AckWait
+    assert intake._held is None
