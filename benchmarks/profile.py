@@ -1,6 +1,7 @@
 """A py-spy profile of the service draining a backlog: where the loop thread and the workers spend the GIL.
 
     python -m benchmarks.profile --events 60000 [--set publish.fast_batch=true] [--out /tmp/profile]
+    python -m benchmarks.profile --offered 5000 --seconds 20     # at a fixed offered rate instead of a backlog
 
 Starts nats-server and redis-server on free loopback ports, preloads N events, then starts ``python -m cdc_service``
 with ``py-spy record --gil --threads --format raw --pid`` attached from ready until the backlog is drained, and
@@ -62,7 +63,8 @@ async def _drain(args: argparse.Namespace, workdir: Path) -> Path:
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream(timeout=10, publish_async_max_pending=4000)
         await js.add_stream(StreamConfig(name=IN_STREAM, subjects=IN_SUBJECTS, storage=StorageType.FILE))
-        await preload(js, make_events(args.events))
+        if not args.offered:
+            await preload(js, make_events(args.events))
         overrides = {key: _value(value) for key, value in (item.split("=", 1) for item in args.set)}
         service = ServiceProcess(workdir, nats_server.url, redis_server.url, **overrides)
         raw = args.out / "profile.txt"
@@ -81,12 +83,28 @@ async def _drain(args: argparse.Namespace, workdir: Path) -> Path:
         spy.start()
         owned.append(spy)
 
+        expected = args.events
+        if args.offered:
+            # The producer offers the rate from its own process; the profile covers its whole run and the tail.
+            expected = int(args.offered * args.seconds)
+            producer = Process(
+                [
+                    sys.executable,
+                    *("-m", "benchmarks.producer", "--url", nats_server.url),
+                    *("--rate", str(args.offered), "--seconds", str(args.seconds)),
+                    *("--result", str(workdir / "producer.json")),
+                ],
+                workdir / "producer.log",
+            )
+            producer.start()
+            owned.append(producer)
+
         async def drained() -> bool:
             info = await consumer_info(nc, IN_STREAM, PUSH_DURABLE)
             settled = bool(info) and info["num_pending"] == 0 and info["num_ack_pending"] == 0  # type: ignore[index]
-            return settled and await stream_count(nc, OUT_STREAM) >= args.events
+            return settled and await stream_count(nc, OUT_STREAM) >= expected
 
-        await wait_for_async(drained, 60 + args.events / 1000, 0.2, what="backlog drained")
+        await wait_for_async(drained, 60 + expected / 1000 + args.seconds, 0.2, what="all events published")
         await nc.close()
         spy.signal(signal.SIGINT)
         spy.wait(30)
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=60_000)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--set", action="append", default=[], help="a setting for the service, e.g. ingest.mode=pull")
+    parser.add_argument("--offered", type=int, default=0, help="events/s offered by a producer instead of a backlog")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long the producer offers --offered")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--raw", type=Path, help="only summarise this py-spy raw file")
     parser.add_argument("--out", type=Path, default=None, help="folder for profile.txt (default: a temp folder)")
