@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime
 import importlib.metadata
@@ -263,6 +264,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
             fixed = [base]
         plan.fixed = [(config, plan.rate) for config in fixed]
         plan.fixed += [(base, rate) for rate in plan.rates[1:]]  # the higher rates: the default configuration only
+        if args.ab_refs and args.fixed_default_only:
+            # The default as of each ref at every rate, alternating, --passes times: an A/B of code or defaults.
+            refs = [r for r in args.ab_refs.split(",") if r]
+            rounds = range(args.passes or 1)
+            plan.fixed = [(replace(base, ref=r), rate) for _ in rounds for rate in plan.rates for r in refs]
         if args.fast_batch or full:
             plan.fixed += [(replace(base, fast_batch=True), rate) for rate in plan.rates]
     return plan
@@ -887,9 +893,11 @@ async def run_plan(plan: Plan, workdir: Path, code: Path, owned: list[Process], 
                 f"({record['seconds']:.2f} s), cpu {record['cpu_cores']} ({record['cpu_us_per_event']} us/ev), "
                 f"rss {record['peak_rss_mb']} MB  ok"
             )
+        fixed_runs: collections.Counter[tuple[str, float]] = collections.Counter()
         for config, rate in plan.fixed:
             step += 1
-            record = await bench.fixed_rate(config, rate, 1)
+            fixed_runs[(config.label, rate)] += 1
+            record = await bench.fixed_rate(config, rate, fixed_runs[(config.label, rate)])
             doc["fixed"].append(record)
             lat = record["latency_ms"]
             tqdm.write(
@@ -1028,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot take the code under test from {args.ref or 'the work tree'}: {exc}", file=sys.stderr)
         return 2
     print(f"code under test: {doc['code']['source']} ({doc['code']['commit']})", flush=True)
-    for ref in {c.ref for c in plan.drains if c.ref}:
+    for ref in {c.ref for c in [*plan.drains, *(config for config, _ in plan.fixed)] if c.ref}:
         doc.setdefault("ab_refs", {})[ref] = snapshot_code(ref, workdir / f"code-{ref}")
     failed = True
     try:
