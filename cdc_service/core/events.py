@@ -46,20 +46,31 @@ def _has_negative_zero(data: bytes) -> bool:
 
 def _needs_exact_numbers(record: Any, data: bytes) -> bool:
     """Whether re-encoding the parsed ``record`` could change a number's text: it holds a float (the source wrote a
-    fraction or an exponent), or a 0 that may have been written "-0". Integers otherwise keep their text."""
-    stack = [record]
+    fraction or an exponent), or a 0 that may have been written "-0". Integers otherwise keep their text.
+
+    Strings first, the stack only for nested values: measured 40-50% cheaper than one uniform walk on Sequin rows
+    (and cheaper than C-level ``set(map(type, ...))`` plus ``0 in values``, which also matches ``False``)."""
+    stack: list[Any] | None = None
     zero = False
-    while stack:
-        container = stack.pop()
+    container = record
+    while True:
         for value in container.values() if type(container) is dict else container:
             kind = type(value)
-            if kind is float:
+            if kind is str:
+                continue
+            if kind is int:
+                if not value:
+                    zero = True
+            elif kind is float:
                 return True
-            if kind is dict or kind is list:
-                stack.append(value)
-            elif kind is int and value == 0:
-                zero = True
-    return zero and _has_negative_zero(data)
+            elif kind is dict or kind is list:
+                if stack is None:
+                    stack = [value]
+                else:
+                    stack.append(value)
+        if not stack:
+            return zero and _has_negative_zero(data)
+        container = stack.pop()
 
 
 def _exact_int(text: str) -> Any:

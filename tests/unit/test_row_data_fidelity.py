@@ -4,6 +4,7 @@ double), and every other value unchanged."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdc_service.config import Settings
-from cdc_service.core.events import EventBuilder
+from cdc_service.core.events import EventBuilder, _has_negative_zero, _needs_exact_numbers
 from cdc_service.core.outcomes import Publish
 from cdc_service.core.subjects import SubjectLayout
 from tests.corpus.hostile import GOOD, _sub
@@ -65,3 +66,64 @@ def test_any_json_number_round_trips_exactly(number: str) -> None:
     except (ValueError, RuntimeError):
         return  # out of simdjson's range (1e999, integers past 64 bits): dead-lettered as invalid_json instead
     assert b'"n":' + number.encode() + b',"message_id"' in _row_data_text(number)
+
+
+def _needs_exact_reference(record: Any, data: bytes) -> bool:
+    """The walk as first written (one uniform loop): the faster one must answer exactly like it."""
+    stack = [record]
+    zero = False
+    while stack:
+        container = stack.pop()
+        for value in container.values() if type(container) is dict else container:
+            kind = type(value)
+            if kind is float:
+                return True
+            if kind is dict or kind is list:
+                stack.append(value)
+            elif kind is int and value == 0:
+                zero = True
+    return zero and _has_negative_zero(data)
+
+
+@pytest.mark.parametrize(
+    ("record_text", "expected"),
+    [
+        ('{"a": "x", "b": 1, "c": null, "d": true}', False),
+        ('{"a": 1.5}', True),
+        ('{"a": "x", "b": {"c": [1, {"d": 2.0}]}}', True),  # nested float
+        ('{"a": [1, 2, 1E2]}', True),
+        ('{"a": 0}', False),  # a zero written "0"
+        ('{"a": -0}', True),
+        ('{"a": {"b": [-0]}}', True),  # nested -0
+        ('{"a": {"b": [0]}, "s": "x,-0"}', True),  # a 0, and "-0" after "," inside a string: conservative
+        ('{"a": false, "s": "x,-0"}', False),  # False is not a zero, whatever the body holds
+        ('{"a": [false, true], "s": "x,-0"}', False),
+        ('{"a": {}, "b": [], "c": [[], {}]}', False),
+        ('{"a": [[[[0]]]], "b": "[-0"}', True),
+        ('{"a": -0, "b": 1.0}', True),
+    ],
+)
+def test_which_records_take_the_exact_path(record_text: str, expected: bool) -> None:
+    data = b'{"record": ' + record_text.encode() + b"}"
+    record = simdjson.Parser().parse(data, True)["record"]
+    assert _needs_exact_numbers(record, data) is expected
+    assert _needs_exact_reference(record, data) is expected
+
+
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 2),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["", "x", "-0", "a,-0"]),
+)
+_tree = st.recursive(
+    _leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner, max_size=4)
+)
+
+
+@settings(derandomize=True, deadline=None, database=None, max_examples=300)
+@given(st.dictionaries(st.text(max_size=3), _tree, max_size=6), st.sampled_from([b"", b'{"x": -0}', b"[-0]"]))
+def test_exact_path_choice_matches_the_reference_walk(record: dict[str, Any], extra: bytes) -> None:
+    data = json.dumps(record).encode() + extra
+    assert _needs_exact_numbers(record, data) == _needs_exact_reference(record, data)
