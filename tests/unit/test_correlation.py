@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from hashlib import blake2b
 
 import pytest
 from hypothesis import given
@@ -26,6 +27,19 @@ def test_distinct_event_ids_get_distinct_request_ids(a: str, b: str) -> None:
     if a != b:
         assert request_id(a) != request_id(b)
     assert re.fullmatch(r"[0-9a-f]{32}", request_id(a))
+
+
+@given(st.text(max_size=3000))
+def test_request_id_is_the_blake2b_128_digest_of_the_event_id(event_id: str) -> None:
+    # The shared, copied hasher must give exactly what a fresh one gives (ids already published keep theirs).
+    expected = blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    assert request_id(event_id) == expected
+
+
+def test_request_id_value_is_pinned() -> None:
+    assert request_id("1000:messages:m1") == "de3a6b2c3a7b687d65b30550521de38e"
+    # A lone surrogate, encoded with surrogatepass.
+    assert request_id("1:a:\ud800") == "bdc1190507f46ed5b004b4416821edd7"
 
 
 @pytest.mark.parametrize(
