@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdc_service.core.routes import COMPANY, RouteError, compile_route
 
@@ -82,10 +84,21 @@ def test_route_error_is_a_value_error() -> None:
         ("{company}.{x}.{company}", {"company": "c", "x": "y"}, "c.y.c"),  # a placeholder may repeat
         ("wa.daisi_{company}.{agent_id}_a", {"company": "acme", "agent_id": "7"}, "wa.daisi_acme.7_a"),
         ("wa.{company}.{x}", {"company": "{x}", "x": "{0}"}, "wa.{x}.{0}"),  # values are never read as templates
+        # A literal "%" is text, and values are never read as printf formats either.
+        ("w%a.x_{company}%s.{x}%(y)s", {"company": "a%sb", "x": "%(y)s"}, "w%a.x_a%sb%s.%(y)s%(y)s"),
+        ("%%.{company}", {"company": "%"}, "%%.%"),
     ],
 )
 def test_subject_rendering(template: str, values: dict[str, str], subject: str) -> None:
     assert compile_route("t", "pk", template).subject(values) == subject
+
+
+@given(st.lists(st.text(alphabet="%sab()_{}", min_size=1, max_size=6), min_size=1, max_size=3), st.text(max_size=8))
+def test_subject_renders_like_format_map(literals: list[str], value: str) -> None:
+    template = ".".join(["{company}", *(t for t in literals if "{" not in t and "}" not in t)])
+    route = compile_route("t", "pk", template)
+    values = {"company": value}
+    assert route.subject(values) == template.format_map(values)
 
 
 def test_subject_ignores_values_not_in_template() -> None:
