@@ -131,9 +131,14 @@ class BatchPreparer:
         parser = self._parser()
         plan = self._builder.plan
         outcomes: list[Outcome] = []
+        delivered: list[int] = []  # each message's delivery attempt, read from its reply subject once
         redelivered = 0
         drifts: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         for msg in messages:
+            count = delivery_count(msg.reply)
+            delivered.append(count)
+            if count > 1:
+                redelivered += 1
             try:
                 outcome = plan(msg.subject, msg.data, parser)
                 if type(outcome) is Publish:
@@ -142,21 +147,21 @@ class BatchPreparer:
                         drifts.append((outcome.table, *outcome.drift))
                 outcomes.append(outcome)
             except Exception as exc:  # a bug, not bad input: retry later, never kill the worker
-                table = self._builder.table_of(msg.subject)
-                count = delivery_count(msg.reply)
-                self._metrics.handler_errors.labels(type(exc).__name__).inc()
-                stream, seq = source_position(msg.reply)
-                with bound(subject=msg.subject, table=table, delivered=count, stream=stream, stream_seq=seq):
-                    log.exception("unexpected error while building an event")
-                outcomes.append(decide_failure(exc, table=table, num_delivered=count, max_deliver=self._max_deliver))
-            if delivery_count(msg.reply) > 1:
-                redelivered += 1
+                outcomes.append(self._failed(msg, count, exc))
         if redelivered:
             self._metrics.redeliveries.inc(redelivered)
         if drifts:
             self._drift.record(drifts)
         self._route_from_cache(messages, outcomes, parser)
-        return self._drop_known_duplicates(outcomes, messages)
+        return self._drop_known_duplicates(outcomes, messages, delivered)
+
+    def _failed(self, msg: InboundMessage, count: int, exc: Exception) -> Outcome:
+        table = self._builder.table_of(msg.subject)
+        self._metrics.handler_errors.labels(type(exc).__name__).inc()
+        stream, seq = source_position(msg.reply)
+        with bound(subject=msg.subject, table=table, delivered=count, stream=stream, stream_seq=seq):
+            log.exception("unexpected error while building an event")
+        return decide_failure(exc, table=table, num_delivered=count, max_deliver=self._max_deliver)
 
     def _route_from_cache(self, messages: Sequence[InboundMessage], outcomes: list[Outcome], parser: Any) -> None:
         """Deletes that lack their routing fields: plan them again with the fields remembered for their row (one
@@ -212,12 +217,14 @@ class BatchPreparer:
             _correlate(replanned, msg)
         return replanned
 
-    def _drop_known_duplicates(self, outcomes: list[Outcome], messages: Sequence[InboundMessage]) -> list[Outcome]:
+    def _drop_known_duplicates(
+        self, outcomes: list[Outcome], messages: Sequence[InboundMessage], delivered: list[int]
+    ) -> list[Outcome]:
         """Look up and claim the batch's events in Redis (one call): known ones become duplicates, ones another
         replica is publishing become ``ClaimedElsewhere``, the rest carry this replica's claim."""
         events = [(i, o) for i, o in enumerate(outcomes) if type(o) is Publish]
-        if events:
-            events = self._drop_dead_lettered_finals(outcomes, messages, events)
+        if events and 0 < self._max_deliver <= max(delivered):
+            events = self._drop_dead_lettered_finals(outcomes, messages, delivered, events)
         if not events:
             return outcomes
         states = self._dedup.claim([event.event_id for _, event in events])
@@ -229,11 +236,15 @@ class BatchPreparer:
         return outcomes
 
     def _drop_dead_lettered_finals(
-        self, outcomes: list[Outcome], messages: Sequence[InboundMessage], events: list[tuple[int, Publish]]
+        self,
+        outcomes: list[Outcome],
+        messages: Sequence[InboundMessage],
+        delivered: list[int],
+        events: list[tuple[int, Publish]],
     ) -> list[tuple[int, Publish]]:
         """A final delivery that was held past its AckWait may already have been dead-lettered from its
         max-deliveries advisory (cdc_service.advisories): then publishing it too would make it both."""
-        finals = [(i, e) for i, e in events if 0 < self._max_deliver <= delivery_count(messages[i].reply)]
+        finals = [(i, e) for i, e in events if delivered[i] >= self._max_deliver]
         if not finals:
             return events
         dead = [dead_letter_id(messages[i].metadata.stream, messages[i].metadata.sequence.stream) for i, _ in finals]
@@ -249,15 +260,15 @@ class BatchPreparer:
     ) -> None:
         hits = held = 0
         for (i, event), state in zip(events, states, strict=True):
-            match state:
+            match state:  # the usual answer first
+                case Claim.CLAIMED:
+                    event.claimed = True
                 case Claim.DONE:
                     outcomes[i] = Duplicate(event.table, event.event_id)
                     hits += 1
                 case Claim.HELD:
                     outcomes[i] = ClaimedElsewhere(event.table, event)
                     held += 1
-                case Claim.CLAIMED:
-                    event.claimed = True
                 case Claim.FREE:
                     pass  # claims are off (dedup.claim_ttl = 0): publish unclaimed
         lookups = self._metrics.dedup_lookups
