@@ -216,10 +216,27 @@ def commit_time(value: Any) -> float | None:
         return None
 
 
+def _head_fields(route: Route) -> tuple[str, ...]:
+    """The route's id fields in the order the event lists them after ``event_id`` and ``company_id``: agent, message
+    and chat first, then the others in the route's order."""
+    first = [name for name in _ID_FIELDS_FIRST if name in route.row_fields]
+    rest = [name for name in route.row_fields if name not in first]
+    return tuple(name for name in (*first, *rest) if name not in ("event_id", "company_id"))
+
+
 class EventBuilder:
     """Decides the outcome of one inbound message from its subject and body."""
 
-    __slots__ = ("_drifts", "_layout", "_max_payload_bytes", "_routes", "_subjects")
+    __slots__ = (
+        "_drifts",
+        "_head_fields",
+        "_id_prefixes",
+        "_layout",
+        "_max_payload_bytes",
+        "_routes",
+        "_subjects",
+        "_tokens",
+    )
 
     def __init__(self, layout: SubjectLayout, routes: Mapping[str, Route], max_payload_bytes: int) -> None:
         self._layout = layout
@@ -227,6 +244,30 @@ class EventBuilder:
         self._max_payload_bytes = max_payload_bytes
         self._subjects: dict[str, SubjectInfo | str] = {}
         self._drifts: dict[tuple[str, ...], Drift] = {}
+        # Per event these repeat (a tenant's company and agents, a table's id prefix): worked out once each, bounded
+        # like the subject cache. Plain dict reads and writes: safe to share between the worker threads.
+        self._tokens: dict[str, str | None] = {}
+        self._id_prefixes: dict[tuple[str, str, str], str] = {}
+        self._head_fields = {table: _head_fields(route) for table, route in self._routes.items()}
+
+    def _token_problem(self, text: str) -> str | None:
+        """``token_problem`` of an id that goes into a subject, remembered per distinct value."""
+        problem = self._tokens.get(text, "")  # "": not checked yet (a problem is never empty)
+        if problem == "":
+            if len(self._tokens) >= _SUBJECT_CACHE_SIZE:
+                self._tokens.clear()
+            problem = self._tokens[text] = token_problem(text)
+        return problem
+
+    def _id_prefix(self, database: str, company: str, table: str) -> str:
+        """``<database>:<company>:<table>`` of the event id and the row key, parts escaped, remembered per triple."""
+        key = (database, company, table)
+        prefix = self._id_prefixes.get(key)
+        if prefix is None:
+            if len(self._id_prefixes) >= _SUBJECT_CACHE_SIZE:
+                self._id_prefixes.clear()
+            prefix = self._id_prefixes[key] = f"{_id_part(database)}:{_id_part(company)}:{_id_part(table)}"
+        return prefix
 
     def _parse_subject(self, subject: str) -> SubjectInfo | str:
         # Subjects repeat (companies x tables), so their parse is remembered; the bound keeps a flood of distinct
@@ -313,7 +354,7 @@ class EventBuilder:
                 raise PoisonError(Reason.TENANT_MISMATCH, "record.company_id differs from the subject's company")
         else:
             company = _id_text(record_company, "record.company_id")
-        problem = token_problem(company)
+        problem = self._token_problem(company)
         if problem:
             raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"company {problem}")
 
@@ -328,34 +369,35 @@ class EventBuilder:
 
         values = {COMPANY: company}
         unrouted: list[str] = []  # subject fields a delete lacks (no REPLICA IDENTITY FULL): the routing cache has them
+        subject_fields = route.subject_fields
         for name in route.row_fields:
             value = record.get(name)
-            if value is None and name in route.subject_fields and name != route.pk:
+            if value is None and name in subject_fields and name != route.pk:
                 if routing is not None and name in routing:
                     value = routing[name]
                 elif route.routing_cache and action == "delete":
                     unrouted.append(name)
                     continue
-            text = _id_text(value, f"record.{name}")
-            if name in route.subject_fields:
-                problem = token_problem(text)
+            text = value if type(value) is str else _id_text(value, f"record.{name}")
+            if name in subject_fields:
+                problem = self._token_problem(text)
                 if problem:
                     raise PoisonError(Reason.INVALID_SUBJECT_TOKEN, f"record.{name} {problem}")
             elif not text or len(text.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES or not text.isprintable():
                 # The pk travels in the Nats-Msg-Id header and the Redis key: no control characters, bounded.
                 raise PoisonError(Reason.INVALID_SHAPE, f"record.{name} is empty, too long or not printable")
             values[name] = text
-        row_key = row_identity(database, company, info.table, values[route.pk]) if route.routing_cache else ""
+        # event_identity and row_identity, with the escaped <database>:<company>:<table> remembered.
+        pk_part = _id_part(values[route.pk])
+        prefix = self._id_prefix(database, company, info.table)
+        row_key = f"{prefix}:{pk_part}" if route.routing_cache else ""
         if unrouted:
             raise _NeedsRouting(f"record.{unrouted[0]} is missing or null (no cached routing for this row)", row_key)
 
-        event_id = event_identity(database, company, info.table, values[route.pk], lsn)
-        head: dict[str, str] = {"event_id": event_id, "company_id": company}
-        for name in _ID_FIELDS_FIRST:
-            if name in values:
-                head[name] = values[name]
-        for name in route.row_fields:
-            head.setdefault(name, values[name])
+        event_id = f"{lsn}:{prefix}:{pk_part}"
+        head: dict[str, Any] = {"event_id": event_id, "company_id": company}
+        for name in self._head_fields[info.table]:
+            head[name] = values[name]
         head["action"] = action
         event_time = metadata.get("commit_timestamp")
         if isinstance(event_time, str):
@@ -368,8 +410,9 @@ class EventBuilder:
                 row_data = exact_record(data)
             except RecursionError:  # deeper than the stdlib parser goes; orjson would refuse it too
                 raise PoisonError(Reason.INVALID_JSON, "record is nested too deeply to re-encode") from None
+        head["row_data"] = row_data
         try:
-            payload = orjson.dumps({**head, "row_data": row_data})
+            payload = orjson.dumps(head)
         except (TypeError, orjson.JSONEncodeError) as exc:  # nesting past orjson's 254 levels (simdjson allows 1024)
             raise PoisonError(Reason.INVALID_JSON, f"record cannot be re-encoded: {exc}"[:300]) from None
         remembered = None
