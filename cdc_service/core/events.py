@@ -320,8 +320,13 @@ class EventBuilder:
             raise PoisonError(Reason.INVALID_JSON, json_problem(data, exc)) from None
         if not isinstance(doc, dict):
             raise PoisonError(Reason.INVALID_SHAPE, f"body must be a JSON object, got {_type_name(doc)}")
-        record = _object(doc, "record")
-        metadata = _object(doc, "metadata")
+        # The parser makes plain dicts: the usual case without a call, _object names any problem.
+        record = doc.get("record")
+        if type(record) is not dict:
+            record = _object(doc, "record")
+        metadata = doc.get("metadata")
+        if type(metadata) is not dict:
+            metadata = _object(doc, "metadata")
 
         action = doc.get("action")
         if action is None:
@@ -336,7 +341,9 @@ class EventBuilder:
             raise PoisonError(Reason.TABLE_MISMATCH, "metadata.table_name differs from the subject's table")
 
         lsn_value = metadata.get("commit_lsn")
-        if lsn_value is None:
+        if type(lsn_value) is int and lsn_value >= 0:
+            lsn = str(lsn_value)
+        elif lsn_value is None:
             if action != "read":
                 raise _missing("metadata.commit_lsn")
             lsn = "0"  # backfill rows carry no LSN
