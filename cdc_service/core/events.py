@@ -8,6 +8,7 @@ because a parser is not thread-safe and each worker thread owns one.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -25,22 +26,22 @@ _SUBJECT_CACHE_SIZE = 10_000
 _DRIFT_CACHE_SIZE = 1_000
 _DRIFT_CACHE_COLUMNS = 256
 Drift = tuple[tuple[str, ...], tuple[str, ...]]  # (columns not expected, expected columns absent)
+_MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")
 
 
 def _has_negative_zero(data: bytes) -> bool:
     """Whether ``data`` may hold the number ``-0`` (after ':', '[' or ',', not followed by a digit, '.', 'e' or 'E').
-    A match inside a string only sends the body down the exact path. Found with ``bytes.find``: a regex without a
-    literal prefix costs about 20 ns per byte here."""
-    at = data.find(b"-0")
-    while at >= 0:
-        after = data[at + 2 : at + 3]
-        if after not in (b".", b"e", b"E") and not after.isdigit():
-            before = at - 1
-            while before >= 0 and data[before] in b" \t\r\n":
-                before -= 1
-            if before >= 0 and data[before] in b":[,":
-                return True
-        at = data.find(b"-0", at + 2)
+    A match inside a string only sends the body down the exact path. The regex starts with its literal "-0" (sre
+    scans for it in C) and its lookahead skips dates such as "2026-01-05" without a Python step: 2-4 times cheaper
+    than ``bytes.find`` here; one without a literal prefix would cost about 20 ns per byte."""
+    match = _MINUS_ZERO.search(data)
+    while match is not None:
+        before = match.start() - 1
+        while before >= 0 and data[before] in b" \t\r\n":
+            before -= 1
+        if before >= 0 and data[before] in b":[,":
+            return True
+        match = _MINUS_ZERO.search(data, match.end())
     return False
 
 

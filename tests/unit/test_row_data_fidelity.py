@@ -127,3 +127,48 @@ _tree = st.recursive(
 def test_exact_path_choice_matches_the_reference_walk(record: dict[str, Any], extra: bytes) -> None:
     data = json.dumps(record).encode() + extra
     assert _needs_exact_numbers(record, data) == _needs_exact_reference(record, data)
+
+
+def _has_negative_zero_reference(data: bytes) -> bool:
+    """The scan as first written, with ``bytes.find``."""
+    at = data.find(b"-0")
+    while at >= 0:
+        after = data[at + 2 : at + 3]
+        if after not in (b".", b"e", b"E") and not after.isdigit():
+            before = at - 1
+            while before >= 0 and data[before] in b" \t\r\n":
+                before -= 1
+            if before >= 0 and data[before] in b":[,":
+                return True
+        at = data.find(b"-0", at + 2)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"a": -0}', True),
+        (b'{"a":-0,"b":1}', True),
+        (b'{"a": [1,\t\n -0]}', True),
+        (b"[-0]", True),
+        (b"-0", False),  # nothing before it: not a value inside a document
+        (b'{"a": -0.0}', False),  # a float: the walk finds it
+        (b'{"a": -0e1, "b": -0E1, "c": -01}', False),
+        (b'{"d": "2026-01-05", "e": "x-0y"}', False),
+        (b'{"d": "a,-0"}', True),  # inside a string: only conservative
+        (b'{"a": 1}', False),
+        (b"", False),
+    ],
+)
+def test_negative_zero_scan(data: bytes, expected: bool) -> None:
+    assert _has_negative_zero(data) is expected
+    assert _has_negative_zero_reference(data) is expected
+
+
+@settings(derandomize=True, deadline=None, database=None, max_examples=500)
+@given(
+    st.lists(st.sampled_from([b"-0", b"-", b"0", b"1", b".", b"e", b"E", b":", b",", b"[", b" ", b"\n", b'"', b"x"]))
+)
+def test_negative_zero_scan_matches_the_find_loop(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert _has_negative_zero(data) == _has_negative_zero_reference(data)
