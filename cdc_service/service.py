@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -116,6 +117,25 @@ async def _start_intake(
     return push
 
 
+# Allocations (of container objects) net of frees between two collections of the youngest generation; Python's
+# default is 700. See tune_garbage_collection.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_garbage_collection() -> None:
+    """Once start-up is done: keep the collector off what start-up made, and collect the young generation less often.
+
+    Every event makes a dozen short-lived container objects (futures, outcomes, dicts), so with Python's default
+    threshold of 700 the young generation was collected every few dozen events, and the older generations (which
+    hold the caches, the settings, every module) were walked again and again for almost nothing: the hot path makes
+    few reference cycles. ``gc.freeze`` moves everything alive now to a generation the collector never walks; the
+    higher threshold bounds what cyclic garbage can wait for a collection to tens of thousands of small objects.
+    """
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+
+
 class Service:
     """One replica. ``run()`` blocks in the main thread until SIGTERM/SIGINT or a fatal error; returns the exit code.
 
@@ -188,6 +208,7 @@ class Service:
         elif startup.exception() is not None:
             self._startup_failed(startup.exception())
         else:
+            tune_garbage_collection()
             log.info(
                 "consuming", extra={"stream": self.settings.ingest.stream, "consumer": self.settings.ingest.durable}
             )
