@@ -142,6 +142,12 @@ class NatsSettings:
     reconnect_wait: float = setting(
         2.0, "Pause between (re)connect attempts. Reconnects never stop; a closed connection exits (status 1).", ge=0
     )
+    provision_timeout: float = setting(
+        60.0,
+        "Start-up: how long to retry JetStream requests that time out or are unavailable while the cluster elects "
+        "leaders (streams, consumers); then start-up fails (status 1).",
+        gt=0,
+    )
     ping_interval: float = setting(20.0, "Seconds between pings; see max_outstanding_pings.", gt=0)
     max_outstanding_pings: int = setting(
         3, "Unanswered pings before the link counts as dead (after about ping_interval × this).", gt=0

@@ -24,6 +24,7 @@ class HealthFacts:
     nats_connected: bool = False  # the client says it is connected now
     read_loop_stopped_for: float | None = None  # nats-py's read loop is seen ended since this long; None: it runs
     started: bool = False  # start-up finished: streams, consumer, engine and intake are in place
+    starting: str | None = None  # while not started: why provisioning waits (a JetStream request failed, retrying)
     intake_active: bool = False  # bound to the consumer and receiving
     consumer_problem: str | None = None  # the consumer watchdog's finding (durable or stream missing)
     nats_problem: str | None = None  # nats-server did not answer a ping while nothing moved
@@ -56,7 +57,7 @@ def _not_ready_reason(facts: HealthFacts) -> str | None:
         (not facts.nats_created, facts.nats_state),
         (not facts.nats_connected, f"not connected to NATS: {facts.nats_state}"),
         (facts.read_loop_stopped_for is not None, "NATS read loop stopped"),
-        (not facts.started, "starting: connected to NATS, provisioning streams and the consumer"),
+        (not facts.started, facts.starting or "starting: connected to NATS, provisioning streams and the consumer"),
         (not facts.intake_active, "not bound to the consumer"),
         (facts.consumer_problem is not None, facts.consumer_problem),
         (facts.nats_problem is not None, facts.nats_problem),

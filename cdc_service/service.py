@@ -22,6 +22,7 @@ from nats.js.api import ConsumerConfig
 from prometheus_client import CollectorRegistry
 
 from cdc_service import __version__, health
+from cdc_service.adapters.jetstream_retry import ProvisioningRetry
 from cdc_service.adapters.nats_fast_batch import choose_publisher
 from cdc_service.adapters.nats_jetstream import (
     ConnectionState,
@@ -166,6 +167,7 @@ class Service:
         )
         self._nc: Client | None = None
         self._nats_state = ConnectionState(settings.nats)
+        self._provisioning = ProvisioningRetry(settings.nats.provision_timeout)  # JetStream electing leaders
         # The loop thread's watches, made as their subjects come to exist during start-up.
         self._read_loop: ReadLoopWatch | None = None
         self._pings: PingWatch | None = None
@@ -281,6 +283,7 @@ class Service:
             nats_connected=nc is not None and nc.is_connected,
             read_loop_stopped_for=None if stopped_at is None else now - stopped_at,
             started=self._ready,
+            starting=self._provisioning.problem,
             intake_active=self._intake is not None and self._intake.active,
             consumer_problem=self._watchdog.problem if self._watchdog is not None else None,
             nats_problem=self._pings.problem if self._pings is not None else None,
@@ -316,9 +319,9 @@ class Service:
         partitioned = settings.ingest.ordering == "partitioned"
         _check_server(nc, settings)
         js = nc.jetstream(timeout=10)
-        consumer = await provision(js, settings)
+        consumer = await self._provisioning.run(js, lambda js: provision(js, settings))
         if partitioned:
-            await ensure_partitioned_stream(js, settings)
+            await self._provisioning.run(js, lambda js: ensure_partitioned_stream(js, settings))
         publisher = await choose_publisher(nc, js, settings)
         await publisher.start()
         builder = EventBuilder(settings.layout, settings.routes, settings.ingest.max_payload_bytes)

@@ -210,6 +210,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("ingest.member_bucket", {"ingest": {"member_bucket": "a b"}}),
     ("ingest.member_ttl", {"ingest": {"member_ttl": 0}}),
     ("ingest.pin_timeout", {"ingest": {"pin_timeout": -1}}),
+    ("nats.provision_timeout", {"nats": {"provision_timeout": 0}}),
 ]
 
 

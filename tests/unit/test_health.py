@@ -20,6 +20,7 @@ READY = HealthFacts(
     intake_active=True,
 )
 STARTING = "starting: connected to NATS, provisioning streams and the consumer"
+RETRYING = "starting: provisioning streams (attempt 2: js.stream_info(cdc_events_stream): TimeoutError: nats: timeout)"
 PING = "nats-server did not answer a ping within 5s; nothing received or acked for 7s"
 
 
@@ -40,6 +41,8 @@ PING = "nats-server did not answer a ping within 5s; nothing received or acked f
         ({"read_loop_stopped_for": 1.0, "started": False},
          (False, {"redis": "ok", "reason": "NATS read loop stopped"})),
         ({"started": False, "intake_active": False}, (False, {"redis": "ok", "reason": STARTING})),
+        ({"started": False, "intake_active": False, "starting": RETRYING},
+         (False, {"redis": "ok", "reason": RETRYING})),
         ({"intake_active": False}, (False, {"redis": "ok", "reason": "not bound to the consumer"})),
         ({"consumer_problem": "consumer missing"}, (False, {"redis": "ok", "reason": "consumer missing"})),
         ({"consumer_problem": "input stream missing", "nats_problem": PING},
