@@ -138,8 +138,8 @@ class ProvisioningRetry:
         if left <= 0:
             raise ProvisioningError(
                 f"JetStream did not complete provisioning within nats.provision_timeout ({self.budget:g}s); "
-                f"{self._attempt} attempts, the last: {call}: {error}. Check the cluster's JetStream "
-                "(`nats server report jetstream`) or raise nats.provision_timeout"
+                f"{self._attempt} attempts, the last: {call}: {error}. Check that JetStream is enabled and has a "
+                "leader (`nats server report jetstream`), or raise nats.provision_timeout"
             ) from exc
         pause = min(wait, left)
         self.problem = f"starting: provisioning streams (attempt {self._attempt}: {call}: {error})"

@@ -24,7 +24,7 @@ from nats.js.errors import NotFoundError
 
 from tests.integration.helpers import DLQ, INPUT, OUTPUT
 from tests.sequin import body, encode
-from tests.servers import NatsServer, RedisServer, ServiceProcess, free_port, wait_for_async
+from tests.servers import GiveUp, NatsServer, RedisServer, ServiceProcess, free_port, wait_for, wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,14 @@ def expected_id(i: int) -> str:
 
 
 def start_cluster(root: Path) -> dict[str, NatsServer]:
+    nodes = cluster_nodes(root)
+    for node in nodes.values():
+        node.start()
+    return nodes
+
+
+def cluster_nodes(root: Path) -> dict[str, NatsServer]:
+    """Three nodes of one cluster, not started."""
     client_ports = [free_port() for _ in range(3)]
     cluster_ports = [free_port() for _ in range(3)]
     nodes: dict[str, NatsServer] = {}
@@ -47,8 +55,6 @@ def start_cluster(root: Path) -> dict[str, NatsServer]:
         extra = ["--server_name", f"n{i + 1}", "--cluster_name", "c"]
         extra += ["--cluster", f"nats://127.0.0.1:{cluster_ports[i]}", "--routes", routes]
         nodes[f"n{i + 1}"] = NatsServer(root, client_ports[i], extra)
-    for node in nodes.values():
-        node.start()
     return nodes
 
 
@@ -188,6 +194,38 @@ async def test_killing_the_stream_leader_loses_and_duplicates_nothing(
             await nc.close()
         for node in nodes.values():
             node.stop()
+
+
+async def test_start_up_waits_for_a_jetstream_quorum(tmp_path: Path, redis_server: RedisServer) -> None:
+    """One node of three up: no meta leader, so every JetStream request times out or answers 503. The replica keeps
+    retrying (alive, not ready, ``/readyz`` naming the attempt) and starts once a second node makes a quorum."""
+    if not redis_server.alive():
+        redis_server.start()
+    nodes = cluster_nodes(tmp_path)
+    service: ServiceProcess | None = None
+    try:
+        nodes["n1"].start()
+        service = ServiceProcess(tmp_path, nodes["n1"].url, redis_server.url, **{"nats.provision_timeout": 120})
+        service.start()
+        running = service
+
+        def retrying_provisioning() -> bool:
+            if not running.alive():
+                raise GiveUp(f"service exited: {running.output()[-3000:]}")
+            status, detail = running.get("/readyz")
+            return status == 503 and b"provisioning streams (attempt" in detail
+
+        wait_for(retrying_provisioning, 60, 0.1, what="/readyz names a provisioning attempt")
+        nodes["n2"].start()
+        service.wait_ready(90)
+        warnings = [line for line in service.logs() if line.get("message", "").startswith("provisioning: js.")]
+        assert warnings and all(line["level"] == "WARNING" for line in warnings), service.output()[-3000:]
+    finally:
+        if service is not None:
+            service.stop()
+        for node in nodes.values():
+            if node.proc is not None:
+                node.stop()
 
 
 async def _true(value: bool) -> bool:
