@@ -51,7 +51,7 @@ class Copies:
         if flight is None:
             return False
         self._metrics.copy_waits.labels("this_replica").inc()
-        if flight.result.done():  # in the table and done means stored: failed flights leave at once
+        if flight.stored is not None:  # in the table and landed means stored: failed flights leave at once
             await self._ledger.settle(batch, index, Result.DUPLICATE, event.table)
         else:
             flight.waiters += 1

@@ -7,7 +7,6 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 from cdc_service.core.outcomes import Publish
 from cdc_service.metrics import Metrics
@@ -15,21 +14,40 @@ from cdc_service.pipeline.clock import Clock
 from cdc_service.ports import DedupStore
 
 
-@dataclass(eq=False)
 class Flight:
-    """An event this replica is publishing. Later copies wait on ``result``: True once the stream holds the event
-    (ack them as duplicates), False when the attempt failed for good (then one of them publishes).
+    """An event this replica is publishing. ``stored`` is None while it is pending, True once the stream holds the
+    event (later copies are acked as duplicates), False when the attempt failed for good (then one of them
+    publishes). A copy that has to wait awaits ``result``, a future made on first use: most flights are never
+    waited on, and a future per event is not free.
 
     A failed flight leaves the table at once. A published one stays until every batch that was looked up in Redis
     before its marker write ended has been walked (``marked_at``, a dispatch number): such a batch may have missed
     the marker, and only this entry tells it that its copy is a duplicate.
     """
 
-    result: asyncio.Future[bool]
-    claimed: bool = False  # this replica's Redis claim covers it: renewed while it is pending
-    claimed_at: float = 0.0  # monotonic time the claim was taken or last renewed
-    waiters: int = 0
-    marked_at: int = 0  # batches dispatched when the marker write ended; 0 until then
+    __slots__ = ("_result", "claimed", "claimed_at", "marked_at", "stored", "waiters")
+
+    def __init__(self, claimed: bool = False, claimed_at: float = 0.0) -> None:
+        self.stored: bool | None = None
+        self._result: asyncio.Future[bool] | None = None
+        self.claimed = claimed  # this replica's Redis claim covers it: renewed while it is pending
+        self.claimed_at = claimed_at  # monotonic time the claim was taken or last renewed
+        self.waiters = 0
+        self.marked_at = 0  # batches dispatched when the marker write ended; 0 until then
+
+    @property
+    def result(self) -> asyncio.Future[bool]:
+        """The outcome as a future (made now if no copy asked before), done once the flight has landed."""
+        if self._result is None:
+            self._result = asyncio.get_running_loop().create_future()
+            if self.stored is not None:
+                self._result.set_result(self.stored)
+        return self._result
+
+    def end(self, stored: bool) -> None:
+        self.stored = stored
+        if self._result is not None and not self._result.done():
+            self._result.set_result(stored)
 
 
 class FlightTable:
@@ -64,7 +82,7 @@ class FlightTable:
 
     def take_off(self, event: Publish) -> Flight:
         """Enter ``event`` in the table; the caller publishes it next, before awaiting anything else."""
-        flight = Flight(asyncio.get_running_loop().create_future(), event.claimed, self._clock.monotonic())
+        flight = Flight(event.claimed, self._clock.monotonic())
         self._flights[event.event_id] = flight
         if not event.claimed:
             self._metrics.unclaimed_publishes.inc()
@@ -76,9 +94,9 @@ class FlightTable:
         release = []
         for event in events:
             flight = self._flights.get(event.event_id)
-            if flight is None or flight.result.done():
+            if flight is None or flight.stored is not None:
                 continue
-            flight.result.set_result(stored)
+            flight.end(stored)
             if not stored:
                 del self._flights[event.event_id]
                 if event.claimed and flight.waiters == 0:
@@ -120,7 +138,7 @@ class FlightTable:
         due = now - period
         renew = []
         for event_id, flight in self._flights.items():
-            if flight.claimed and not flight.result.done() and flight.claimed_at < due:
+            if flight.claimed and flight.stored is None and flight.claimed_at < due:
                 flight.claimed_at = now
                 renew.append(event_id)
         return renew

@@ -97,8 +97,8 @@ async def test_claims_of_pending_flights_are_renewed_once_a_period(executor: Thr
     t = Table(executor)
     t.table.take_off(event("pending"))
     t.table.take_off(event("unclaimed", claimed=False))
-    done = t.table.take_off(event("done"))
-    done.result.set_result(True)
+    t.table.take_off(event("done"))
+    t.table.land([event("done")], stored=True)
     assert t.table.due_for_renewal(10) == []  # taken just now
     t.clock.advance(11)
     assert t.table.due_for_renewal(10) == ["pending"]
