@@ -88,9 +88,7 @@ class Output:
 
     async def await_acks(self, sends: list[Send]) -> list[Send]:
         """Wait (bounded) for every PubAck; return the sends that failed or got no answer."""
-        futures = [s.future for s in sends if s.future is not None]
-        if futures:
-            await asyncio.wait(futures, timeout=self._settings.timeout)
+        await _all_done([s.future for s in sends if s.future is not None], self._settings.timeout)
         failed: list[Send] = []
         for send in sends:
             if not _record_answer(send):
@@ -176,6 +174,22 @@ class Output:
         finally:
             self.dead_letters_held -= 1
         return not send.error
+
+
+async def _all_done(futures: list[asyncio.Future[PubAck]], seconds: float) -> None:
+    """Wait until every one of ``futures`` is done, at most ``seconds``.
+
+    Waits on the last one still pending, then looks again: the stream answers a connection's publishes in order,
+    so this wakes about once a batch, and an answered future costs a ``done()``. ``asyncio.wait`` on all of them
+    would put a callback on each (a loop handle per answer) and take them all off again. Answers out of order only
+    mean another wake."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while futures := [f for f in futures if not f.done()]:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        await asyncio.wait((futures[-1],), timeout=remaining)
 
 
 def _record_answer(send: Send) -> bool:

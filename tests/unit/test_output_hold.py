@@ -55,6 +55,30 @@ async def test_an_unanswered_publish_fails_after_the_timeout() -> None:
     assert send.error == "no PubAck within publish.timeout" and send.exc is None
 
 
+async def test_answers_out_of_order_are_all_waited_for_and_a_missing_one_times_out() -> None:
+    """await_acks waits on the last pending PubAck and looks again: answers in any order are all read, and one
+    that never comes fails after publish.timeout while the others count as stored."""
+    answers: list[asyncio.Future[PubAck]] = []
+
+    class Later(FakePublisher):
+        async def publish(self, subject: str, payload: bytes, headers: Mapping[str, str], **_: Any) -> Any:
+            answers.append(asyncio.get_running_loop().create_future())
+            return answers[-1]
+
+    output, _ = make(Later(), PublishSettings(timeout=0.5))
+    sends = [event(n) for n in range(4)]
+    for send in sends:
+        await output.send(send)
+    loop = asyncio.get_running_loop()
+    loop.call_soon(answers[3].set_result, PubAck("s", 4))  # the last first, then the rest one by one
+    loop.call_later(0.01, answers[0].set_result, PubAck("s", 1))
+    loop.call_later(0.02, answers[2].set_exception, PublishRejected("refused"))
+    failed = await output.await_acks(sends)  # answers[1] never comes
+    assert failed == [sends[1], sends[2]]
+    assert sends[1].error == "no PubAck within publish.timeout" and answers[1].cancelled()
+    assert sends[2].error == "refused" and not sends[0].error and not sends[3].error
+
+
 async def test_a_hold_closes_the_gate_until_the_output_recovers() -> None:
     publisher = FakePublisher(failing=True)
     output, _ = make(publisher)
