@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -221,6 +224,25 @@ class Metrics:
             self.processing.labels(table)
             for result in RESULTS:
                 self.events.labels(table, result)
+
+
+def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values`` (a labelled child or an unlabelled histogram): the same
+    buckets, count and sum, at one lock per bucket touched instead of two locks per value. Reads prometheus_client's
+    own fields (``_upper_bounds``, ``_buckets``, ``_sum``; tests/unit/test_metrics.py checks the figures against
+    ``observe``); without them it observes one by one."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    summed = sum(values)
+    if bounds is None or buckets is None or total is None or len(values) < 2 or math.isnan(summed):
+        for value in values:
+            histogram.observe(value)
+        return
+    total.inc(summed)
+    # observe() counts a value in the first bucket whose bound is >= it: bisect_left's index (the last bound is +Inf).
+    for index, n in Tally([bisect_left(bounds, value) for value in values]).items():
+        buckets[index].inc(n)
 
 
 def register_runtime_collectors(registry: CollectorRegistry) -> None:

@@ -22,7 +22,7 @@ from cdc_service.core.outcomes import (
     is_permanent_rejection,
 )
 from cdc_service.logs import bound
-from cdc_service.metrics import Metrics
+from cdc_service.metrics import Metrics, observe_all
 from cdc_service.pipeline.clock import Clock
 from cdc_service.pipeline.common import Batch, Send, Tasks, about
 from cdc_service.pipeline.flights import FlightTable
@@ -140,19 +140,26 @@ class Finisher:
     async def _settle_published(self, batch: Batch, published: list[Send]) -> None:
         wall = self._clock.time()
         stored, repeated = Result.PUBLISHED, Result.DUPLICATE  # bound per batch: an enum class lookup is slow
+        acks: list[tuple[int, Result, str]] = []
+        lags: list[float] = []
+        dead_letters: list[Send] = []
         for send in published:
-            match send.outcome:
-                case Publish() as event:
-                    if event.commit_time is not None:
-                        self.lag = max(0.0, wall - event.commit_time)
-                        self._metrics.lag.observe(self.lag)
-                    result = repeated if send.duplicate else stored
-                    await self._ledger.settle(batch, send.index, result, event.table)
-                case DeadLetter() as dead:
-                    self._log_dead_letter_stored(batch.messages[send.index], send, dead)
-                    await self._ledger.settle(batch, send.index, Result.DEAD_LETTERED, dead.table, reason=dead.reason)
-                case _:
-                    assert_never(send.outcome)
+            event = send.outcome
+            if type(event) is Publish:
+                if event.commit_time is not None:
+                    lags.append(max(0.0, wall - event.commit_time))
+                acks.append((send.index, repeated if send.duplicate else stored, event.table))
+            else:
+                dead_letters.append(send)
+        if lags:
+            self.lag = lags[-1]
+            observe_all(self._metrics.lag, lags)
+        await self._ledger.settle_all(batch, acks)
+        for send in dead_letters:
+            dead = send.outcome
+            assert isinstance(dead, DeadLetter)
+            self._log_dead_letter_stored(batch.messages[send.index], send, dead)
+            await self._ledger.settle(batch, send.index, Result.DEAD_LETTERED, dead.table, reason=dead.reason)
 
     def _log_dead_letter_stored(self, msg: InboundMessage, send: Send, dead: DeadLetter) -> None:
         """The one line that ties the source position, the event id and the dead-letter sequence together."""

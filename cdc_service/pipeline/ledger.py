@@ -9,9 +9,10 @@ from typing import Any
 
 from cdc_service.config import Settings
 from cdc_service.core.outcomes import Action, Reason, Result
-from cdc_service.metrics import OTHER_TABLE, Metrics
+from cdc_service.metrics import OTHER_TABLE, Metrics, observe_all
 from cdc_service.pipeline.clock import Clock
 from cdc_service.pipeline.common import Batch, about
+from cdc_service.ports import InboundMessage
 
 log = logging.getLogger("cdc_service.engine")
 
@@ -99,15 +100,9 @@ class SettleLedger:
 
         ``delay`` is the nak delay of a retried message (0: redeliver at once); ``reason`` counts a dead letter.
         """
-        if index not in batch.open:
+        msg = self._take(batch, index)
+        if msg is None:
             return
-        batch.open.discard(index)
-        if table not in self._routed:
-            table = OTHER_TABLE  # a metric label: unrouted table names come from input, so they share one
-        msg = batch.messages[index]
-        size = len(msg.data)
-        batch.nbytes -= size
-        self.inflight_bytes -= size
         action = result.action
         try:
             if action is _ACK:
@@ -117,22 +112,67 @@ class SettleLedger:
             else:  # Action.NAK, the only other one
                 await msg.nak(delay=delay or None)
         except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
-            log.debug("could not %s message", action.value, extra={"error": str(exc)[:200], **about(msg)})
+            _log_unsettled(action, exc, msg)
         now = self._monotonic()
+        if table not in self._routed:
+            table = OTHER_TABLE  # a metric label: unrouted table names come from input, so they share one
+        if result.timed:
+            self._timer(table).observe(now - batch.received)
+        if reason is not None:
+            self._metrics.dead_letters.labels(reason.value).inc()
+        self._count(batch, result, table, now)
+
+    async def settle_all(self, batch: Batch, settles: list[tuple[int, Result, str]]) -> None:
+        """``settle`` each of ``settles`` (index, result, table), all acks (published or duplicate events), in one
+        coroutine; each message's processing time goes into the histogram with those of its table at the end (one
+        update per bucket instead of an ``observe`` per message; the same figures)."""
+        timed: dict[str, list[float]] = {}
+        monotonic, received = self._monotonic, batch.received
+        for index, result, named in settles:
+            msg = self._take(batch, index)
+            if msg is None:
+                continue
+            try:
+                await msg.ack()
+            except Exception as exc:  # connection lost: the server redelivers after AckWait, nothing is lost
+                _log_unsettled(_ACK, exc, msg)
+            now = monotonic()
+            table = named if named in self._routed else OTHER_TABLE
+            if result.timed:
+                times = timed.get(table)
+                if times is None:
+                    times = timed[table] = []
+                times.append(now - received)
+            self._count(batch, result, table, now)
+        for table, times in timed.items():
+            observe_all(self._timer(table), times)
+
+    def _take(self, batch: Batch, index: int) -> InboundMessage | None:
+        """Message ``index`` of ``batch``, now no longer open; None when it was settled already."""
+        if index not in batch.open:
+            return None
+        batch.open.discard(index)
+        msg = batch.messages[index]
+        size = len(msg.data)
+        batch.nbytes -= size
+        self.inflight_bytes -= size
+        return msg
+
+    def _count(self, batch: Batch, result: Result, table: str, now: float) -> None:
+        """Count a settled message; the batch is closed (and its counters updated) with its last one."""
         if result.progress:
             self.last_settled = now
             self._last_settled_wall = self._wall_time()
         batch.counts[(table, result)] += 1  # the member itself: .value is a Python-level descriptor
-        if result.timed:
-            timed = self._timers.get(table)
-            if timed is None:
-                timed = self._timers[table] = self._metrics.processing.labels(table)
-            timed.observe(now - batch.received)
-        if reason is not None:
-            self._metrics.dead_letters.labels(reason.value).inc()
         self.inflight -= 1
         if not batch.open:
             self._close(batch)
+
+    def _timer(self, table: str) -> Any:
+        timed = self._timers.get(table)
+        if timed is None:
+            timed = self._timers[table] = self._metrics.processing.labels(table)
+        return timed
 
     def _close(self, batch: Batch) -> None:
         self.open_batches.discard(batch)
@@ -154,3 +194,7 @@ class SettleLedger:
             self.idle.set()
         if self.has_room():
             self._room.set()
+
+
+def _log_unsettled(action: Action, exc: Exception, msg: InboundMessage) -> None:
+    log.debug("could not %s message", action.value, extra={"error": str(exc)[:200], **about(msg)})

@@ -100,6 +100,36 @@ async def test_processing_time_is_measured_on_the_clock_for_results_that_went_th
     assert sample(registry, "cdc_consumer_processing_seconds_sum", table="messages") >= 3
 
 
+async def test_settle_all_acks_each_open_message_once_and_times_each_like_settle() -> None:
+    """The finisher's bulk settle: the same acks, counts, progress and processing-time figures as one settle per
+    message; a message settled already is left alone, and a failing ack is still settled."""
+
+    class Broken(FakeMessage):
+        async def ack(self) -> None:
+            raise ConnectionError("gone")
+
+    ledger, clock, registry = make()
+    batch = batch_of(1, 1, 1, 1, received=clock.monotonic())
+    batch.messages[3] = Broken("cdc.acme.messages", b"x", seq=4)
+    ledger.open(batch)
+    clock.advance(3)
+    await ledger.settle(batch, 0, Result.RETRIED, "messages")
+    settles = [(0, Result.PUBLISHED, "messages"), (1, Result.PUBLISHED, "messages")]
+    settles += [(2, Result.DUPLICATE, "users"), (3, Result.PUBLISHED, "messages")]
+    await ledger.settle_all(batch, settles)
+    assert [m.acked for m in batch.messages[:3]] == [0, 1, 1]  # type: ignore[attr-defined]
+    assert batch.messages[0].naked == [None]  # type: ignore[attr-defined]
+    assert ledger.inflight == 0 and ledger.inflight_bytes == 0 and ledger.idle.is_set()
+    assert dict(ledger.totals) == {"retried": 1, "published": 2, "duplicate": 1}
+    assert ledger.last_settled >= batch.received + 3
+    assert sample(registry, "cdc_consumer_events_total", table="<other>", result="duplicate") == 1
+    assert sample(registry, "cdc_consumer_processing_seconds_count", table="messages") == 2
+    assert 6 <= sample(registry, "cdc_consumer_processing_seconds_sum", table="messages") < 7
+    assert sample(registry, "cdc_consumer_processing_seconds_bucket", table="messages", le="2.5") == 0
+    assert sample(registry, "cdc_consumer_processing_seconds_bucket", table="messages", le="5.0") == 2
+    assert sample(registry, "cdc_consumer_processing_seconds_count", table="<other>") == 1
+
+
 async def test_a_failing_ack_is_still_settled() -> None:
     class Broken(FakeMessage):
         async def ack(self) -> None:
