@@ -264,6 +264,8 @@ class Engine:
         settle = self.ledger.settle
         # Bound per batch: looking up a member on its enum class (Result.SKIPPED) costs about 60 ns on Python 3.11.
         skipped, duplicate = Result.SKIPPED, Result.DUPLICATE
+        # The table is asked directly: the Copies.of_flight coroutine only for an event in it (rare), not per event.
+        in_flight, take_off, event_send = self.flights.get, self.flights.take_off, self._finisher.event_send
         sends: list[Send] = []
         to_release: list[str] = []
         limit = self.output.max_payload - EVENT_HEADER_ROOM
@@ -275,9 +277,9 @@ class Engine:
                 case Duplicate():
                     await settle(batch, index, duplicate, outcome.table)
                 case Publish():
-                    if not await self._copies.of_flight(batch, index, outcome):
-                        self.flights.take_off(outcome)
-                        sends.append(self._finisher.event_send(index, outcome))
+                    if in_flight(outcome.event_id) is None or not await self._copies.of_flight(batch, index, outcome):
+                        take_off(outcome)
+                        sends.append(event_send(index, outcome))
                 case ClaimedElsewhere():
                     self._metrics.copy_waits.labels("other_replica").inc()
                     if not await self._copies.of_flight(batch, index, outcome.event):
