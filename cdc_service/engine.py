@@ -292,6 +292,7 @@ class Engine:
                     assert_never(outcome)
         if to_release:
             self.flights.release(to_release)
+        self.flights.count_unclaimed()
         if sends:
             await self.output.send_all(sends)
             self._spawned.spawn(self._finisher.finish(batch, sends))

@@ -76,6 +76,7 @@ class FlightTable:
         self.get: Callable[[str], Flight | None] = self._flights.get
         self._marked_flights: deque[tuple[int, str, Flight]] = deque()
         self.releases: set[asyncio.Future[None]] = set()  # release calls still running (drain waits for them)
+        self._unclaimed = 0  # unclaimed take-offs not counted yet
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -85,12 +86,20 @@ class FlightTable:
         flight = Flight(event.claimed, self._clock.monotonic())
         self._flights[event.event_id] = flight
         if not event.claimed:
-            self._metrics.unclaimed_publishes.inc()
+            self._unclaimed += 1  # counted by count_unclaimed, once a batch: a counter's inc takes a lock
         return flight
+
+    def count_unclaimed(self) -> None:
+        """Add the events taken off without a claim since the last call to their counter (after each walk and
+        each landing)."""
+        if self._unclaimed:
+            self._metrics.unclaimed_publishes.inc(self._unclaimed)
+            self._unclaimed = 0
 
     def land(self, events: Iterable[Publish], stored: bool) -> None:
         """Tell the copies waiting on these publishes how they ended; a failed claim is released for other
         replicas unless a copy here takes it over (the claim is this replica's, not the message's)."""
+        self.count_unclaimed()
         release = []
         for event in events:
             flight = self._flights.get(event.event_id)
