@@ -123,7 +123,7 @@ class SettleLedger:
         self._count(batch, result, table, now)
 
     async def settle_all(self, batch: Batch, settles: list[tuple[int, Result, str]]) -> None:
-        """``settle`` each of ``settles`` (index, result, table), all acks (published or duplicate events), in one
+        """``settle`` each of ``settles`` (index, result, table), all acks (published, duplicate, skipped), in one
         coroutine; each message's processing time goes into the histogram with those of its table at the end (one
         update per bucket instead of an ``observe`` per message; the same figures)."""
         timed: dict[str, list[float]] = {}
