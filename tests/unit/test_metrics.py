@@ -22,16 +22,24 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     }
 
 
-def histograms() -> tuple[CollectorRegistry, Histogram, CollectorRegistry, Histogram]:
+def histograms(labelled: bool) -> tuple[CollectorRegistry, Histogram, CollectorRegistry, Histogram]:
     one, bulk = CollectorRegistry(), CollectorRegistry()
+    if not labelled:
+        return (
+            one,
+            Histogram("t", "t", buckets=BOUNDS, registry=one),
+            bulk,
+            Histogram("t", "t", buckets=BOUNDS, registry=bulk),
+        )
     by_one = Histogram("t_seconds", "t", ["table"], buckets=BOUNDS, registry=one).labels("a")
     in_bulk = Histogram("t_seconds", "t", ["table"], buckets=BOUNDS, registry=bulk).labels("a")
     return one, by_one, bulk, in_bulk
 
 
+@pytest.mark.parametrize("labelled", [True, False], ids=["a labelled child", "an unlabelled histogram"])
 @pytest.mark.parametrize("values", [VALUES, [0.002] * 5, [7.0], [], [0.1, math.nan, 0.2]], ids=str)
-def test_observe_all_matches_one_observe_per_value(values: list[float]) -> None:
-    one, by_one, bulk, in_bulk = histograms()
+def test_observe_all_matches_one_observe_per_value(values: list[float], labelled: bool) -> None:
+    one, by_one, bulk, in_bulk = histograms(labelled)
     for value in values:
         by_one.observe(value)
     observe_all(in_bulk, values)
