@@ -134,7 +134,7 @@ class RunConfig:
 
     @property
     def slug(self) -> str:
-        return self.label.replace(" ", "-")
+        return self.label.replace(" ", "-").replace("/", "_")  # a ref such as origin/x names files too
 
     @property
     def durable(self) -> str:
