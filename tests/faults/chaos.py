@@ -57,7 +57,10 @@ EXHAUSTING = ("frozen_replica", "oom_loop")
 # max_deliver 3 as in production, so that a frozen or repeatedly killed replica really burns deliveries.
 SCENARIO_SETTINGS: dict[str, dict[str, Any]] = {
     "frozen_replica": {"ingest.max_deliver": 3},
-    "oom_loop": {"ingest.max_deliver": 2},  # two kills of the same messages make them run out
+    # Two kills of the same messages make them run out. Each message waits about a second in the batch buffer (the
+    # batch does not fill at this rate) before it is worked on, so a kill catches messages in hand, as an OOM kill
+    # mid-batch does: without it the service settles in milliseconds and a kill finds almost nothing to spend.
+    "oom_loop": {"ingest.max_deliver": 2, "ingest.batch_size": 4096, "ingest.batch_wait_ms": 1000},
     "dlq_outage": {"publish.max_hold": 2},
 }
 # The OOM loop restarts one pod: with a second replica, redeliveries would mostly go to the healthy one.
@@ -545,18 +548,20 @@ class Chaos:
 
         Each kill hands back what the replica held (up to max_ack_pending) and spends one delivery of each.
         """
+        ack_wait = float(self.settings["ingest.ack_wait"])
         for kill in range(kills):
             victim = self.replicas[index]
 
             started = time.monotonic()
 
-            async def holding(v: ServiceProcess = victim, again: bool = kill > 0, since: float = started) -> bool:
-                # after the first kill, prefer to wait until the successor holds redeliveries: killing it then
-                # spends another delivery of the same messages, so that some run out (what an OOM loop does)
-                early = again and time.monotonic() - since < 3.0
-                if early and await asyncio.to_thread(v.metric, "cdc_consumer_redeliveries_total") <= 0:
-                    return False
-                return await asyncio.to_thread(v.metric, "cdc_consumer_inflight_messages") > 0
+            async def holding(again: bool = kill > 0, since: float = started) -> bool:
+                # The server's view: delivered and not acked (the only replica holds them, in its batch buffer). After
+                # the first kill, prefer to wait until redelivered messages are held: killing the successor then spends
+                # another delivery of the same messages, so that some run out (what an OOM loop does).
+                info = await self.js.consumer_info(INPUT, DURABLE)
+                if again and time.monotonic() - since < 2 * ack_wait + 2.0:
+                    return info.num_redelivered > 0
+                return info.num_ack_pending > 0
 
             try:
                 await wait_for_async(holding, 10, 0.01, what="messages in flight")
