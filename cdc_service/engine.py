@@ -74,7 +74,8 @@ def _report_unexpected_end(task: asyncio.Task[None]) -> None:
 
 
 class Engine:
-    """Runs on the loop thread. ``on_message`` (push) or ``on_batch`` (pull) feed it; ``drain`` empties it."""
+    """Runs on the loop thread. Push intake feeds it with ``take`` (and waits in ``wait_for_room`` when told to;
+    ``on_message`` does both, for a caller that can await), pull with ``on_batch``; ``drain`` empties it."""
 
     def __init__(
         self,
