@@ -1162,6 +1162,7 @@ def load(config_files: Sequence[str | os.PathLike[str]] = (), environ: Mapping[s
     paths += _named_files(config_files, environ)
     data: dict[str, Any] = {}
     warnings: list[str] = []
+    origins: dict[str, str] = {}
     for path in paths:
         layer = _read_file(path)  # its keys already checked (_check_names)
         if "secret" not in path.name.lower():
@@ -1174,9 +1175,35 @@ def load(config_files: Sequence[str | os.PathLike[str]] = (), environ: Mapping[s
                         "settings file that is committed or shared"
                     )
         _merge(data, layer)
+        _note_origins(origins, layer, f"set in {path}")
     _merge(data, _from_environ(environ))
-    settings = settings_from_mapping(data, check_files=True)
+    for name in environ:
+        if name.startswith(f"{ENV_PREFIX}_") and "__" in name:
+            origins[".".join(name[len(ENV_PREFIX) + 1 :].lower().split("__"))] = f"set by {name}"
+    try:
+        settings = settings_from_mapping(data, check_files=True)
+    except ConfigError as exc:
+        raise ConfigError(_with_origin(str(exc), origins)) from None
     return Loaded(settings, tuple(str(p) for p in paths), tuple(warnings))
+
+
+def _note_origins(origins: dict[str, str], layer: Mapping[str, Any], where: str, prefix: str = "") -> None:
+    """Remember, per dotted key (lower case), the source that set it last: a bad value's error names it."""
+    for key, value in layer.items():
+        dotted = f"{prefix}{str(key).lower()}"
+        origins[dotted] = where
+        if isinstance(value, Mapping):
+            _note_origins(origins, value, where, f"{dotted}.")
+
+
+_ERROR_KEY = re.compile(r"([a-z0-9_]+(?:\.[^\s:\[]+)+)[\[:]")
+
+
+def _with_origin(message: str, origins: Mapping[str, str]) -> str:
+    """``message`` (``<key>: problem``) with the file or variable the key's value came from; as it is for a default."""
+    match = _ERROR_KEY.match(message)
+    origin = origins.get(match.group(1)) if match else None
+    return f"{message} ({origin})" if origin else message
 
 
 def load_settings(
