@@ -509,8 +509,21 @@ def test_schema_lists_every_setting() -> None:
         ({"settings": {"ingest": {"batch_size": 0}}}, "settings.ingest.batch_size"),
         ({"settingsToml": "[nats\nurl = 1"}, "settingsToml is not valid TOML"),
         ({"replicas": 3}, "replicas"),
+        ({"extraSettingsFiles": ["prod.toml"]}, "extraSettingsFiles.0"),
+        ({"extraSettingsFiles": ["/etc/a.toml,/etc/b.toml"]}, "extraSettingsFiles.0"),
+        ({"extraSettingsFiles": ["/etc/cdc/prod.ini"]}, "extraSettingsFiles.0"),
     ],
-    ids=["typo", "secret-in-settings", "enum", "minimum", "bad-toml", "unknown-value"],
+    ids=[
+        "typo",
+        "secret-in-settings",
+        "enum",
+        "minimum",
+        "bad-toml",
+        "unknown-value",
+        "relative-settings-file",
+        "comma-in-settings-file",
+        "settings-file-format",
+    ],
 )
 def test_bad_values_fail_to_render(values: dict[str, Any], message: str, tmp_path: Path) -> None:
     result = template(values, tmp=tmp_path)

@@ -126,3 +126,48 @@ def test_extra_env_cannot_name_other_settings_files(name: str, tmp_path: Path) -
     assert (
         f"extraEnv {name}: the chart names the mounted settings files in SETTINGS_FILES_FOR_DYNACONF" in result.stderr
     )
+
+
+def test_extra_settings_files_are_read_after_the_charts_own(tmp_path: Path) -> None:
+    """`extraSettingsFiles`: a mounted file read after the chart's settings.toml (it wins there) and before the
+    CDC_* variables of `settings` (they win over it), the way the pod reads them."""
+    extra_dir = "/etc/cdc-extra"
+    values = {
+        **VALUES,
+        "settings": {"ingest": {"batch_wait_ms": 4}},
+        "extraSettingsFiles": [f"{extra_dir}/prod.toml"],
+        "extraVolumes": [{"name": "extra", "configMap": {"name": "cdc-shared"}}],
+        "extraVolumeMounts": [{"name": "extra", "mountPath": extra_dir, "readOnly": True}],
+    }
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    result = helm("template", "cdc", str(CHART), "--namespace", "cdc", "-f", str(tmp_path / "values.yaml"))
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    etc, extra = tmp_path / "etc", tmp_path / "extra"
+    etc.mkdir()
+    extra.mkdir()
+    (etc / "settings.toml").write_text(
+        only(docs, "ConfigMap")["data"]["settings.toml"] + "\n[ingest]\nbatch_size = 64\n"
+    )
+    (etc / ".secrets.toml").write_text(only(docs, "Secret")["stringData"][".secrets.toml"])
+    (extra / "prod.toml").write_text('[ingest]\nbatch_size = 128\nbatch_wait_ms = 9.0\n[nats]\nname = "cdc-prod"\n')
+    environ = {
+        e["name"]: e["value"].replace(CONFIG_DIR, str(etc)).replace(extra_dir, str(extra))
+        for e in container(docs)["env"]
+        if "value" in e
+    }
+    assert environ["SETTINGS_FILES_FOR_DYNACONF"].endswith(f"/.secrets.toml,{extra}/prod.toml")
+    app = tmp_path / "app"
+    app.mkdir()
+    result = run_cli(app, "config", **environ)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["ingest"]["batch_size"] == 128  # the extra file over the chart's settings.toml
+    assert printed["nats"]["name"] == "cdc-prod"
+    assert printed["ingest"]["batch_wait_ms"] == 4  # CDC_INGEST__BATCH_WAIT_MS over every file
+    assert printed["nats"]["user"] == "cdc"  # the chart's file still counts where the extra one is silent
+
+    (extra / "prod.toml").unlink()
+    result = run_cli(app, "config", **environ)
+    assert result.returncode != 0
+    assert f"{extra}/prod.toml" in result.stderr  # a missing file stops start-up naming it
