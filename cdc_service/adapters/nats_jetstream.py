@@ -791,13 +791,16 @@ class PushIntake:
         sink, held = self._sink, self._held
         assert sink is not None and held is not None
         try:
-            while held:
+            while True:
+                # First wait, even with nothing held yet: the next arrival must not be taken before there is room.
                 await sink.wait_for_room()
                 while held:
                     msg = held.popleft()
                     self._held_bytes -= len(msg.data)
                     if not sink.take(msg):
                         break
+                else:
+                    return  # all handed over, and the sink still had room
         finally:
             if self._dropped:
                 log.warning(
