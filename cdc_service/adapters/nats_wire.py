@@ -32,18 +32,28 @@ class WireParser(Parser):
     """nats-py's parser with a fast path for ``MSG`` and ``HMSG``: each whole message is cut out of the received
     bytes by offsets (one copy of its payload, no regex, no buffer shift per message) and passed to its
     subscription's route, or to ``_process_msg`` as nats-py does. Every other operation (``PING``, ``PONG``,
-    ``INFO``, ``+OK``, ``-ERR``) and a message split across reads are left to nats-py's own parser, which then
-    continues to the end of those bytes.
+    ``INFO``, ``+OK``, ``-ERR``) is handed to nats-py's own parser one whole line at a time. A message split across
+    reads waits in the buffer until all of it is there (and is not looked at again before then).
 
     Contract kept from nats-py: messages are dispatched in wire order, one at a time; a malformed ``MSG`` or
     ``HMSG`` line raises ``ProtocolError`` (the client reconnects).
     """
+
+    _wanted = 0  # bytes the buffered message needs in all (0: unknown); a large one arrives in many reads
+
+    def reset(self) -> None:
+        super().reset()
+        self._wanted = 0
 
     async def parse(self, data: bytes = b"") -> None:
         if self.state != AWAITING_CONTROL_LINE:  # nats-py is in the middle of a message: let it finish
             await super().parse(data)
             return
         buf = self.buf
+        if buf and len(buf) + len(data) < self._wanted:
+            buf.extend(data)  # still short of the message at its start: no copy, no second look at its line
+            return
+        self._wanted = 0
         if buf:
             buf.extend(data)
             data = bytes(buf)
@@ -102,6 +112,7 @@ class WireParser(Parser):
                 size = int(size_text)
                 start = eol + 2
                 if end < start + size + 2:
+                    self._wanted = start + size + 2 - pos
                     break  # the payload is still on its way
                 header = data[start : start + header_size] if header_size else None
                 payload = data[start + header_size : start + size]

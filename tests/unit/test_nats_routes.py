@@ -328,3 +328,40 @@ async def test_a_sink_that_raises_does_not_reach_the_read_loop() -> None:
     intake = _intake(Broken(room=1))
     assert intake._on_raw(b"cdc.a.messages", ACK, b"{}", None)  # logged; unacked, it comes back after AckWait
     assert intake._held is None
+
+
+async def test_a_large_message_in_many_reads_is_looked_at_once_it_is_whole() -> None:
+    # Re-reading the buffered bytes at every read would copy them again each time: quadratic in the message size.
+    payload = b"x" * 300_000
+    wire = b"MSG cdc.acme.messages 1 " + ACK + b" %d\r\n" % len(payload) + payload + b"\r\nPING\r\n"
+    calls: list[int] = []
+
+    class Counting(WireParser):
+        def _dispatch(self, data: bytes, pos: int) -> Any:
+            calls.append(len(data))
+            return super()._dispatch(data, pos)
+
+    recorder = Recorder({1: lambda s, r, p, h: True})
+    parser = Counting(recorder)
+    await _parse(parser, (wire[i : i + 1024] for i in range(0, len(wire), 1024)))
+    assert recorder.stats == {"in_msgs": 1, "in_bytes": len(payload)}
+    assert recorder.seen == [("ping",)]
+    assert len(calls) <= 3  # the first read (its line), the read that completes it, and what follows
+    parser.reset()
+    assert parser._wanted == 0 and not parser.buf
+
+
+async def test_push_intake_waits_for_room_even_when_nothing_else_arrived_yet() -> None:
+    # The delivery that filled the room was the last of its read: the next read's must wait too, not be taken.
+    sink = Sink(room=1)
+    intake = _intake(sink)
+    _offer(intake, 1)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the loop runs: the resume task starts and must wait for room
+    assert intake._resuming is not None
+    _offer(intake, 1, start=1)
+    assert len(sink.taken) == 1 and len(intake._held or ()) == 1
+    while intake._resuming is not None:
+        sink.freed.set()
+        await asyncio.sleep(0)
+    assert [m.reply.rsplit(".", 1)[1] for m in sink.taken] == ["0", "1"]
